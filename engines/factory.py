@@ -1,0 +1,110 @@
+"""Choose and build the engine: `auto`, `musetalk` or `preview`.
+
+`auto` takes MuseTalk where a CUDA GPU and its weights exist, else the preview engine, and says
+why in words. Asking for `musetalk` where the weights are missing is an `EngineError` with the
+same words: it never silently becomes preview.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from engines.base import Engine, EngineError
+from engines.preview import PreviewEngine
+
+log = logging.getLogger(__name__)
+
+EngineKind = Literal["auto", "musetalk", "preview"]
+ENGINE_KINDS: tuple[str, ...] = ("auto", "musetalk", "preview")
+
+# MuseTalk's own `models/` layout (download_weights.sh); each entry: any one of the names.
+REQUIRED_WEIGHTS: tuple[tuple[str, ...], ...] = (
+    ("musetalkV15/musetalk.json",),
+    ("musetalkV15/unet.pth",),
+    ("sd-vae/config.json",),
+    ("sd-vae/diffusion_pytorch_model.safetensors", "sd-vae/diffusion_pytorch_model.bin"),
+    ("whisper/config.json",),
+    ("whisper/model.safetensors", "whisper/pytorch_model.bin"),
+    ("whisper/preprocessor_config.json",),
+)
+
+
+def missing_weights(models_dir: str | Path) -> list[str]:
+    """The weight files of MuseTalk's layout that `models_dir` lacks (empty: all present)."""
+    root = Path(models_dir)
+    return [
+        " or ".join(names) for names in REQUIRED_WEIGHTS if not any((root / n).is_file() for n in names)
+    ]
+
+
+def weights_problem(models_dir: str | Path) -> str | None:
+    """Why MuseTalk cannot load from `models_dir`, in words (None: it can)."""
+    root = Path(models_dir)
+    missing = missing_weights(root)
+    if not missing:
+        return None
+    detail = "" if len(missing) == len(REQUIRED_WEIGHTS) else f" (missing {', '.join(missing)})"
+    return f"no weights at {root}{detail}: run `lipstream models download`"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise EngineError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+    if device.startswith("cuda") and not cuda_available():
+        raise EngineError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _musetalk(models_dir: Path, device: str, backend: str) -> Engine:
+    try:
+        from engines.musetalk.engine import MuseTalkEngine
+    except ImportError as exc:
+        raise EngineError(f"the musetalk engine cannot be imported: {exc}") from exc
+    return MuseTalkEngine(models_dir, device=device, backend=backend)
+
+
+def create_engine(
+    kind: str = "auto",
+    models_dir: str | Path | None = None,
+    device: str = "auto",
+    backend: str = "torch",
+) -> tuple[Engine, str]:
+    """Build the engine asked for; returns it with the reason it was chosen, in words."""
+    from lipstream.paths import models_dir as default_models_dir
+
+    if kind not in ENGINE_KINDS:
+        raise EngineError(f"unknown engine {kind!r}: use one of {', '.join(ENGINE_KINDS)}")
+    root = default_models_dir(models_dir)
+    if kind == "preview":
+        return PreviewEngine(), "preview engine asked for"
+    if kind == "musetalk":
+        problem = weights_problem(root)
+        if problem:
+            raise EngineError(problem)
+        dev = _resolve_device(device)
+        return _musetalk(root, dev, backend), f"musetalk asked for ({dev}, {backend})"
+    # auto
+    if device == "cpu":
+        reason = "preview: device cpu asked for (auto picks musetalk only on a CUDA GPU)"
+    elif not cuda_available():
+        reason = "preview: no CUDA GPU"
+    else:
+        problem = weights_problem(root)
+        if problem is None:
+            dev = _resolve_device(device)
+            return _musetalk(root, dev, backend), f"musetalk: CUDA GPU and weights at {root}"
+        reason = f"preview: {problem}"
+    log.warning("engine auto chose preview: %s", reason)
+    return PreviewEngine(), reason

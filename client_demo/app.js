@@ -14,7 +14,8 @@ const stats = {
   latencyMs: null,
   latencyP99Ms: null,
   connected: false,
-  events: [],
+  sessionId: null,
+  events: [], // server event types, in arrival order
 };
 window.lipstreamStats = stats;
 
@@ -197,7 +198,7 @@ async function watchPreparation(id) {
     if (isReady(avatar)) {
       note.textContent = `Avatar ${avatar.name || id} is ready.`;
       ui.selectedAvatar = id;
-      return;
+      return avatar;
     }
     if (isFailed(avatar)) throw new Error(avatar.error || "preparation failed");
     note.textContent = `Preparing: ${avatar.status} ${Math.round((avatar.progress || 0) * 100)}%`;
@@ -217,8 +218,8 @@ async function onUpload(event) {
     const created = await uploadAvatar(file, $("upload-name").value.trim());
     $("upload-progress").value = 1;
     await refreshAvatars();
-    await watchPreparation(created.id);
-    setStatus(`Avatar ${created.id} is ready: pick it and Connect.`);
+    const ready = await watchPreparation(created.id);
+    setStatus(`Avatar ${ready.name || ready.id} is ready: Connect to start a session.`, "ok");
   } catch (err) {
     $("upload-status").textContent = "Failed.";
     reportError("Upload failed", err);
@@ -292,6 +293,7 @@ class Session {
       type: "offer",
     });
     this.id = answer.session_id;
+    stats.sessionId = this.id;
     await pc.setRemoteDescription({ type: answer.type || "answer", sdp: answer.sdp });
     await this.openWebsocket(websocketUrl(answer.audio_ws, answer.token));
     this.timers.push(setInterval(() => this.pollStats(), 500));
@@ -428,7 +430,7 @@ async function connect() {
   setStatus("Connecting…");
   try {
     await session.open();
-    setStatus(`Session ${session.id} open; waiting for media…`);
+    if (!stats.connected) setStatus(`Session ${session.id} open; waiting for media…`);
   } catch (err) {
     reportError("Connect failed", err);
     await disconnect();
@@ -446,7 +448,7 @@ async function disconnect() {
   const video = $("video");
   video.srcObject = null;
   $("unmute").hidden = true;
-  Object.assign(stats, { connected: false, fps: 0, latencyMs: null, latencyP99Ms: null });
+  Object.assign(stats, { connected: false, fps: 0, latencyMs: null, latencyP99Ms: null, sessionId: null });
   renderOverlay();
   if (!$("status").classList.contains("error")) setStatus("Disconnected.");
   updateButtons();
@@ -610,6 +612,7 @@ function init() {
     localStorage.setItem("lipstream.apiKey", keyInput.value.trim());
     refreshAvatars();
   });
+  $("api-key-form").addEventListener("submit", (e) => e.preventDefault());
   $("refresh-avatars").addEventListener("click", refreshAvatars);
   $("upload-form").addEventListener("submit", onUpload);
   $("connect").addEventListener("click", connect);

@@ -1,0 +1,234 @@
+"""Avatar preparation: decoded frames -> an `Avatar` (boxes, crops' latents, blend masks).
+
+Stages and their share of `progress` (0..1): face detection 0..0.6, blend masks 0.6..0.7,
+latents 0.7..1.0 (masks run to 1.0 when no `encode_latents` is given). `prepare_avatar_file`
+adds decoding in front (0..0.2, the rest scaled into 0.2..1.0).
+
+Frames where the detector finds no face are kept and shown unchanged (MuseTalk's
+`coord_placeholder`): their face and crop boxes are -1, their mask is (0, 0), their latents
+zero. An input with no face in any frame is refused with `AvatarInputError`.
+
+Pure functions: no globals are touched, so several preparations may run in parallel threads
+(each gets its own detector unless one is passed in).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from avatars.avatar import FORMAT_VERSION, Avatar
+from avatars.boxes import EXTRA_MARGIN, crop_box, face_box_v15, face_crop
+from avatars.decode import AvatarInputError, DecodeLimits, Source, decode_media
+from avatars.faces import Box, FaceDetector, make_detector, smooth_boxes
+from avatars.masks import FaceParser, MaskOptions, blend_mask
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+EncodeLatents = Callable[[np.ndarray], np.ndarray]  # (n, 256, 256, 3) uint8 -> (n, 8, 32, 32)
+
+LATENT_SHAPE = (8, 32, 32)
+LATENT_BATCH = 16  # crops per encode_latents call (bounds memory, paces progress)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Preparation settings beyond the face box shift."""
+
+    extra_margin: int = EXTRA_MARGIN
+    smooth_window: int = 0  # temporal box smoothing over this many frames (0/1: none)
+    mask: MaskOptions = field(default_factory=MaskOptions)
+
+    def __post_init__(self) -> None:
+        if self.extra_margin < 0:
+            raise ValueError("PrepareOptions.extra_margin must be >= 0")
+        if self.smooth_window < 0:
+            raise ValueError("PrepareOptions.smooth_window must be >= 0")
+
+
+def sub_progress(progress: Progress | None, start: float, end: float) -> Progress | None:
+    """`progress` rescaled so that 0..1 maps to start..end."""
+    if progress is None:
+        return None
+    outer = progress
+
+    def inner(fraction: float, stage: str) -> None:
+        outer(start + (end - start) * min(max(fraction, 0.0), 1.0), stage)
+
+    return inner
+
+
+def _report(progress: Progress | None, fraction: float, stage: str) -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), stage)
+
+
+def detect_faces(
+    frames: np.ndarray,
+    detector: FaceDetector,
+    progress: Progress | None = None,
+) -> list[Box | None]:
+    """The detector's box for every frame (None where it finds no face)."""
+    found: list[Box | None] = []
+    n = len(frames)
+    for i in range(n):
+        found.append(detector.detect(np.ascontiguousarray(frames[i])))
+        if progress is not None and (i % 5 == 4 or i == n - 1):
+            progress((i + 1) / n, "detecting faces")
+    return found
+
+
+def prepare_avatar(
+    frames: np.ndarray,
+    fps: float,
+    *,
+    name: str,
+    avatar_id: str,
+    bbox_shift: int = 0,
+    detector: FaceDetector | None = None,
+    encode_latents: EncodeLatents | None = None,
+    progress: Progress | None = None,
+    options: PrepareOptions | None = None,
+    face_parser: FaceParser | None = None,
+) -> Avatar:
+    """Prepare an avatar from decoded RGB frames (N, H, W, 3) uint8.
+
+    `encode_latents` maps face crops (n, 256, 256, 3) uint8 RGB to MuseTalk's UNet latents
+    (n, 8, 32, 32) (e.g. `engines.musetalk.vae.encode_crops` bound to a loaded VAE); without it
+    the avatar has no latents and the engine computes them when it loads the avatar.
+    """
+    options = options or PrepareOptions()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise ValueError("prepare_avatar takes (N, H, W, 3) uint8 frames with N >= 1")
+    if not fps > 0:
+        raise ValueError("fps must be > 0")
+    n = len(frames)
+    detector = detector or make_detector()
+    use_latents = encode_latents is not None
+    masks_end = 0.7 if use_latents else 1.0
+    t0 = time.perf_counter()
+
+    detected = detect_faces(frames, detector, sub_progress(progress, 0.0, 0.6))
+    detected = smooth_boxes(detected, options.smooth_window)
+    if all(b is None for b in detected):
+        raise AvatarInputError(
+            f"no face found in any of the {n} frame(s): use a clip where one frontal face "
+            "is clearly visible"
+        )
+    t_detect = time.perf_counter()
+
+    face_boxes = np.full((n, 4), -1, dtype=np.int32)
+    crop_boxes = np.full((n, 4), -1, dtype=np.int32)
+    masks: list[np.ndarray] = []
+    for i, box in enumerate(detected):
+        if box is None:
+            masks.append(np.zeros((0, 0), dtype=np.uint8))
+            continue
+        fb = face_box_v15(box, frames.shape[1:], bbox_shift, options.extra_margin)
+        cb = crop_box(fb, frames.shape[1:], options.mask.expand)
+        face_boxes[i], crop_boxes[i] = fb, cb
+        masks.append(blend_mask(fb, cb, frame=frames[i], parser=face_parser, options=options.mask))
+        if i % 10 == 9 or i == n - 1:
+            _report(progress, 0.6 + (masks_end - 0.6) * (i + 1) / n, "making blend masks")
+    t_masks = time.perf_counter()
+
+    latents: np.ndarray | None = None
+    if encode_latents is not None:
+        latents = compute_latents(
+            frames, face_boxes, encode_latents, sub_progress(progress, masks_end, 1.0)
+        )
+    t_end = time.perf_counter()
+
+    n_faces = int((face_boxes[:, 0] >= 0).sum())
+    total = t_end - t0
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "detector": getattr(detector, "name", type(detector).__name__),
+        "mask_source": options.mask.source,
+        "mask_mode": options.mask.mode,
+        "extra_margin": options.extra_margin,
+        "smooth_window": options.smooth_window,
+        "n_faces": n_faces,
+        "prep_seconds": round(total, 4),
+        "prep_seconds_per_frame": round(total / n, 6),
+        "stage_seconds": {
+            "detect": round(t_detect - t0, 4),
+            "masks": round(t_masks - t_detect, 4),
+            "latents": round(t_end - t_masks, 4),
+        },
+    }
+    log.info("prepared avatar", extra={"avatar_id": avatar_id, "frames": n, "faces": n_faces})
+    _report(progress, 1.0, "prepared")
+    return Avatar(
+        id=avatar_id,
+        name=name,
+        fps=float(fps),
+        frames=frames,
+        face_boxes=face_boxes,
+        crop_boxes=crop_boxes,
+        masks=masks,
+        latents=latents,
+        bbox_shift=int(bbox_shift),
+        meta=meta,
+    )
+
+
+def compute_latents(
+    frames: np.ndarray,
+    face_boxes: np.ndarray,
+    encode_latents: EncodeLatents,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """(N, 8, 32, 32) float32 latents of every frame's face crop; zero where no face."""
+    n = len(frames)
+    out = np.zeros((n, *LATENT_SHAPE), dtype=np.float32)
+    with_face = np.flatnonzero(face_boxes[:, 0] >= 0)
+    for start in range(0, len(with_face), LATENT_BATCH):
+        idx = with_face[start : start + LATENT_BATCH]
+        crops = np.stack([face_crop(frames[i], tuple(face_boxes[i])) for i in idx])
+        got = np.asarray(encode_latents(crops))
+        if got.shape != (len(idx), *LATENT_SHAPE):
+            raise ValueError(
+                f"encode_latents returned shape {got.shape}, expected {(len(idx), *LATENT_SHAPE)}"
+            )
+        out[idx] = got.astype(np.float32, copy=False)
+        _report(progress, (start + len(idx)) / max(len(with_face), 1), "encoding latents")
+    return out
+
+
+def prepare_avatar_file(
+    source: Source,
+    *,
+    name: str,
+    avatar_id: str,
+    bbox_shift: int = 0,
+    limits: DecodeLimits | None = None,
+    detector: FaceDetector | None = None,
+    encode_latents: EncodeLatents | None = None,
+    progress: Progress | None = None,
+    options: PrepareOptions | None = None,
+) -> Avatar:
+    """Decode an uploaded file and prepare it (decoding is 0..0.2 of `progress`)."""
+    t0 = time.perf_counter()
+    media = decode_media(source, limits, sub_progress(progress, 0.0, 0.2))
+    t_decode = time.perf_counter() - t0
+    avatar = prepare_avatar(
+        media.frames,
+        media.fps,
+        name=name,
+        avatar_id=avatar_id,
+        bbox_shift=bbox_shift,
+        detector=detector,
+        encode_latents=encode_latents,
+        progress=sub_progress(progress, 0.2, 1.0),
+        options=options,
+    )
+    avatar.meta["source_kind"] = media.kind
+    avatar.meta["decode_seconds"] = round(t_decode, 4)
+    return avatar

@@ -35,7 +35,9 @@ def missing_weights(models_dir: str | Path) -> list[str]:
     """The weight files of MuseTalk's layout that `models_dir` lacks (empty: all present)."""
     root = Path(models_dir)
     return [
-        " or ".join(names) for names in REQUIRED_WEIGHTS if not any((root / n).is_file() for n in names)
+        " or ".join(names)
+        for names in REQUIRED_WEIGHTS
+        if not any((root / n).is_file() for n in names)
     ]
 
 

@@ -67,7 +67,9 @@ def window_rms(audio: np.ndarray, index: int, horizon: int | None = None) -> flo
     return float(np.sqrt(np.dot(seg, seg) / WINDOW))
 
 
-def _box_weights(frame_h: int, frame_w: int, box: np.ndarray) -> tuple[slice, slice, np.ndarray, float]:
+def _box_weights(
+    frame_h: int, frame_w: int, box: np.ndarray
+) -> tuple[slice, slice, np.ndarray, float]:
     """The region the mouth moves in, its displacement weights (0..1) and the lip row."""
     x1, y1, x2, y2 = (int(v) for v in box)
     w, h = x2 - x1, y2 - y1
@@ -133,7 +135,9 @@ class PreviewEngine(Engine):
         return float(np.clip((db - o.silence_db) / (o.full_db - o.silence_db), 0.0, 1.0))
 
     # -- pictures ------------------------------------------------------------------------
-    def render(self, avatar_id: str, loop_positions: Sequence[int], features: np.ndarray) -> np.ndarray:
+    def render(
+        self, avatar_id: str, loop_positions: Sequence[int], features: np.ndarray
+    ) -> np.ndarray:
         avatar = self._avatar(avatar_id)
         feats = np.asarray(features, dtype=np.float32).reshape(-1)
         if len(feats) != len(loop_positions):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 import av
 import cv2
@@ -71,7 +72,7 @@ def open_video_stream(
             errors.append(f"{name}: not in this FFmpeg build")
             continue
         try:
-            stream = container.add_stream(name, rate=options.fps)
+            stream = cast(av.VideoStream, container.add_stream(name, rate=options.fps))
         except (av.FFmpegError, ValueError) as exc:
             errors.append(f"{name}: {exc}")
             continue
@@ -84,8 +85,7 @@ def open_video_stream(
         else:
             stream.bit_rate = 4_000_000
             log.warning(
-                "libx264 is not available in this PyAV build; encoding video with %s instead "
-                "(%s)",
+                "libx264 is not available in this PyAV build; encoding video with %s instead (%s)",
                 name,
                 "; ".join(errors),
             )
@@ -115,7 +115,9 @@ class Mp4Writer:
         self._audio_pos = 0
         self._astream: av.AudioStream | None = None
         if self._audio is not None and self._audio.size:
-            self._astream = self._container.add_stream("aac", rate=SAMPLE_RATE)
+            self._astream = cast(
+                av.AudioStream, self._container.add_stream("aac", rate=SAMPLE_RATE)
+            )
             self._astream.layout = "mono"
             self._astream.bit_rate = self.options.audio_bitrate
         # Open every encoder and write the header before the first packet, so that each
@@ -134,7 +136,9 @@ class Mp4Writer:
             raise ValueError(
                 f"frame must be {(*self.frame_size, 3)} uint8, got {frame.shape} {frame.dtype}"
             )
-        yuv = cv2.cvtColor(np.ascontiguousarray(pad_even(frame)), cv2.COLOR_RGB2YUV_I420)
+        yuv = np.asarray(
+            cv2.cvtColor(np.ascontiguousarray(pad_even(frame)), cv2.COLOR_RGB2YUV_I420), np.uint8
+        )
         vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         vf.pts = self.frames_written
         vf.time_base = Fraction(1, self.options.fps)
@@ -206,4 +210,10 @@ class PngDumper:
 def read_pngs(directory: str | Path) -> np.ndarray:
     """The frames a `PngDumper` wrote, in order: (n, H, W, 3) uint8 RGB."""
     paths = sorted(Path(directory).glob("*.png"))
-    return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths])
+    frames = []
+    for p in paths:
+        bgr = cv2.imread(str(p))
+        if bgr is None:
+            raise OSError(f"could not read {p}")
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return np.stack(frames)

@@ -1,0 +1,268 @@
+"""An independent re-implementation of MuseTalk v1.5's own offline inference, for tests.
+
+It follows MuseTalk's code step by step (scripts/inference.py and scripts/realtime_inference.py,
+musetalk/utils/{audio_processor.py,blending.py,utils.py}, musetalk/models/{unet.py,vae.py}),
+in its order and with its libraries (cv2 + PIL, BGR frames, the HF feature extractor), and
+imports nothing from our engines' feature, latent or blend code. The one deliberate change is
+the one DESIGN.md names: the VAE latent is the distribution's mode instead of a sample.
+
+Inputs are what MuseTalk's realtime avatar keeps: frames, face boxes (with v1.5's extra margin
+already applied), blend masks and their crop boxes. Output frames come back RGB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+SR = 16000
+AUDIO_FPS = 50
+PAD_LEFT = 2  # audio_padding_length_left
+PAD_RIGHT = 2  # audio_padding_length_right
+
+
+# ---- models (musetalk/utils/utils.py::load_all_model, models/unet.py, models/vae.py) ----------
+class RefPositionalEncoding(torch.nn.Module):
+    """musetalk/models/unet.py::PositionalEncoding, written out again."""
+
+    def __init__(self, d_model: int = 384, max_len: int = 5000) -> None:
+        super().__init__()
+        pe = torch.zeros(max_len, d_model)
+        position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.pe: torch.Tensor
+        self.register_buffer("pe", pe.unsqueeze(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, seq_len, _ = x.size()
+        return x + self.pe[:, :seq_len, :].to(x.device)
+
+
+@dataclass
+class RefModels:
+    unet: Any
+    vae: Any
+    whisper: Any
+    feature_extractor: Any
+    pe: RefPositionalEncoding
+
+
+def load_models(models_dir: str | Path) -> RefModels:
+    """Load the weights as MuseTalk does (fp32, CPU)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoFeatureExtractor, WhisperModel
+
+    root = Path(models_dir)
+    with open(root / "musetalkV15" / "musetalk.json") as f:
+        unet_config = json.load(f)
+    unet: Any
+    try:
+        unet = UNet2DConditionModel(**unet_config)
+    except TypeError:  # a config carrying diffusers' private keys
+        unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict(
+        torch.load(root / "musetalkV15" / "unet.pth", map_location="cpu", weights_only=True)
+    )
+    vae = AutoencoderKL.from_pretrained(str(root / "sd-vae"))
+    whisper = WhisperModel.from_pretrained(str(root / "whisper"))
+    fe = AutoFeatureExtractor.from_pretrained(str(root / "whisper"))
+    models: list[Any] = [unet, vae, whisper]
+    for m in models:
+        m.eval().requires_grad_(False)
+    return RefModels(unet, vae, whisper, fe, RefPositionalEncoding(384))
+
+
+# ---- audio (musetalk/utils/audio_processor.py) -------------------------------------------
+def librosa_like_load(wav_path: str | Path) -> np.ndarray:
+    """librosa.load(path, sr=16000) for a 16 kHz PCM16 wav: int16 / 32768 as float32, mono."""
+    with wave.open(str(wav_path), "rb") as w:
+        if w.getframerate() != SR or w.getsampwidth() != 2:
+            raise ValueError("the reference reads 16 kHz PCM16 wav only (no resampler here)")
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        channels = w.getnchannels()
+    x = data.astype(np.float32) / 32768.0
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    return x
+
+
+def get_audio_feature(models: RefModels, audio: np.ndarray) -> tuple[list[torch.Tensor], int]:
+    # MuseTalk writes `30 * sampling_rate`: whisper's window. Our tiny random whisper has a
+    # shorter window (its preprocessor's n_samples), so use the window the model was built for;
+    # with the real whisper-tiny this is exactly 30 s.
+    segment_length = int(models.feature_extractor.n_samples)
+    segments = [audio[i : i + segment_length] for i in range(0, len(audio), segment_length)]
+    features = [
+        models.feature_extractor(seg, return_tensors="pt", sampling_rate=SR).input_features
+        for seg in segments
+    ]
+    return features, len(audio)
+
+
+@torch.no_grad()
+def get_whisper_chunk(
+    models: RefModels, input_features: list[torch.Tensor], librosa_length: int, fps: int = 25
+) -> torch.Tensor:
+    per_frame = 2 * (PAD_LEFT + PAD_RIGHT + 1)
+    feats = []
+    for inp in input_features:
+        hidden = models.whisper.encoder(inp, output_hidden_states=True).hidden_states
+        feats.append(torch.stack(hidden, dim=2))
+    whisper_feature = torch.cat(feats, dim=1)
+    multiplier = AUDIO_FPS / fps
+    num_frames = math.floor((librosa_length / SR) * fps)
+    actual_length = math.floor((librosa_length / SR) * AUDIO_FPS)
+    whisper_feature = whisper_feature[:, :actual_length, ...]
+    padding_nums = math.ceil(multiplier)
+    whisper_feature = torch.cat(
+        [
+            torch.zeros_like(whisper_feature[:, : padding_nums * PAD_LEFT]),
+            whisper_feature,
+            torch.zeros_like(whisper_feature[:, : padding_nums * 3 * PAD_RIGHT]),
+        ],
+        1,
+    )
+    prompts = []
+    for frame_index in range(num_frames):
+        audio_index = math.floor(frame_index * multiplier)
+        clip = whisper_feature[:, audio_index : audio_index + per_frame]
+        assert clip.shape[1] == per_frame
+        prompts.append(clip)
+    out = torch.cat(prompts, dim=0)  # (T, 10, 5, 384)
+    b, c, h, w = out.shape
+    return out.reshape(b, c * h, w)  # rearrange 'b c h w -> b (c h) w'
+
+
+# ---- VAE (musetalk/models/vae.py, with the latent's mode) ---------------------------------
+def _preprocess_img(img_bgr: np.ndarray, half_mask: bool) -> torch.Tensor:
+    img = cv2.cvtColor(img_bgr, cv2.COLOR_BGR2RGB)
+    x = np.asarray([img]) / 255.0
+    x = np.transpose(x, (3, 0, 1, 2))
+    t = torch.squeeze(torch.FloatTensor(x))
+    if half_mask:
+        mask = torch.zeros((256, 256))
+        mask[:128, :] = 1
+        t = t * (mask > 0.5)
+    t = (t - 0.5) / 0.5  # transforms.Normalize(mean=0.5, std=0.5)
+    return t.unsqueeze(0)
+
+
+@torch.no_grad()
+def get_latents_for_unet(models: RefModels, crop_bgr_256: np.ndarray) -> torch.Tensor:
+    sf = models.vae.config.scaling_factor
+
+    def encode(t: torch.Tensor) -> torch.Tensor:
+        return sf * models.vae.encode(t).latent_dist.mode()
+
+    masked = encode(_preprocess_img(crop_bgr_256, half_mask=True))
+    ref = encode(_preprocess_img(crop_bgr_256, half_mask=False))
+    return torch.cat([masked, ref], dim=1)
+
+
+@torch.no_grad()
+def decode_latents(models: RefModels, latents: torch.Tensor) -> np.ndarray:
+    sf = models.vae.config.scaling_factor
+    image = models.vae.decode(latents / sf).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    arr = image.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    arr = (arr * 255).round().astype("uint8")
+    return arr[..., ::-1]  # RGB -> BGR
+
+
+# ---- blending (musetalk/utils/blending.py::get_image_blending) ----------------------------
+def get_image_blending(
+    image: np.ndarray,
+    face: np.ndarray,
+    face_box: list[int],
+    mask_array: np.ndarray,
+    crop_box: list[int],
+) -> np.ndarray:
+    body = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1]))
+    face_img = Image.fromarray(np.ascontiguousarray(face[:, :, ::-1]))
+    x, y, x1, y1 = face_box
+    x_s, y_s = crop_box[0], crop_box[1]
+    x_e, y_e = crop_box[2], crop_box[3]
+    face_large = body.crop((x_s, y_s, x_e, y_e))
+    mask_image = Image.fromarray(mask_array).convert("L")
+    face_large.paste(face_img, (x - x_s, y - y_s, x1 - x_s, y1 - y_s))
+    body.paste(face_large, (x_s, y_s), mask_image)
+    return np.array(body)[:, :, ::-1]
+
+
+# ---- the whole thing (scripts/realtime_inference.py::Avatar.inference) --------------------
+@torch.no_grad()
+def reference_render(
+    models: RefModels,
+    wav_path: str | Path,
+    frames_rgb: np.ndarray,
+    face_boxes: np.ndarray,
+    masks: list[np.ndarray],
+    crop_boxes: np.ndarray,
+    batch_size: int = 8,
+    fps: int = 25,
+) -> np.ndarray:
+    """MuseTalk v1.5 frames for `wav_path` over the avatar, (n, H, W, 3) uint8 RGB.
+
+    Every frame must have a face (MuseTalk skips face-less frames' latents, shifting the
+    cycle; our tests use avatars where every frame has one)."""
+    frame_list = [np.ascontiguousarray(f[:, :, ::-1]) for f in frames_rgb]  # BGR, as cv2.imread
+    coord_list = [[int(v) for v in b] for b in face_boxes]
+    audio = librosa_like_load(wav_path)
+    input_features, librosa_length = get_audio_feature(models, audio)
+    whisper_chunks = get_whisper_chunk(models, input_features, librosa_length, fps=fps)
+
+    input_latent_list = []
+    for (x1, y1, x2, y2), frame in zip(coord_list, frame_list, strict=True):
+        crop = frame[y1:y2, x1:x2]
+        crop = cv2.resize(crop, (256, 256), interpolation=cv2.INTER_LANCZOS4)
+        input_latent_list.append(get_latents_for_unet(models, crop))
+
+    frame_cycle = frame_list + frame_list[::-1]
+    coord_cycle = coord_list + coord_list[::-1]
+    latent_cycle = input_latent_list + input_latent_list[::-1]
+    mask_cycle = list(masks) + list(masks)[::-1]
+    mask_coords_cycle = [[int(v) for v in b] for b in crop_boxes]
+    mask_coords_cycle = mask_coords_cycle + mask_coords_cycle[::-1]
+
+    timesteps = torch.tensor([0])
+    res_frames: list[np.ndarray] = []
+    n = len(whisper_chunks)
+    for start in range(0, n, batch_size):  # utils.py::datagen with delay_frame 0
+        idx = range(start, min(n, start + batch_size))
+        whisper_batch = torch.stack([whisper_chunks[i] for i in idx])
+        latent_batch = torch.cat([latent_cycle[i % len(latent_cycle)] for i in idx], dim=0)
+        audio_feature_batch = models.pe(whisper_batch)
+        pred = models.unet(
+            latent_batch, timesteps, encoder_hidden_states=audio_feature_batch
+        ).sample
+        res_frames.extend(decode_latents(models, pred))
+
+    out = []
+    for i, res_frame in enumerate(res_frames):
+        x1, y1, x2, y2 = coord_cycle[i % len(coord_cycle)]
+        ori_frame = frame_cycle[i % len(frame_cycle)].copy()
+        res = cv2.resize(res_frame.astype(np.uint8), (x2 - x1, y2 - y1))
+        mask = mask_cycle[i % len(mask_cycle)]
+        mask_crop_box = mask_coords_cycle[i % len(mask_coords_cycle)]
+        combined = get_image_blending(ori_frame, res, [x1, y1, x2, y2], mask, mask_crop_box)
+        out.append(np.ascontiguousarray(combined[:, :, ::-1]))
+    return np.stack(out)
+
+
+@torch.no_grad()
+def reference_features(models: RefModels, wav_path: str | Path) -> torch.Tensor:
+    """Whisper chunks + positional encoding for each frame: (n, 50, 384)."""
+    audio = librosa_like_load(wav_path)
+    feats, length = get_audio_feature(models, audio)
+    return models.pe(get_whisper_chunk(models, feats, length))

@@ -1,0 +1,202 @@
+"""Backend `compiled`: the MuseTalk UNet + VAE decode step, torch.compile'd once with a
+dynamic batch axis, then captured as one CUDA graph per batch bucket.
+
+A batch of n frames runs on the graph of the smallest bucket >= n (inputs padded), so a
+lone session pays batch-1 cost and a full card runs at the largest bucket. Compilation
+happens once at start (`warm_up`, its time logged); inductor's caches live under the
+user cache dir (`TORCHINDUCTOR_CACHE_DIR`), so later starts reuse the generated kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+VAE_SCALING = 0.18215
+AUDIO_TOKENS = 50
+AUDIO_DIM = 384
+LATENT_SHAPE = (8, 32, 32)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48)
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels (inductor) and TensorRT engines are cached."""
+    from platformdirs import user_cache_dir
+
+    return Path(
+        os.environ.get("LIPSTREAM_CACHE_DIR") or user_cache_dir("lipstream", appauthor=False)
+    )
+
+
+def use_inductor_cache() -> Path:
+    """Point inductor's on-disk caches at our cache dir (unless the user set one)."""
+    path = cache_dir() / "inductor"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def positional_encoding(n: int = AUDIO_TOKENS, d_model: int = AUDIO_DIM) -> torch.Tensor:
+    """MuseTalk's sinusoidal encoding added to the audio tokens: (1, n, d_model)."""
+    position = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )
+    pe = torch.zeros(n, d_model)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe[None]
+
+
+class MuseTalkStep(nn.Module):
+    """One generation step: (latents (B, 8, 32, 32), audio (B, 50, 384)) -> faces
+    (B, 3, 256, 256) uint8 RGB. UNet at timestep 0, then VAE decode, as MuseTalk v1.5."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scaling: float = VAE_SCALING) -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.scaling = scaling
+        self.register_buffer("pe", positional_encoding(), persistent=False)  # float32
+        self.register_buffer("timestep", torch.zeros(1, dtype=torch.long), persistent=False)
+
+    def forward(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        cond = audio + self.pe.to(audio.dtype)
+        pred = self.unet(latents, self.timestep, encoder_hidden_states=cond).sample
+        image = self.vae.decode((1 / self.scaling) * pred).sample
+        return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class CompiledOptions:
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    compile: bool = True  # False: CUDA graphs over the eager model
+    cuda_graphs: bool = True
+    channels_last: bool = True
+    mode: str = "default"  # torch.compile mode (CUDA graphs are ours, not inductor's)
+    dynamic_batch: bool = True  # one compile for every bucket > 1 (batch 1 is its own)
+
+    def __post_init__(self) -> None:
+        if not self.buckets or any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+        if tuple(sorted(set(self.buckets))) != tuple(self.buckets):
+            raise ValueError(f"buckets must be strictly increasing, got {self.buckets}")
+        if self.mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"unsupported compile mode {self.mode!r}")
+
+
+class _Graph:
+    """One captured batch bucket: static input and output buffers plus its CUDA graph."""
+
+    def __init__(self, fn, bucket: int, dtype: torch.dtype, device: torch.device, pool) -> None:
+        self.bucket = bucket
+        self.latents = torch.zeros((bucket, *LATENT_SHAPE), dtype=dtype, device=device)
+        self.audio = torch.zeros((bucket, AUDIO_TOKENS, AUDIO_DIM), dtype=dtype, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(self.latents, self.audio)
+
+
+class CompiledStep:
+    """`MuseTalkStep` behind torch.compile and per-bucket CUDA graphs. Call it on the
+    current CUDA stream; it returns a fresh tensor (safe to keep across calls)."""
+
+    def __init__(self, step: MuseTalkStep, options: CompiledOptions | None = None) -> None:
+        if not torch.cuda.is_available():
+            raise EngineError("the compiled backend needs a CUDA GPU")
+        self.options = options or CompiledOptions()
+        self.step = step.eval()
+        self.device = next(step.parameters()).device
+        self.dtype = next(step.parameters()).dtype
+        if self.device.type != "cuda":
+            raise EngineError(
+                f"the compiled backend needs the model on a CUDA device, got {self.device}"
+            )
+        if self.options.channels_last:
+            self.step.to(memory_format=torch.channels_last)
+        self._fn = self.step
+        if self.options.compile:
+            use_inductor_cache()
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            self._fn = torch.compile(self.step, mode=self.options.mode, dynamic=None)
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+        self.warmup_s: dict[int, float] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.buckets[-1]
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.options.buckets:
+            if b >= n:
+                return b
+        return self.options.buckets[-1]
+
+    @torch.inference_mode()
+    def warm_up(self, buckets: Sequence[int] | None = None) -> dict[int, float]:
+        """Compile and capture every bucket (first call per shape compiles). Returns and
+        logs seconds per bucket."""
+        torch.backends.cudnn.benchmark = True
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        # largest first: with a dynamic batch axis, its compile serves every bucket > 1
+        for b in sorted(buckets or self.options.buckets, reverse=True):
+            t0 = time.perf_counter()
+            lat = torch.randn((b, *LATENT_SHAPE), device=self.device, dtype=self.dtype)
+            aud = torch.randn((b, AUDIO_TOKENS, AUDIO_DIM), device=self.device, dtype=self.dtype)
+            if self.options.compile and self.options.dynamic_batch and b > 1:
+                torch._dynamo.mark_dynamic(lat, 0)
+                torch._dynamo.mark_dynamic(aud, 0)
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._fn(lat, aud)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            if self.options.cuda_graphs:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                self._graphs[b] = _Graph(self._fn, b, self.dtype, self.device, self._pool)
+                self._graphs[b].graph.replay()
+                torch.cuda.synchronize(self.device)
+            self.warmup_s[b] = time.perf_counter() - t0
+            log.info("compiled bucket ready: batch=%d seconds=%.1f", b, self.warmup_s[b])
+        return dict(self.warmup_s)
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        n = int(latents.shape[0])
+        if n > self.max_batch:
+            return torch.cat(
+                [
+                    self(latents[i : i + self.max_batch], audio[i : i + self.max_batch])
+                    for i in range(0, n, self.max_batch)
+                ]
+            )
+        b = self.bucket_for(n)
+        g = self._graphs.get(b)
+        if g is None:
+            if self.options.cuda_graphs:
+                log.warning("bucket %d was not warmed up; running without a CUDA graph", b)
+            return self._fn(latents.to(self.dtype), audio.to(self.dtype))
+        g.latents[:n].copy_(latents)
+        g.audio[:n].copy_(audio)
+        if n < b:  # keep padding rows deterministic (zeros), whatever ran before
+            g.latents[n:].zero_()
+            g.audio[n:].zero_()
+        g.graph.replay()
+        return g.out[:n].clone()

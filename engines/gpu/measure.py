@@ -1,0 +1,176 @@
+"""Measurement pieces shared by `lipstream bench` and the GPU probe: timers, random models of
+the real sizes, a synthetic avatar, the MuseTalk-way CPU paste-back and encoder costs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from avatars.avatar import Avatar
+
+log = logging.getLogger(__name__)
+
+
+def gpu_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median / p10 / p90 milliseconds of `fn` on the current CUDA stream (events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": times[len(times) // 10],
+        "p90_ms": times[(len(times) * 9) // 10],
+        "reps": reps,
+    }
+
+
+def cpu_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def build_models(size: str, device: str | torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """Random (unet, vae, whisper encoder) of MuseTalk's shapes, built on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperModel
+
+    from engines.musetalk.weights import configs
+
+    unet_cfg, vae_cfg, whisper_cfg = configs(size)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.items() if not k.startswith("_")})
+        vae = AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
+        whisper = WhisperModel(WhisperConfig(**whisper_cfg)).get_encoder()
+    return tuple(m.to(dtype=dtype).eval().requires_grad_(False) for m in (unet, vae, whisper))  # type: ignore[return-value]
+
+
+def synthetic_avatar(n: int = 8, height: int = 720, width: int = 1280, seed: int = 0) -> Avatar:
+    """An avatar of `n` frames (the astronaut, shifted) with face boxes of varying size
+    near the centre, MuseTalk-style 1.5x crop boxes and blurred lower-half masks."""
+    import cv2
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    img = cv2.resize(data.astronaut(), (width, height))
+    frames = np.stack([np.roll(img, 3 * i, axis=1) for i in range(n)])
+    fb, cb, masks = [], [], []
+    for i in range(n):
+        s0 = min(height, width) // 3
+        w = int(s0 + rng.integers(-10, 10))
+        h = int(s0 * 1.1 + rng.integers(-10, 10))
+        x1 = width // 2 - w // 2 + int(rng.integers(-20, 20))
+        y1 = height // 3 - h // 4 + int(rng.integers(-10, 10))
+        if i == 1:  # one box at the frame's corner: its crop box leaves the frame
+            x1, y1 = width - w, height - h
+        fb.append([x1, y1, x1 + w, y1 + h])
+        cx, cy, half = x1 + w // 2, y1 + h // 2, int(max(w, h) * 1.5) // 2
+        cb.append([cx - half, cy - half, cx + half, cy + half])
+        m = np.zeros((2 * half, 2 * half), np.uint8)
+        m[half:, :] = 255
+        k = int(0.1 * 2 * half) // 2 * 2 + 1
+        masks.append(cv2.GaussianBlur(m, (k, k), 0))
+    latents = rng.standard_normal((n, 8, 32, 32)).astype(np.float32)
+    return Avatar(
+        id=f"synthetic{height}p",
+        name="synthetic",
+        fps=25.0,
+        frames=frames,
+        face_boxes=np.array(fb, np.int32),
+        crop_boxes=np.array(cb, np.int32),
+        masks=masks,
+        latents=latents,
+    )
+
+
+def pil_paste_back(
+    frame: np.ndarray, face: np.ndarray, face_box, crop_box, mask: np.ndarray
+) -> np.ndarray:
+    """MuseTalk's realtime-script paste-back, verbatim in behaviour: cv2 resize + PIL pastes."""
+    import cv2
+    from PIL import Image
+
+    body = Image.fromarray(frame)
+    x, y, x1, y1 = (int(v) for v in face_box)
+    crop = tuple(int(v) for v in crop_box)
+    face_img = Image.fromarray(cv2.resize(face, (x1 - x, y1 - y)))
+    large = body.crop(crop)
+    large.paste(face_img, (x - crop[0], y - crop[1], x1 - crop[0], y1 - crop[1]))
+    body.paste(large, crop[:2], Image.fromarray(mask).convert("L"))
+    return np.asarray(body)
+
+
+def encoder_cost(
+    height: int, width: int, frames: int = 50, threads: tuple[int, ...] = (1, 4, 8)
+) -> dict[str, Any]:
+    """aiortc's own VP8 and H.264 encoders on frames of the avatar's size: ms per frame on one
+    thread, and aggregate frames/s with k encoders in k threads (k sessions). Returns also
+    CPU cores one 25 fps session needs."""
+    try:
+        from aiortc.codecs import get_encoder
+        from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+        from av import VideoFrame
+    except ImportError as exc:
+        return {"error": f"aiortc/av not importable: {exc}"}
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    import cv2
+
+    base = cv2.GaussianBlur(base, (31, 31), 8)
+    pics = [np.roll(base, 4 * i, axis=1) for i in range(frames)]
+    out: dict[str, Any] = {"height": height, "width": width, "cpu_count": os.cpu_count()}
+    for mime in ("video/VP8", "video/H264"):
+        codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
+        vf = [VideoFrame.from_ndarray(p, format="rgb24").reformat(format="yuv420p") for p in pics]
+        for i, f in enumerate(vf):
+            f.pts = i * 3600
+            f.time_base = __import__("fractions").Fraction(1, 90000)
+
+        def run(n_frames: int, codec=codec, vf=vf) -> float:
+            enc = get_encoder(codec)
+            t0 = time.perf_counter()
+            for i in range(n_frames):
+                enc.encode(vf[i % len(vf)], force_keyframe=(i == 0))
+            return time.perf_counter() - t0
+
+        run(5)
+        one = run(frames) / frames * 1e3
+        res: dict[str, Any] = {"ms_per_frame_1_thread": one}
+        for k in threads:
+            spans: list[float] = []
+            ts = [threading.Thread(target=lambda: spans.append(run(frames))) for _ in range(k)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            wall = time.perf_counter() - t0
+            res[f"fps_total_{k}_threads"] = k * frames / wall
+        best = max(v for key, v in res.items() if key.startswith("fps_total"))
+        res["cores_per_25fps_session"] = 25 * one / 1e3
+        res["sessions_per_host_at_best_thread_scaling"] = best / 25
+        out[mime.split("/")[1]] = res
+    return out

@@ -1,0 +1,196 @@
+"""Paste-back on the GPU: generated 256x256 faces into the avatar's frames, then RGB -> I420.
+
+The CPU reference (MuseTalk v1.5's `get_image_blending`, our `avatars.blend.paste_back`):
+the face is resized to the face box with bilinear interpolation (cv2 INTER_LINEAR), pasted
+into the square crop around it, and the crop is blended into the frame with the blurred
+mask. Outside the face box the crop *is* the frame, so the blend leaves it unchanged; the
+whole operation therefore reduces to, inside the face box only:
+
+    out = round((resize(face) * m + frame * (255 - m)) / 255)
+
+with `m` the mask at that pixel. Per avatar we keep on the GPU: the frames, for each frame
+a fixed-size *region* (the largest face box of the avatar) that holds its face box and
+lies inside the frame, and the mask cut to that region (zero outside the face box). A
+batch then runs as a handful of batched kernels: one `grid_sample` for every resize, one
+gather, one blend, one scatter, whatever the boxes' sizes. No PIL/numpy on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avatars.avatar import Avatar
+
+log = logging.getLogger(__name__)
+
+FACE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class GpuAvatar:
+    """An avatar's paste-back data, resident on one device.
+
+    frames   (N, H, W, 3) uint8
+    origin   (N, 2) int64: top-left (y0, x0) of each frame's region in the frame
+    box      (N, 4) float32: face box inside the region: (dy, dx, h, w)
+    masks    (N, Rh, Rw) uint8: blend weight of the face inside the region (0 outside the box)
+    """
+
+    avatar_id: str
+    frames: torch.Tensor
+    origin: torch.Tensor
+    box: torch.Tensor
+    masks: torch.Tensor
+    region: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (self.frames, self.origin, self.box, self.masks)
+        )
+
+
+def _region_size(avatar: Avatar) -> tuple[int, int]:
+    faces = avatar.face_boxes[avatar.has_face]
+    if faces.size == 0:
+        return 1, 1
+    h = int((faces[:, 3] - faces[:, 1]).max())
+    w = int((faces[:, 2] - faces[:, 0]).max())
+    return max(h, 1), max(w, 1)
+
+
+def region_masks(avatar: Avatar) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """CPU pre-computation (once per avatar): origins, boxes in the region, region masks."""
+    n = avatar.n_frames
+    height, width = avatar.size
+    rh, rw = _region_size(avatar)
+    origin = np.zeros((n, 2), np.int64)
+    box = np.zeros((n, 4), np.float32)
+    box[:, 2:] = 1.0  # harmless size for frames with no face (their mask is all zero)
+    masks = np.zeros((n, rh, rw), np.uint8)
+    for i in np.flatnonzero(avatar.has_face):
+        x1, y1, x2, y2 = (int(v) for v in avatar.face_boxes[i])
+        xs, ys, _, _ = (int(v) for v in avatar.crop_boxes[i])
+        h, w = y2 - y1, x2 - x1
+        if h <= 0 or w <= 0:
+            continue
+        y0 = min(y1, height - rh)
+        x0 = min(x1, width - rw)
+        origin[i] = (y0, x0)
+        box[i] = (y1 - y0, x1 - x0, h, w)
+        mask = avatar.masks[i]
+        cut = mask[max(y1 - ys, 0) : y2 - ys, max(x1 - xs, 0) : x2 - xs]
+        ch, cw = min(cut.shape[0], h), min(cut.shape[1], w)
+        masks[i, y1 - y0 : y1 - y0 + ch, x1 - x0 : x1 - x0 + cw] = cut[:ch, :cw]
+    return origin, box, masks, (rh, rw)
+
+
+def upload_avatar(avatar: Avatar, device: torch.device | str) -> GpuAvatar:
+    """Make the avatar's frames and paste-back geometry resident on `device`."""
+    origin, box, masks, region = region_masks(avatar)
+    dev = torch.device(device)
+    gav = GpuAvatar(
+        avatar_id=avatar.id,
+        frames=torch.from_numpy(np.ascontiguousarray(avatar.frames)).to(dev),
+        origin=torch.from_numpy(origin).to(dev),
+        box=torch.from_numpy(box).to(dev),
+        masks=torch.from_numpy(masks).to(dev),
+        region=region,
+    )
+    log.info(
+        "avatar resident on %s: id=%s frames=%d region=%s bytes=%d",
+        dev,
+        avatar.id,
+        avatar.n_frames,
+        region,
+        gav.nbytes,
+    )
+    return gav
+
+
+def faces_to_uint8(faces: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, 256, 256) in [0, 1] -> uint8, rounded as MuseTalk does."""
+    return (faces.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Frames (B, H, W, 3) uint8 on the device: avatar frames `frame_idx` (B,) with the
+    generated faces (B, 3, 256, 256), uint8 or float in [0, 1], blended in."""
+    if faces.dtype != torch.uint8:
+        faces = faces_to_uint8(faces)
+    frame_idx = frame_idx.to(gav.frames.device, torch.long)
+    b = int(frame_idx.shape[0])
+    height, width = gav.size
+    rh, rw = gav.region
+    dev = gav.frames.device
+    out = gav.frames.index_select(0, frame_idx)  # (B, H, W, 3), a fresh copy
+    if b == 0:
+        return out
+    box = gav.box.index_select(0, frame_idx)  # (B, 4) dy, dx, h, w
+    origin = gav.origin.index_select(0, frame_idx)
+    mask = gav.masks.index_select(0, frame_idx).float()  # (B, Rh, Rw)
+
+    # Bilinear resize 256 -> (h, w) with half-pixel centres (cv2 INTER_LINEAR), via one
+    # grid_sample: region pixel (ry, rx) reads face pixel ((ry - dy) + 0.5) * 256 / h - 0.5.
+    ry = torch.arange(rh, device=dev, dtype=torch.float32)
+    rx = torch.arange(rw, device=dev, dtype=torch.float32)
+    gy = (ry[None, :] - box[:, 0:1] + 0.5) * 2.0 / box[:, 2:3] - 1.0  # (B, Rh)
+    gx = (rx[None, :] - box[:, 1:2] + 0.5) * 2.0 / box[:, 3:4] - 1.0  # (B, Rw)
+    grid = torch.stack((gx[:, None, :].expand(b, rh, rw), gy[:, :, None].expand(b, rh, rw)), dim=-1)
+    resized = F.grid_sample(
+        faces.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).round_()  # (B, 3, Rh, Rw), uint8 values as cv2.resize gives
+    resized = resized.permute(0, 2, 3, 1).reshape(b, rh * rw, 3)
+
+    # Gather the frame under each region, blend, scatter back (regions lie inside the frame,
+    # so their pixels are distinct and the scatter has no collisions).
+    ys = origin[:, 0:1] + torch.arange(rh, device=dev)[None, :]  # (B, Rh)
+    xs = origin[:, 1:2] + torch.arange(rw, device=dev)[None, :]
+    lin = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, rh * rw, 1).expand(b, rh * rw, 3)
+    flat = out.view(b, height * width, 3)
+    body = torch.gather(flat, 1, lin).float()
+    m = mask.reshape(b, rh * rw, 1)
+    blended = ((resized * m + body * (255.0 - m)) / 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    flat.scatter_(1, lin, blended)
+    return out
+
+
+def i420_size(height: int, width: int) -> int:
+    """Bytes of one I420 frame: Y plane, then U and V at half resolution (rounded up)."""
+    return height * width + 2 * ((height + 1) // 2) * ((width + 1) // 2)
+
+
+def rgb_to_i420(frames: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 RGB -> (B, i420_size) uint8: BT.601 limited range, chroma taken
+    at the top-left pixel of each 2x2 block, as `cv2.cvtColor(.., COLOR_RGB2YUV_I420)`
+    (within 1 level of it), so the GPU and CPU paths send the same pictures."""
+    b, height, width, _ = frames.shape
+    x = frames.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    r, g, bl = x[:, 0], x[:, 1], x[:, 2]
+    y = (16.0 + (65.481 * r + 128.553 * g + 24.966 * bl) / 255.0).round_().clamp_(0, 255)
+    c = x[:, :, ::2, ::2]  # (B, 3, ceil(H/2), ceil(W/2))
+    r, g, bl = c[:, 0], c[:, 1], c[:, 2]
+    u = (128.0 + (-37.797 * r - 74.203 * g + 112.0 * bl) / 255.0).round_().clamp_(0, 255)
+    v = (128.0 + (112.0 * r - 93.786 * g - 18.214 * bl) / 255.0).round_().clamp_(0, 255)
+    out = torch.cat((y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)), dim=1)
+    return out.to(torch.uint8)
+
+
+def i420_planes(buf: np.ndarray | torch.Tensor, height: int, width: int) -> tuple:
+    """Views of one frame's I420 buffer as its (Y, U, V) planes, each contiguous."""
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    n = height * width
+    return (
+        buf[:n].reshape(height, width),
+        buf[n : n + ch * cw].reshape(ch, cw),
+        buf[n + ch * cw : n + 2 * ch * cw].reshape(ch, cw),
+    )

@@ -195,7 +195,9 @@ def _decode_image(fh: BinaryIO, kind: MediaKind, limits: DecodeLimits) -> Decode
             rgb = oriented.convert("RGB")
     except AvatarInputError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard fired on the header
+        raise AvatarInputError("the picture is too large") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise AvatarInputError(f"the {kind.upper()} image is corrupt or truncated") from exc
     frame = np.asarray(rgb, dtype=np.uint8)
     _check_size(frame.shape[1], frame.shape[0], limits)  # EXIF rotation may swap sides

@@ -1,0 +1,169 @@
+"""`lipstream avatar add|list|rm`: register, list and remove prepared avatars."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import typer
+
+log = logging.getLogger(__name__)
+
+avatar_app = typer.Typer(help="Register, list and remove avatars.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _latent_encoder(
+    models_dir: Path, device: str
+) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None, str]:
+    """(encode_latents, latents_key, note): the MuseTalk VAE encoder where the weights exist;
+    (None, None, why) where they do not (the engine then computes latents when it loads)."""
+    try:
+        import torch
+
+        from engines.base import EngineError
+        from engines.musetalk.vae import encode_crops
+        from engines.musetalk.weights import check_layout, load_vae, weights_key
+    except ImportError as exc:
+        return None, None, f"the MuseTalk engine cannot be imported ({exc})"
+    try:
+        files = check_layout(models_dir)
+    except EngineError as exc:
+        return None, None, str(exc)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    vae = load_vae(models_dir, device, dtype)
+
+    def encode(crops: np.ndarray) -> np.ndarray:
+        return np.asarray(encode_crops(vae, crops).float().cpu().numpy())
+
+    return encode, weights_key(files.vae_weights), f"latents from the VAE in {files.vae_dir}"
+
+
+@avatar_app.command("add")
+def add_cmd(
+    name: str = typer.Argument(..., help="A display name for the avatar."),
+    file: Path = typer.Argument(..., help="A video (mp4/mov/webm/mkv) or photo (png/jpg)."),
+    bbox_shift: int = typer.Option(
+        0, "--bbox-shift", help="Move the face box's top edge down by this many px (up if < 0)."
+    ),
+    smooth: int = typer.Option(
+        0, "--smooth", min=0, help="Smooth face boxes over this many frames (0: off)."
+    ),
+    avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
+    models_dir: Path | None = typer.Option(None, "--models-dir", help="MuseTalk weights folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for the VAE)."),
+) -> None:
+    """Prepare NAME from FILE: detect the face, crop, make masks and latents, store it."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from avatars.decode import AvatarInputError
+    from avatars.prepare import PrepareOptions, prepare_avatar_file
+    from avatars.store import AvatarStore, validate_name
+    from lipstream.paths import avatars_dir as resolve_avatars_dir
+    from lipstream.paths import models_dir as resolve_models_dir
+
+    try:
+        name = validate_name(name)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if not file.is_file():
+        raise _fail(f"no such file: {file}")
+    store = AvatarStore(resolve_avatars_dir(avatars_dir))
+    encode, key, note = _latent_encoder(resolve_models_dir(models_dir), device)
+    avatar_id = store.new_id()
+    with Progress(
+        TextColumn("{task.description:<20}"), BarColumn(), TaskProgressColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("decoding", total=1.0)
+
+        def progress(fraction: float, stage: str) -> None:
+            bar.update(task, completed=fraction, description=stage)
+
+        try:
+            avatar = prepare_avatar_file(
+                file,
+                name=name,
+                avatar_id=avatar_id,
+                bbox_shift=bbox_shift,
+                encode_latents=encode,
+                progress=progress,
+                options=PrepareOptions(smooth_window=smooth),
+            )
+        except AvatarInputError as exc:
+            raise _fail(str(exc)) from exc
+    avatar.latents_key = key
+    store.save(avatar)
+    meta = avatar.meta
+    typer.echo(f"latents: {note}" if encode else f"no latents stored: {note}")
+    if encode is None:
+        typer.echo("the MuseTalk engine computes the latents when it first loads this avatar")
+    typer.echo(
+        f"added {avatar.id} {name!r}: {avatar.n_frames} frames {avatar.size[1]}x{avatar.size[0]}"
+        f" @ {avatar.fps:g} fps, face in {meta['n_faces']}; prepared in "
+        f"{meta['prep_seconds'] + meta.get('decode_seconds', 0):.2f} s "
+        f"({1000 * meta['prep_seconds_per_frame']:.1f} ms per frame, decode excluded)"
+    )
+
+
+@avatar_app.command("list")
+def list_cmd(
+    avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
+) -> None:
+    """List the avatars: id, name, status, frames, size, latents."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from avatars.store import AvatarStore
+    from lipstream.paths import avatars_dir as resolve_avatars_dir
+
+    root = resolve_avatars_dir(avatars_dir)
+    metas = AvatarStore(root).list()
+    if not metas:
+        typer.echo(f"no avatars in {root}")
+        return
+    table = Table("id", "name", "status", "frames", "size", "fps", "latents", "ms/frame")
+    for m in metas:
+        size = m.get("size")
+        per_frame = m.get("prep_seconds_per_frame")
+        status = str(m.get("status"))
+        if m.get("status") == "failed" and m.get("error"):
+            status += f": {m['error']}"
+        elif m.get("status") in ("pending", "preparing"):
+            status += f" {100 * float(m.get('progress') or 0):.0f}%"
+        table.add_row(
+            str(m.get("id")),
+            str(m.get("name")),
+            status,
+            str(m.get("n_frames")),
+            f"{size[1]}x{size[0]}" if size else "-",
+            f"{m['fps']:g}" if m.get("fps") else "-",
+            "yes" if m.get("latents_key") else "no",
+            f"{1000 * per_frame:.1f}" if per_frame else "-",
+        )
+    Console().print(table)
+
+
+@avatar_app.command("rm")
+def rm_cmd(
+    id_or_name: str = typer.Argument(..., help="The avatar's id, or its name if unique."),
+    avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
+) -> None:
+    """Remove an avatar."""
+    from avatars.store import AvatarStore, AvatarStoreError
+    from lipstream.paths import avatars_dir as resolve_avatars_dir
+
+    store = AvatarStore(resolve_avatars_dir(avatars_dir))
+    try:
+        avatar_id = store.resolve(id_or_name)
+        store.delete(avatar_id)
+    except AvatarStoreError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"removed {avatar_id}")

@@ -7,6 +7,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -22,7 +23,7 @@ FACE = astronaut()  # (512, 512, 3) uint8 RGB
 
 def write_video(path: Path, fmt: str, codec: str, n: int = 6, image: np.ndarray = FACE) -> Path:
     with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=25)
+        stream: Any = out.add_stream(codec, rate=25)
         stream.width, stream.height = image.shape[1], image.shape[0]
         stream.pix_fmt = "yuv420p"
         for i in range(n):

@@ -20,10 +20,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from avatars.faces import Box
+from avatars.faces import BoxLike
 
 
-def resize_face(face: np.ndarray, face_box: Box) -> np.ndarray:
+def resize_face(face: np.ndarray, face_box: BoxLike) -> np.ndarray:
     """The generated 256 x 256 face resized to the face box, as MuseTalk: cv2 bilinear."""
     x1, y1, x2, y2 = (int(v) for v in face_box)
     return cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
@@ -38,8 +38,8 @@ def div255(v: np.ndarray) -> np.ndarray:
 def paste_back(
     frame: np.ndarray,
     face: np.ndarray,
-    face_box: Box | np.ndarray,
-    crop_box: Box | np.ndarray,
+    face_box: BoxLike,
+    crop_box: BoxLike,
     mask: np.ndarray,
     out: np.ndarray | None = None,
 ) -> np.ndarray:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from avatars.faces import Box
+from avatars.faces import Box, BoxLike
 
 EXTRA_MARGIN = 10  # MuseTalk v1.5's default `--extra_margin`
 CROP_EXPAND = 1.5  # MuseTalk's `get_crop_box(..., expand=1.5)`
@@ -45,7 +45,7 @@ def apply_extra_margin(box: Box, frame_height: int, extra_margin: int = EXTRA_MA
 
 
 def face_box_v15(
-    detected: Box,
+    detected: BoxLike,
     frame_shape: tuple[int, ...],
     bbox_shift: int = 0,
     extra_margin: int = EXTRA_MARGIN,
@@ -62,7 +62,7 @@ def face_box_v15(
 
 
 def crop_box(
-    face_box: Box, frame_shape: tuple[int, ...] | None = None, expand: float = CROP_EXPAND
+    face_box: BoxLike, frame_shape: tuple[int, ...] | None = None, expand: float = CROP_EXPAND
 ) -> Box:
     """MuseTalk's `get_crop_box`: a square of half-side int(max(w, h) // 2 * expand) around the
     box's integer centre. Not clipped; `frame_shape`, when given, checks the face box lies in
@@ -78,7 +78,7 @@ def crop_box(
     return x_c - s, y_c - s, x_c + s, y_c + s
 
 
-def face_crop(frame: np.ndarray, face_box: Box, size: int = FACE_SIZE) -> np.ndarray:
+def face_crop(frame: np.ndarray, face_box: BoxLike, size: int = FACE_SIZE) -> np.ndarray:
     """The model's input face: frame[y1:y2, x1:x2] resized to (size, size, 3) with Lanczos."""
     x1, y1, x2, y2 = (int(v) for v in face_box)
     region = frame[y1:y2, x1:x2]
@@ -87,7 +87,7 @@ def face_crop(frame: np.ndarray, face_box: Box, size: int = FACE_SIZE) -> np.nda
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_LANCZOS4)
 
 
-def crop_region(frame: np.ndarray, box: Box) -> np.ndarray:
+def crop_region(frame: np.ndarray, box: BoxLike) -> np.ndarray:
     """frame[y1:y2, x1:x2] where the box may reach past the frame; outside is black (0),
     as PIL's `Image.crop` pads."""
     x1, y1, x2, y2 = (int(v) for v in box)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,6 +31,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive
+BoxLike = Sequence[int] | np.ndarray  # a Box, a list, or a row of Avatar.face_boxes
 
 
 @runtime_checkable

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from avatars.boxes import CROP_EXPAND, crop_region
-from avatars.faces import Box
+from avatars.faces import Box, BoxLike
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class FaceParsingUnavailable(RuntimeError):
 class FaceParser(Protocol):
     """Segments the face in an RGB crop (h, w, 3) uint8 -> (h, w) uint8, 255 = replace."""
 
-    def __call__(self, crop_rgb: np.ndarray, mode: str) -> np.ndarray: ...
+    def __call__(self, crop_rgb: np.ndarray, mode: str, /) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def geometric_face(face_box: Box, crop: Box, shape: Literal["ellipse", "box"]) -
 
 
 def blend_mask(
-    face_box: Box,
-    crop: Box,
+    face_box: BoxLike,
+    crop: BoxLike,
     *,
     frame: np.ndarray | None = None,
     parser: FaceParser | None = None,

@@ -113,11 +113,18 @@ WHISPER_CONFIG_FULL: dict[str, Any] = {
 
 
 def _tiny_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Same block structure as the real models, small widths; 256 px -> 32x32 latents, 384-d audio."""
+    """The real models' building blocks at small widths (CPU tests): 256 px crops -> 32x32
+    latents, 384-d audio tokens, 5 whisper hidden states, 5 s encoder windows."""
     unet = copy.deepcopy(UNET_CONFIG_FULL)
-    unet.update(block_out_channels=[32, 64, 64, 64], layers_per_block=1, sample_size=32)
-    vae = copy.deepcopy(VAE_CONFIG_FULL)
-    vae.update(block_out_channels=[32, 32, 64, 64], layers_per_block=1)
+    unet.update(
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        layers_per_block=1,
+        sample_size=32,
+    )
+    vae = copy.deepcopy(VAE_CONFIG_FULL)  # 4 blocks: still 8x down, 256 px -> 32x32 latents
+    vae.update(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8)
     whisper = copy.deepcopy(WHISPER_CONFIG_FULL)
     whisper.update(
         encoder_attention_heads=4,

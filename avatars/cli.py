@@ -129,7 +129,10 @@ def list_cmd(
     if not metas:
         typer.echo(f"no avatars in {root}")
         return
-    table = Table("id", "name", "status", "frames", "size", "fps", "latents", "ms/frame")
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=19)
+    for column in ("name", "status", "frames", "size", "fps", "latents", "ms/frame"):
+        table.add_column(column)
     for m in metas:
         size = m.get("size")
         per_frame = m.get("prep_seconds_per_frame")

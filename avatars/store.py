@@ -173,7 +173,10 @@ class AvatarStore:
         with _META_LOCK:
             meta = self.info(avatar_id)
             meta.update(changes, updated=_now())
-            _write_json(self._meta_path(avatar_id), meta)
+            try:
+                _write_json(self._meta_path(avatar_id), meta)
+            except FileNotFoundError:  # deleted by another process meanwhile
+                raise AvatarNotFoundError(f"no avatar {avatar_id!r}") from None
             return meta
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -403,7 +406,8 @@ class AvatarStore:
         folder = self.path(avatar_id)
         trash = self.root / f".tmp-{secrets.token_hex(6)}"
         try:
-            os.rename(folder, trash)
+            with _META_LOCK:  # not in the middle of a status update
+                os.rename(folder, trash)
         except FileNotFoundError:
             raise AvatarNotFoundError(f"no avatar {avatar_id!r}") from None
         shutil.rmtree(trash, ignore_errors=True)

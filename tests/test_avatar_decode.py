@@ -238,3 +238,19 @@ def test_limits_validate() -> None:
         DecodeLimits(max_frames=0)
     with pytest.raises(ValueError):
         DecodeLimits(max_seconds=-1.0)
+
+
+def test_audio_only_file_refused(tmp_path: Path) -> None:
+    path = tmp_path / "speech.m4a"
+    with av.open(str(path), "w", format="mp4") as out:
+        stream: Any = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        samples = (np.sin(np.arange(16000) / 10) * 8000).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with pytest.raises(AvatarInputError, match="no video stream"):
+        decode_media(path)

@@ -1,0 +1,193 @@
+"""The FastAPI application: `create_app(settings, engine=None)`.
+
+The lifespan builds the parts in order (engine -> frame worker -> avatar service -> session
+manager) and takes them down in reverse: sessions end, preparation stops, the worker joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import client_demo
+from avatars.store import AvatarStore
+from engines.base import Engine
+from lipstream.paths import avatars_dir
+from server import audio_ws, avatars_api, sessions_api
+from server.avatar_service import AvatarService
+from server.metrics import ServerMetrics
+from server.sessions import SessionManager
+from server.settings import Settings
+from server.worker import FrameWorker
+
+log = logging.getLogger(__name__)
+
+DEMO_AVATAR_NAME = "astronaut"
+_STATIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
+
+
+def build_engine(settings: Settings) -> tuple[Engine, str]:
+    """The engine the settings ask for, and why it was chosen (raises EngineError)."""
+    from engines.factory import create_engine
+
+    return create_engine(settings.engine, settings.models_dir, settings.device, settings.backend)
+
+
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, reason: str = ""
+) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _start(app, settings, engine, reason)
+        try:
+            yield
+        finally:
+            await _stop(app)
+
+    app = FastAPI(title="lipstream", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.draining = False
+    app.include_router(avatars_api.router)
+    app.include_router(sessions_api.router)
+    app.include_router(audio_ws.router)
+    _health_routes(app)
+    _client_routes(app, settings.client_dir or Path(client_demo.__file__).parent)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    return app
+
+
+async def _start(app: FastAPI, settings: Settings, engine: Engine | None, reason: str) -> None:
+    metrics = ServerMetrics()
+    if engine is None:
+        built, reason = await asyncio.to_thread(build_engine, settings)
+        await _start_parts(app, settings, built, reason, metrics)
+    else:
+        await _start_parts(app, settings, engine, reason, metrics)
+
+
+async def _start_parts(
+    app: FastAPI, settings: Settings, engine: Engine, reason: str, metrics: ServerMetrics
+) -> None:
+    log.info("engine chosen", extra={"engine": engine.name, "reason": reason})
+    worker = FrameWorker(engine, settings.max_batch, metrics)
+    worker.start()
+    warmup = getattr(engine, "warmup", None)
+    if callable(warmup):
+        await worker.acall(warmup)
+    store = AvatarStore(avatars_dir(settings.avatars_dir))
+    avatars = AvatarService(store, engine, worker, metrics, settings.max_upload_bytes)
+    await asyncio.to_thread(avatars.startup)
+    sessions = SessionManager(settings, metrics)
+    sessions.start()
+    app.state.metrics = metrics
+    app.state.engine = engine
+    app.state.engine_reason = reason
+    app.state.worker = worker
+    app.state.avatars = avatars
+    app.state.sessions = sessions
+    if settings.demo_avatar:
+        await asyncio.to_thread(register_demo_avatar, avatars)
+    app.state.ready = True
+    log.info(
+        "server ready",
+        extra={"avatars_dir": str(store.root), "max_sessions": settings.max_sessions},
+    )
+
+
+async def _stop(app: FastAPI) -> None:
+    app.state.ready = False
+    app.state.draining = True
+    sessions: SessionManager | None = getattr(app.state, "sessions", None)
+    if sessions is not None:
+        sessions.draining = True
+        await sessions.stop()
+    avatars: AvatarService | None = getattr(app.state, "avatars", None)
+    if avatars is not None:
+        avatars.shutdown()
+    worker: FrameWorker | None = getattr(app.state, "worker", None)
+    if worker is not None:
+        await asyncio.to_thread(worker.stop)
+
+
+def register_demo_avatar(avatars: AvatarService) -> str | None:
+    """Register scikit-image's astronaut as avatar "astronaut" unless one exists already."""
+    if any(
+        a.get("name") == DEMO_AVATAR_NAME and a.get("status") != "failed" for a in avatars.list()
+    ):
+        return None
+    import cv2
+    from skimage import data
+
+    avatars.uploads_dir.mkdir(parents=True, exist_ok=True)
+    path = avatars.uploads_dir / "demo-astronaut"
+    ok, png = cv2.imencode(".png", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("could not encode the demo avatar")
+    path.write_bytes(png.tobytes())
+    info = avatars.submit(path, DEMO_AVATAR_NAME, 0)
+    log.info("demo avatar registered", extra={"avatar_id": info["id"]})
+    return str(info["id"])
+
+
+def _health_routes(app: FastAPI) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        state = request.app.state
+        ok = bool(state.ready) and not state.draining and state.worker.alive
+        body: dict[str, Any] = {
+            "status": "ready" if ok else ("draining" if state.draining else "starting")
+        }
+        if state.ready:
+            body.update(
+                engine=state.engine.name,
+                engine_reason=state.engine_reason,
+                sessions=len(state.sessions.sessions),
+                max_sessions=state.settings.max_sessions,
+            )
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(
+            generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+
+def _client_routes(app: FastAPI, folder: Path) -> None:
+    folder = folder.resolve()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = folder / "index.html"
+        if not page.is_file():
+            return JSONResponse({"detail": "the client demo is not installed"}, status_code=404)
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        path = folder / name
+        if not _STATIC_NAME.fullmatch(name) or name.endswith(".py") or not path.is_file():
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        media = "text/javascript" if name.endswith(".js") else None
+        return FileResponse(path, media_type=media)

@@ -1,0 +1,232 @@
+"""Avatars for the server: background preparation, live progress, engine loading, deletion.
+
+Preparation (decode -> faces -> masks -> latents) runs in ONE background thread, one upload at
+a time; its progress (0..1) and stage are kept in memory for GET and written to the store's
+meta.json at most twice a second. Failures become status "failed" with a readable error.
+Engine work (latent encoding, load_avatar, unload_avatar) goes through the frame worker, the
+only thread that touches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avatars.avatar import Avatar
+from avatars.decode import AvatarInputError, DecodeLimits
+from avatars.prepare import prepare_avatar_file
+from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
+from engines.base import Engine
+from server.metrics import ServerMetrics
+from server.worker import FrameWorker
+
+log = logging.getLogger(__name__)
+
+PROGRESS_WRITE_S = 0.5
+UPLOADS = ".uploads"
+PUBLIC_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "progress",
+    "error",
+    "created",
+    "updated",
+    "n_frames",
+    "size",
+    "fps",
+    "bbox_shift",
+)
+
+
+class AvatarNotReady(Exception):
+    """The avatar exists but cannot be used yet (or its preparation failed)."""
+
+
+class AvatarService:
+    def __init__(
+        self,
+        store: AvatarStore,
+        engine: Engine,
+        worker: FrameWorker,
+        metrics: ServerMetrics,
+        max_upload_bytes: int,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.worker = worker
+        self.metrics = metrics
+        self.limits = DecodeLimits(max_file_bytes=max_upload_bytes)
+        self.uploads_dir = store.root / UPLOADS
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prep")
+        self._jobs: dict[str, Future[None]] = {}
+        self._live: dict[str, tuple[float, str]] = {}  # id -> (progress, stage) while preparing
+        self._loaded: dict[str, Avatar] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()  # save vs delete
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def startup(self) -> list[str]:
+        """Recover the store (interrupted preparations -> failed), drop stale uploads."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        failed = self.store.recover()
+        if self.uploads_dir.is_dir():
+            for leftover in self.uploads_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        ready = [m["id"] for m in self.store.list() if m.get("status") == "ready"]
+        log.info("avatars found", extra={"ready": len(ready), "marked_failed": len(failed)})
+        self._count()
+        return failed
+
+    def shutdown(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    # -- queries -------------------------------------------------------------------------
+    def public(self, meta: dict[str, Any]) -> dict[str, Any]:
+        out = {k: meta.get(k) for k in PUBLIC_FIELDS}
+        live = self._live.get(str(meta.get("id")))
+        if live is not None and out["status"] in ("pending", "preparing"):
+            out["progress"] = round(max(float(out["progress"] or 0.0), live[0]), 4)
+            out["stage"] = live[1]
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.public(m) for m in self.store.list()]
+
+    def get(self, avatar_id: str) -> dict[str, Any]:
+        """Raises AvatarNotFoundError."""
+        return self.public(self.store.info(avatar_id))
+
+    # -- registration --------------------------------------------------------------------
+    def submit(self, upload: Path, name: str, bbox_shift: int) -> dict[str, Any]:
+        """Register an avatar for the uploaded file and queue its preparation."""
+        avatar_id = self.store.create(name)
+        self._live[avatar_id] = (0.0, "queued")
+        self._jobs[avatar_id] = self._prep.submit(
+            self._prepare, avatar_id, upload, name, bbox_shift
+        )
+        self._count()
+        return self.get(avatar_id)
+
+    def _prepare(self, avatar_id: str, upload: Path, name: str, bbox_shift: int) -> None:
+        try:
+            if avatar_id in self._deleted:
+                return
+            self.store.set_status(avatar_id, "preparing", progress=0.0)
+            avatar = prepare_avatar_file(
+                upload,
+                name=name,
+                avatar_id=avatar_id,
+                bbox_shift=bbox_shift,
+                limits=self.limits,
+                encode_latents=self._encoder(),
+                progress=self._progress_cb(avatar_id),
+            )
+            with self._lock:
+                if avatar_id in self._deleted:
+                    return
+                self.store.save(avatar)
+            log.info("avatar ready", extra={"avatar_id": avatar_id, "frames": avatar.n_frames})
+        except AvatarInputError as exc:
+            self._fail(avatar_id, str(exc))
+        except Exception:
+            log.exception("avatar preparation failed", extra={"avatar_id": avatar_id})
+            self._fail(avatar_id, "preparation failed (internal error; see the server log)")
+        finally:
+            with contextlib.suppress(OSError):
+                upload.unlink()
+            self._live.pop(avatar_id, None)
+            self._jobs.pop(avatar_id, None)
+            self._count()
+
+    def _fail(self, avatar_id: str, message: str) -> None:
+        if avatar_id in self._deleted:
+            return
+        with contextlib.suppress(AvatarStoreError):
+            self.store.set_status(avatar_id, "failed", error=message)
+
+    def _progress_cb(self, avatar_id: str) -> Callable[[float, str], None]:
+        last = [0.0]
+
+        def progress(fraction: float, stage: str) -> None:
+            self._live[avatar_id] = (float(fraction), stage)
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_WRITE_S and avatar_id not in self._deleted:
+                last[0] = now
+                with contextlib.suppress(AvatarStoreError):
+                    self.store.set_status(avatar_id, "preparing", progress=fraction)
+
+        return progress
+
+    def _encoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The engine's latent encoder, run on the worker thread (None if it has none)."""
+        encode = getattr(self.engine, "encode_latents", None)
+        if encode is None:
+            return None
+
+        def run(crops: np.ndarray) -> np.ndarray:
+            return np.asarray(self.worker.call(encode, crops).result())
+
+        return run
+
+    # -- engine residency ----------------------------------------------------------------
+    async def ready(self, avatar_id: str) -> Avatar:
+        """The avatar, loaded into the engine. Raises AvatarNotFoundError / AvatarNotReady."""
+        if avatar_id in self._deleted:
+            raise AvatarNotFoundError(f"avatar {avatar_id!r} was deleted")
+        meta = await asyncio.to_thread(self.store.info, avatar_id)
+        status = meta.get("status")
+        if status != "ready":
+            detail = f": {meta.get('error')}" if status == "failed" and meta.get("error") else ""
+            raise AvatarNotReady(f"avatar {avatar_id!r} is {status}{detail}")
+        loaded = self._loaded.get(avatar_id)
+        if loaded is not None:
+            return loaded
+        lock = self._load_locks.setdefault(avatar_id, asyncio.Lock())
+        async with lock:
+            loaded = self._loaded.get(avatar_id)
+            if loaded is None:
+                avatar = await asyncio.to_thread(self.store.load, avatar_id)
+                await self.worker.acall(self.engine.load_avatar, avatar)
+                self._loaded[avatar_id] = loaded = avatar
+                log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
+        return loaded
+
+    async def delete(self, avatar_id: str) -> None:
+        """Free engine memory and disk. Raises AvatarNotFoundError. End its sessions first."""
+        await asyncio.to_thread(self.store.info, avatar_id)  # 404 if unknown
+        self._deleted.add(avatar_id)
+        job = self._jobs.get(avatar_id)
+        if job is not None:
+            job.cancel()
+        if self._loaded.pop(avatar_id, None) is not None:
+            await self.worker.acall(self.engine.unload_avatar, avatar_id)
+        self._load_locks.pop(avatar_id, None)
+
+        def remove() -> None:
+            with self._lock:
+                self.store.delete(avatar_id)
+
+        await asyncio.to_thread(remove)
+        self._count()
+        log.info("avatar deleted", extra={"avatar_id": avatar_id})
+
+    def _count(self) -> None:
+        counts: dict[str, int] = {"pending": 0, "preparing": 0, "ready": 0, "failed": 0}
+        with contextlib.suppress(Exception):
+            for m in self.store.list():
+                status = str(m.get("status"))
+                counts[status] = counts.get(status, 0) + 1
+        for status, n in counts.items():
+            self.metrics.avatars.labels(status).set(n)

@@ -1,0 +1,165 @@
+"""Latency and frame accounting: per session (GET /v1/sessions/{id}) and server-wide (/metrics).
+
+Latency of an audio chunk: from its arrival on the websocket to the moment the first frame
+whose features read it (the frame's horizon passes the chunk's first sample) is handed to the
+video track. First-frame latency: an utterance's first audio byte to its frame 0.
+
+Per-session figures are kept in bounded windows (no Prometheus labels per session, so the
+metric cardinality does not grow with sessions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class ServerMetrics:
+    """The Prometheus series of one server (its own registry, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge("lipstream_sessions_active", "Sessions open now", registry=r)
+        self.sessions_total = Counter("lipstream_sessions_total", "Sessions opened", registry=r)
+        self.sessions_ended = Counter(
+            "lipstream_sessions_ended_total", "Sessions ended, by reason", ["reason"], registry=r
+        )
+        self.sessions_refused = Counter(
+            "lipstream_sessions_refused_total",
+            "Session requests refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.frames_sent = Counter(
+            "lipstream_frames_sent_total",
+            "Video frames handed to tracks, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.frames_dropped = Counter(
+            "lipstream_frames_dropped_total",
+            "Frames dropped before the encoder took them",
+            registry=r,
+        )
+        self.frames_rendered = Counter(
+            "lipstream_frames_rendered_total", "Frames the engine made", registry=r
+        )
+        self.late_frames = Counter(
+            "lipstream_late_frames_total",
+            "Ticks where the next speaking frame was not ready",
+            registry=r,
+        )
+        self.audio_latency = Histogram(
+            "lipstream_audio_to_frame_seconds",
+            "Audio chunk arrival -> first frame using it handed to the track",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_frame_latency = Histogram(
+            "lipstream_first_frame_seconds",
+            "Utterance's first audio byte -> its first frame handed to the track",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_batch = Histogram(
+            "lipstream_worker_batch_frames",
+            "Frames per engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.worker_step = Histogram(
+            "lipstream_worker_step_seconds",
+            "Engine step time (features + render)",
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0),
+            registry=r,
+        )
+        self.avatars = Gauge(
+            "lipstream_avatars", "Avatars on disk, by status", ["status"], registry=r
+        )
+
+
+def percentile(values: deque[float] | list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class SessionStats:
+    """One session's counters; `snapshot()` is what GET /v1/sessions/{id} shows."""
+
+    window: int = 2000
+    frames_sent: int = 0
+    speech_frames: int = 0
+    idle_frames: int = 0
+    held_frames: int = 0
+    frames_dropped: int = 0
+    late_starts: int = 0
+    utterances: int = 0
+    interrupted: int = 0
+    audio_bytes: int = 0
+    latencies: deque[float] = field(default_factory=deque)
+    first_frame: deque[float] = field(default_factory=deque)
+    _tick_times: deque[float] = field(default_factory=lambda: deque(maxlen=51))
+
+    def tick(self, kind: str, now: float | None = None) -> None:
+        self.frames_sent += 1
+        if kind == "speech":
+            self.speech_frames += 1
+        elif kind == "hold":
+            self.held_frames += 1
+        else:
+            self.idle_frames += 1
+        self._tick_times.append(time.monotonic() if now is None else now)
+
+    def latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        while len(self.latencies) > self.window:
+            self.latencies.popleft()
+
+    def first(self, seconds: float) -> None:
+        self.first_frame.append(seconds)
+        while len(self.first_frame) > self.window:
+            self.first_frame.popleft()
+
+    @property
+    def fps(self) -> float | None:
+        """Frames handed to the track per second over the last 2 s."""
+        t = self._tick_times
+        if len(t) < 2 or t[-1] <= t[0]:
+            return None
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    def snapshot(self) -> dict[str, object]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000.0, 1)
+
+        return {
+            "frames_sent": self.frames_sent,
+            "speech_frames": self.speech_frames,
+            "idle_frames": self.idle_frames,
+            "held_frames": self.held_frames,
+            "frames_dropped": self.frames_dropped,
+            "late_starts": self.late_starts,
+            "utterances": self.utterances,
+            "interrupted": self.interrupted,
+            "audio_bytes": self.audio_bytes,
+            "fps": None if self.fps is None else round(self.fps, 2),
+            "latency_ms": {
+                "p50": ms(percentile(self.latencies, 50)),
+                "p99": ms(percentile(self.latencies, 99)),
+                "n": len(self.latencies),
+            },
+            "first_frame_ms": {
+                "p50": ms(percentile(self.first_frame, 50)),
+                "p99": ms(percentile(self.first_frame, 99)),
+                "n": len(self.first_frame),
+            },
+        }

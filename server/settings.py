@@ -1,0 +1,134 @@
+"""Server settings: one frozen, self-validating dataclass, from flags and `LIPSTREAM_*` variables.
+
+Precedence: an explicit keyword (a CLI flag) > the environment variable `LIPSTREAM_<NAME>` >
+the default below. `Settings.from_env(**overrides)` builds one; `Settings(...)` takes values as
+they are (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LIPSTREAM_"
+ENGINE_KINDS = ("auto", "musetalk", "preview")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `lipstream serve` can be told. Times in seconds, sizes in bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "auto"
+    models_dir: Path | None = None  # None: lipstream.paths default
+    avatars_dir: Path | None = None  # None: lipstream.paths default
+    device: str = "auto"
+    backend: str = "torch"
+    demo_avatar: bool = False
+    # sessions
+    max_sessions: int = 8
+    retry_after_s: int = 5
+    idle_timeout_s: float = 300.0  # no audio or control message for this long -> session ends
+    connect_timeout_s: float = 30.0  # peer not connected within this long -> session ends
+    ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.l.google.com:19302",); none by default
+    # playout
+    start_lead_frames: int = 2  # an utterance starts this many frames after its first is taken
+    max_ahead_frames: int = 25  # frames made ahead of playback per session (memory bound)
+    hold_frames: int = 3  # a late frame repeats the previous one this many times, then idle
+    track_queue_frames: int = 10  # frames waiting for the encoder before the oldest is dropped
+    # worker
+    max_batch: int = 16  # frames per engine step, across sessions
+    # input limits
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_sdp_bytes: int = 64 * 1024
+    max_sdp_media: int = 4  # m= lines in an offer
+    ws_max_message_bytes: int = 1024 * 1024
+    # auth (issue 5 builds on this: None = no key asked for)
+    api_key: str | None = field(default=None, repr=False)
+    # client demo folder served at / (None: the packaged client_demo)
+    client_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_KINDS:
+            raise SettingsError(
+                f"engine must be one of {', '.join(ENGINE_KINDS)}, got {self.engine!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be in 0..65535, got {self.port}")
+        positive = (
+            "max_sessions",
+            "retry_after_s",
+            "idle_timeout_s",
+            "connect_timeout_s",
+            "max_ahead_frames",
+            "track_queue_frames",
+            "max_batch",
+            "max_upload_bytes",
+            "max_sdp_bytes",
+            "max_sdp_media",
+            "ws_max_message_bytes",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("start_lead_frames", "hold_frames"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise SettingsError("api_key must be at least 8 characters")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `LIPSTREAM_*` variables, then `overrides` whose value is not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name in ("models_dir", "avatars_dir", "client_dir"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name]).expanduser()
+        if isinstance(values.get("ice_servers"), list):
+            values["ice_servers"] = tuple(values["ice_servers"])
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain values, secrets left out (for logs and /readyz)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "api_key":
+                out["api_key_set"] = self.api_key is not None
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
+
+
+def _parse(name: str, annotation: Any, raw: str) -> Any:
+    text = str(annotation)
+    try:
+        if text.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if text.startswith("int"):
+            return int(raw)
+        if text.startswith("float"):
+            return float(raw)
+        if text.startswith("tuple"):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
+    return raw

@@ -1,0 +1,107 @@
+"""The session's two aiortc tracks, fed by its clock, and the frame conversions they need.
+
+Both tracks take their timestamps from the same tick counter k: video pts k x 3600 at 90 kHz,
+audio pts k x 640 at 16 kHz. aiortc's Opus encoder numbers its packets by sample count, so the
+audio track must never skip: every tick puts exactly 640 samples into it.
+
+A track's queue is bounded; when the encoder falls behind, the oldest frame is dropped and
+counted (`on_drop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+from collections.abc import Callable
+
+import av
+import cv2
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
+from engines.video_io import pad_even
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK = 90_000
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+VIDEO_TICKS_PER_FRAME = VIDEO_CLOCK // 25  # 3600
+
+
+def to_i420(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> (H*3/2, W) I420 (odd sizes padded to even); I420 passes through."""
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(pad_even(np.ascontiguousarray(image)), cv2.COLOR_RGB2YUV_I420)
+
+
+def video_frame(image: np.ndarray, k: int) -> av.VideoFrame:
+    frame = av.VideoFrame.from_ndarray(to_i420(image), format="yuv420p")
+    frame.pts = k * VIDEO_TICKS_PER_FRAME
+    frame.time_base = VIDEO_TIME_BASE
+    return frame
+
+
+def audio_frame(pcm: np.ndarray, k: int) -> av.AudioFrame:
+    if pcm.shape != (SAMPLES_PER_FRAME,):
+        raise ValueError(f"a tick carries {SAMPLES_PER_FRAME} samples, got {pcm.shape}")
+    frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = SAMPLE_RATE
+    frame.pts = k * SAMPLES_PER_FRAME
+    frame.time_base = AUDIO_TIME_BASE
+    return frame
+
+
+class QueueTrack(MediaStreamTrack):
+    """A track whose frames are put into it by the session's clock."""
+
+    def __init__(
+        self,
+        kind: str,
+        maxsize: int,
+        on_start: Callable[[str], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | None] = asyncio.Queue(maxsize)
+        self._on_start = on_start
+        self._on_drop = on_drop
+        self.started = False
+        self.delivered = 0
+
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:  # type: ignore[override]
+        if not self.started:
+            self.started = True
+            if self._on_start is not None:
+                self._on_start(self.kind)
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self._queue.get()
+        if frame is None:
+            raise MediaStreamError
+        self.delivered += 1
+        return frame
+
+    def put(self, frame: av.VideoFrame | av.AudioFrame) -> bool:
+        """Queue a frame; False if the oldest had to be dropped to make room."""
+        if self.readyState != "live":
+            return True
+        dropped = False
+        if self._queue.full():
+            self._queue.get_nowait()
+            dropped = True
+            if self._on_drop is not None:
+                self._on_drop(self.kind)
+        self._queue.put_nowait(frame)
+        return not dropped
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)  # wakes a pending recv()
+        super().stop()

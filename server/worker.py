@@ -1,0 +1,254 @@
+"""The frame worker: ONE thread per engine, serving every session on it.
+
+Sessions `submit` work items (the frame jobs of one utterance, with its audio). Each step the
+thread takes the items due first across all sessions (earliest deadline first, up to
+`max_batch` frames), computes their features (one `stream_features` call per item: each reads
+its own utterance), renders them grouped by avatar as one `render` call per avatar (features
+concatenated), and hands each item's frames back through its `done` callback (which moves them
+to the session's event loop). Engine calls never run on the event loop.
+
+Other engine work (loading and unloading avatars) goes through `call`, which runs between
+steps on the same thread, so the engine is only ever touched by this thread.
+
+This is where a GPU scheduler (stage overlap on CUDA streams, adaptive batch buckets) plugs in:
+`_process` is the one place that turns a batch of items into frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.base import Engine, FrameJob
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+Done = Callable[["WorkItem", list[np.ndarray] | None, BaseException | None], None]
+
+
+@dataclass
+class WorkItem:
+    key: str  # the session's id (cancel() drops a session's queued items by it)
+    avatar_id: str
+    utterance: int
+    audio: np.ndarray
+    jobs: list[FrameJob]
+    pcm: list[np.ndarray]
+    deadline: float  # monotonic time the first job is due to be shown
+    done: Done  # called on the worker thread with (item, frames, None) or (item, None, error)
+    seq: int = field(default=0, compare=False)
+
+
+class WorkerStopped(RuntimeError):
+    """The worker was stopped; no more work is taken."""
+
+
+def concat_features(parts: list[Any]) -> Any | None:
+    """One feature batch from several (numpy or torch); None if they cannot be joined."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts, axis=0)
+    if all(type(p).__module__.startswith("torch") for p in parts):
+        import torch
+
+        return torch.cat(parts, dim=0)
+    return None
+
+
+class FrameWorker:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 16,
+        metrics: ServerMetrics | None = None,
+        name: str = "lipstream-frames",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.metrics = metrics
+        self._name = name
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[WorkItem]] = {}
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seq = itertools.count()
+        self.steps = 0
+        self.frames = 0
+        self.busy_s = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._queues.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("frame worker did not stop in time", extra={"timeout_s": timeout})
+            self._thread = None
+        with self._cond:
+            while self._calls:
+                _, fut = self._calls.popleft()
+                fut.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- input ---------------------------------------------------------------------------
+    def submit(self, item: WorkItem) -> None:
+        item.seq = next(self._seq)
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped("the frame worker is stopped")
+            self._queues.setdefault(item.key, deque()).append(item)
+            self._cond.notify()
+
+    def cancel(self, key: str) -> int:
+        """Drop the queued (not yet started) items of one session; returns how many."""
+        with self._cond:
+            q = self._queues.pop(key, None)
+        return len(q) if q else 0
+
+    def queued(self, key: str | None = None) -> int:
+        """Frames waiting (for one session, or all)."""
+        with self._cond:
+            queues = (
+                [self._queues.get(key, deque())] if key is not None else list(self._queues.values())
+            )
+            return sum(len(item.jobs) for q in queues for item in q)
+
+    def call(
+        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Run `fn(*args, **kwargs)` on the worker thread between steps."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise WorkerStopped("the frame worker is stopped")
+            self._calls.append((lambda: fn(*args, **kwargs), fut))
+            self._cond.notify()
+        return fut
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+
+    # -- thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        log.info(
+            "frame worker started", extra={"engine": self.engine.name, "max_batch": self.max_batch}
+        )
+        while True:
+            with self._cond:
+                while not (self._stopping or self._calls or self._queues):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                batch = self._pick()
+            for fn, fut in calls:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            if batch:
+                self._process(batch)
+        log.info("frame worker stopped", extra={"steps": self.steps, "frames": self.frames})
+
+    def _pick(self) -> list[WorkItem]:
+        """Items due first across sessions, up to max_batch frames (at least one item)."""
+        heap = [(q[0].deadline, q[0].seq, key) for key, q in self._queues.items() if q]
+        heapq.heapify(heap)
+        batch: list[WorkItem] = []
+        frames = 0
+        while heap:
+            _, _, key = heapq.heappop(heap)
+            q = self._queues[key]
+            item = q[0]
+            if batch and frames + len(item.jobs) > self.max_batch:
+                break
+            q.popleft()
+            batch.append(item)
+            frames += len(item.jobs)
+            if q:
+                heapq.heappush(heap, (q[0].deadline, q[0].seq, key))
+            else:
+                del self._queues[key]
+        return batch
+
+    def _process(self, batch: list[WorkItem]) -> None:
+        t0 = time.perf_counter()
+        groups: dict[str, list[tuple[WorkItem, Any]]] = {}
+        for item in batch:
+            try:
+                feats = self.engine.stream_features(item.audio, item.jobs)
+            except Exception as exc:
+                log.exception("stream_features failed", extra={"session": item.key})
+                self._done(item, None, exc)
+                continue
+            groups.setdefault(item.avatar_id, []).append((item, feats))
+        n = 0
+        for avatar_id, members in groups.items():
+            n += self._render_group(avatar_id, members)
+        dt = time.perf_counter() - t0
+        self.steps += 1
+        self.frames += n
+        self.busy_s += dt
+        if self.metrics is not None:
+            self.metrics.worker_batch.observe(n)
+            self.metrics.worker_step.observe(dt)
+            self.metrics.frames_rendered.inc(n)
+
+    def _render_group(self, avatar_id: str, members: list[tuple[WorkItem, Any]]) -> int:
+        joined = concat_features([f for _, f in members])
+        if joined is None:  # features of a kind we cannot join: one render per item
+            return sum(self._render_group(avatar_id, [m]) for m in members)
+        positions = [j.loop_position for item, _ in members for j in item.jobs]
+        try:
+            images = self.engine.render(avatar_id, positions, joined)
+        except Exception as exc:
+            log.exception("render failed", extra={"avatar_id": avatar_id, "frames": len(positions)})
+            for item, _ in members:
+                self._done(item, None, exc)
+            return 0
+        offset = 0
+        for item, _ in members:
+            k = len(item.jobs)
+            self._done(item, [images[offset + i] for i in range(k)], None)
+            offset += k
+        return len(positions)
+
+    @staticmethod
+    def _done(item: WorkItem, frames: list[np.ndarray] | None, exc: BaseException | None) -> None:
+        try:
+            item.done(item, frames, exc)
+        except Exception:
+            log.exception("work item callback failed", extra={"session": item.key})

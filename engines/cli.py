@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from avatars.avatar import Avatar
+
 log = logging.getLogger(__name__)
 
 NOT_YET = "not implemented yet: see issue 4"
@@ -57,7 +59,9 @@ def render_cmd(
     except LookupError as exc:
         raise _fail(str(exc)) from exc
     try:
-        eng, reason = create_engine(engine, resolve_models_dir(models_dir), device, backend)
+        eng, reason = create_engine(
+            engine, resolve_models_dir(models_dir), device, backend, batch_size
+        )
     except EngineError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"engine: {eng.name} ({reason})", err=True)
@@ -72,17 +76,19 @@ def render_cmd(
     )
 
 
-def _load_avatar(name_or_id: str, root: Path):  # type: ignore[no-untyped-def]
+def _load_avatar(name_or_id: str, root: Path) -> Avatar:
     """The prepared avatar by id or name; LookupError with the reason otherwise."""
-    from avatars.store import AvatarStore
+    from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 
     store = AvatarStore(root)
     try:
-        return store.load(name_or_id)
-    except (KeyError, FileNotFoundError) as exc:
+        return store.load(store.resolve(name_or_id))
+    except AvatarNotFoundError as exc:
         raise LookupError(
-            f"no avatar {name_or_id!r} in {root}: add it with `lipstream avatar add`"
+            f"no avatar {name_or_id!r} in {root}: add one with `lipstream avatar add`"
         ) from exc
+    except AvatarStoreError as exc:
+        raise LookupError(f"avatar {name_or_id!r} in {root}: {exc}") from exc
 
 
 def bench_cmd() -> None:

@@ -69,12 +69,14 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _musetalk(models_dir: Path, device: str, backend: str) -> Engine:
+def _musetalk(models_dir: Path, device: str, backend: str, batch_size: int | None) -> Engine:
     try:
         from engines.musetalk.engine import MuseTalkEngine
     except ImportError as exc:
         raise EngineError(f"the musetalk engine cannot be imported: {exc}") from exc
-    return MuseTalkEngine(models_dir, device=device, backend=backend)
+    if batch_size is None:
+        return MuseTalkEngine(models_dir, device=device, backend=backend)
+    return MuseTalkEngine(models_dir, device=device, backend=backend, batch_size=batch_size)
 
 
 def create_engine(
@@ -82,8 +84,10 @@ def create_engine(
     models_dir: str | Path | None = None,
     device: str = "auto",
     backend: str = "torch",
+    batch_size: int | None = None,
 ) -> tuple[Engine, str]:
-    """Build the engine asked for; returns it with the reason it was chosen, in words."""
+    """Build the engine asked for; returns it with the reason it was chosen, in words.
+    `batch_size`: most frames per model call (MuseTalk; None: the engine's default)."""
     from lipstream.paths import models_dir as default_models_dir
 
     if kind not in ENGINE_KINDS:
@@ -96,7 +100,7 @@ def create_engine(
         if problem:
             raise EngineError(problem)
         dev = _resolve_device(device)
-        return _musetalk(root, dev, backend), f"musetalk asked for ({dev}, {backend})"
+        return _musetalk(root, dev, backend, batch_size), f"musetalk asked for ({dev}, {backend})"
     # auto
     if device == "cpu":
         reason = "preview: device cpu asked for (auto picks musetalk only on a CUDA GPU)"
@@ -106,7 +110,9 @@ def create_engine(
         problem = weights_problem(root)
         if problem is None:
             dev = _resolve_device(device)
-            return _musetalk(root, dev, backend), f"musetalk: CUDA GPU and weights at {root}"
+            return _musetalk(
+                root, dev, backend, batch_size
+            ), f"musetalk: CUDA GPU and weights at {root}"
         reason = f"preview: {problem}"
     log.warning("engine auto chose preview: %s", reason)
     return PreviewEngine(), reason

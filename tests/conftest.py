@@ -27,6 +27,8 @@ import pytest
 
 SPEECH_SECONDS = 3.0
 SAMPLE_RATE = 16_000
+ASTRONAUT_ID = "av_00000000000a5701"  # ids in the store's pattern, so the avatars can be saved
+PREVIEW_ID = "av_00000000000a5702"
 SPEECH_TEXT = "Hello there. This is a short test of the lip sync renderer, one two three."
 
 
@@ -165,7 +167,7 @@ def astronaut_avatar(tiny_models_dir: Path, astronaut_frames: np.ndarray):  # ty
         astronaut_frames,
         25.0,
         name="astronaut",
-        avatar_id="astronaut0",
+        avatar_id=ASTRONAUT_ID,
         encode_latents=tiny_encoder(tiny_models_dir),
     )
 
@@ -174,9 +176,7 @@ def astronaut_avatar(tiny_models_dir: Path, astronaut_frames: np.ndarray):  # ty
 def preview_avatar(astronaut_frames: np.ndarray):  # type: ignore[no-untyped-def]
     from avatars.prepare import prepare_avatar
 
-    return prepare_avatar(
-        astronaut_frames, 25.0, name="astronaut-preview", avatar_id="astropreview0"
-    )
+    return prepare_avatar(astronaut_frames, 25.0, name="astronaut-preview", avatar_id=PREVIEW_ID)
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ const stats = {
   fps: 0,
   latencyMs: null,
   latencyP99Ms: null,
+  firstFrameMs: null,
   connected: false,
   sessionId: null,
-  events: [], // server event types, in arrival order
+  events: [], // server events ({type, ...}), in arrival order
 };
 window.lipstreamStats = stats;
 
@@ -253,11 +254,10 @@ function websocketUrl(audioWs, token) {
   return url.toString();
 }
 
-function latencyOf(info) {
-  // GET /v1/sessions/{id} -> {..., latency_ms: {p50, p99}, ...}
-  const lat = info && info.latency_ms;
-  if (!lat || typeof lat !== "object") return { p50: null, p99: null };
-  return { p50: lat.p50 ?? null, p99: lat.p99 ?? null };
+function percentiles(field) {
+  // GET /v1/sessions/{id} -> {..., latency_ms: {p50, p99, n}, first_frame_ms: {p50, p99, n}}
+  if (!field || typeof field !== "object") return { p50: null, p99: null };
+  return { p50: field.p50 ?? null, p99: field.p99 ?? null };
 }
 
 class Session {
@@ -326,7 +326,7 @@ class Session {
       logEvent(`unreadable server message: ${data}`, "error");
       return;
     }
-    stats.events.push(event.type);
+    stats.events.push(event);
     const { type, ...rest } = event;
     const details = Object.keys(rest).length ? ` ${JSON.stringify(rest)}` : "";
     logEvent(`${type}${details}`, type === "error" ? "error" : "event");
@@ -389,9 +389,11 @@ class Session {
   async pollLatency() {
     if (!this.id) return;
     try {
-      const { p50, p99 } = latencyOf(await api("GET", `/v1/sessions/${this.id}`));
-      stats.latencyMs = p50;
-      stats.latencyP99Ms = p99;
+      const info = await api("GET", `/v1/sessions/${this.id}`);
+      const latency = percentiles(info.latency_ms);
+      stats.latencyMs = latency.p50;
+      stats.latencyP99Ms = latency.p99;
+      stats.firstFrameMs = percentiles(info.first_frame_ms).p50;
       renderOverlay();
     } catch (err) {
       reportError("Session info", err);
@@ -420,6 +422,7 @@ function renderOverlay() {
   $("ov-fps").textContent = stats.fps ? stats.fps.toFixed(1) : "–";
   $("ov-p50").textContent = ms(stats.latencyMs);
   $("ov-p99").textContent = ms(stats.latencyP99Ms);
+  $("ov-first").textContent = ms(stats.firstFrameMs);
 }
 
 async function connect() {
@@ -448,13 +451,62 @@ async function disconnect() {
   const video = $("video");
   video.srcObject = null;
   $("unmute").hidden = true;
-  Object.assign(stats, { connected: false, fps: 0, latencyMs: null, latencyP99Ms: null, sessionId: null });
+  Object.assign(stats, {
+    connected: false,
+    fps: 0,
+    latencyMs: null,
+    latencyP99Ms: null,
+    firstFrameMs: null,
+    sessionId: null,
+  });
   renderOverlay();
   if (!$("status").classList.contains("error")) setStatus("Disconnected.");
   updateButtons();
 }
 
 // ---------------------------------------------------------------- microphone
+
+class VoiceGate {
+  // Splits the microphone into utterances: chunks are sent while the level is above a
+  // threshold (plus a short pre-roll before and a hangover after), and {"type":"end"} once
+  // it has stayed below for HANGOVER_MS. Silence between utterances is not sent, so the
+  // avatar idles and the server's playback events mark each utterance.
+  static THRESHOLD = 0.01; // RMS, full scale = 1 (about -40 dBFS)
+  static PREROLL_CHUNKS = 10; // 200 ms kept from before the onset
+  static HANGOVER_MS = 600;
+
+  constructor(session) {
+    this.session = session;
+    this.preroll = [];
+    this.active = false;
+    this.quietMs = 0;
+  }
+
+  push(chunk) {
+    let sum = 0;
+    for (let i = 0; i < chunk.length; i++) sum += (chunk[i] / 32768) ** 2;
+    const loud = Math.sqrt(sum / chunk.length) > VoiceGate.THRESHOLD;
+    if (!this.active) {
+      this.preroll.push(chunk);
+      if (this.preroll.length > VoiceGate.PREROLL_CHUNKS) this.preroll.shift();
+      if (!loud) return;
+      this.active = true;
+      for (const c of this.preroll) this.session.sendPcm(c);
+      this.preroll = [];
+      this.quietMs = 0;
+      return;
+    }
+    this.session.sendPcm(chunk);
+    this.quietMs = loud ? 0 : this.quietMs + CHUNK_MS;
+    if (this.quietMs >= VoiceGate.HANGOVER_MS) this.finish();
+  }
+
+  finish() {
+    if (!this.active) return;
+    this.active = false;
+    this.session.sendControl("end");
+  }
+}
 
 async function startMic() {
   const session = ui.session;
@@ -464,6 +516,7 @@ async function startMic() {
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
   });
   const ctx = new AudioContext();
+  const gate = new VoiceGate(session);
   try {
     await ctx.audioWorklet.addModule(new URL("audio-worklet.js", import.meta.url));
     const node = new AudioWorkletNode(ctx, "pcm16-resampler", {
@@ -471,7 +524,7 @@ async function startMic() {
       numberOfOutputs: 1,
       processorOptions: { targetRate: SAMPLE_RATE, chunkMs: CHUNK_MS },
     });
-    node.port.onmessage = (e) => session.sendPcm(e.data);
+    node.port.onmessage = (e) => gate.push(e.data);
     ctx.createMediaStreamSource(stream).connect(node);
     node.connect(ctx.destination); // the node outputs silence; connecting keeps it pulled
     await ctx.resume();
@@ -480,7 +533,7 @@ async function startMic() {
     await ctx.close();
     throw err;
   }
-  ui.mic = { stream, ctx };
+  ui.mic = { stream, ctx, gate };
   logEvent("microphone on", "local");
 }
 
@@ -488,6 +541,7 @@ function stopMic() {
   if (!ui.mic) return;
   ui.mic.stream.getTracks().forEach((t) => t.stop());
   ui.mic.ctx.close();
+  ui.mic.gate.finish(); // the utterance in progress, if any, is complete
   ui.mic = null;
   logEvent("microphone off", "local");
 }
@@ -496,7 +550,6 @@ async function toggleMic() {
   try {
     if (ui.mic) {
       stopMic();
-      if (ui.session) ui.session.sendControl("end");
     } else {
       await startMic();
     }
@@ -599,7 +652,7 @@ function updateButtons() {
   $("connect").disabled = live || !avatar || !isReady(avatar);
   $("disconnect").disabled = !live;
   $("mic").disabled = !live;
-  $("mic").textContent = ui.mic ? "Microphone off" : "Microphone on";
+  $("mic").textContent = ui.mic ? "Stop microphone" : "Start microphone";
   $("mic").setAttribute("aria-pressed", String(ui.mic !== null));
   $("interrupt").disabled = !live;
   $("speak").disabled = !live || !$("speak-file").files.length;

@@ -30,15 +30,21 @@ const ui = {
 
 // ---------------------------------------------------------------- status line and events
 
-function setStatus(text, kind = "info") {
+function setStatus(text, kind = "info", context = "") {
   const el = $("status");
   el.textContent = text;
   el.className = `status ${kind}`;
+  el.dataset.context = context;
   if (kind === "error") console.error(text);
 }
 
 function reportError(context, err) {
-  setStatus(`${context}: ${err && err.message ? err.message : err}`, "error");
+  setStatus(`${context}: ${err && err.message ? err.message : err}`, "error", context);
+}
+
+function clearError(context) {
+  // An error that a later success answers (e.g. the API key was fixed) leaves the status line.
+  if ($("status").dataset.context === context) setStatus("Ready.");
 }
 
 function logEvent(text, kind = "event") {
@@ -101,6 +107,7 @@ async function refreshAvatars() {
     const data = await api("GET", "/v1/avatars");
     ui.avatars = Array.isArray(data) ? data : data.avatars || [];
     renderAvatars();
+    clearError("Could not list avatars");
   } catch (err) {
     reportError("Could not list avatars", err);
     return;
@@ -310,9 +317,11 @@ class Session {
       ws.onmessage = (e) => this.onServerMessage(e.data);
       ws.onclose = (e) => {
         if (this.closed) return;
+        // The server closes it when the session ends (DELETE elsewhere, idle timeout, the
+        // avatar was deleted); without it no audio can be sent, so the session is over.
         const reason = e.reason ? `: ${e.reason}` : "";
-        setStatus(`Audio websocket closed (code ${e.code}${reason}).`, "error");
-        updateButtons();
+        setStatus(`The audio websocket closed (code ${e.code}${reason}).`, e.code === 1000 ? "warn" : "error");
+        disconnect();
       };
     });
   }
@@ -330,7 +339,11 @@ class Session {
     const { type, ...rest } = event;
     const details = Object.keys(rest).length ? ` ${JSON.stringify(rest)}` : "";
     logEvent(`${type}${details}`, type === "error" ? "error" : "event");
-    if (type === "error") setStatus(`Server: ${event.message || event.error || data}`, "error");
+    if (type === "error") setStatus(`Server: ${event.message || data}`, "error");
+    if (type === "session_ended" && !this.closed) {
+      setStatus(`The server ended the session (${event.reason || "no reason given"}).`, "warn");
+      disconnect();
+    }
   }
 
   onConnectionState(state) {
@@ -389,7 +402,14 @@ class Session {
   async pollLatency() {
     if (!this.id) return;
     try {
-      const info = await api("GET", `/v1/sessions/${this.id}`);
+      const res = await fetch(`/v1/sessions/${this.id}`, { headers: authHeaders() });
+      if (res.status === 404 && !this.closed) {
+        setStatus("The session has ended on the server.", "warn");
+        disconnect();
+        return;
+      }
+      const info = parseBody(await res.text());
+      if (!res.ok) throw new Error(errorText(res.status, info));
       const latency = percentiles(info.latency_ms);
       stats.latencyMs = latency.p50;
       stats.latencyP99Ms = latency.p99;
@@ -403,8 +423,7 @@ class Session {
   async close() {
     this.closed = true;
     for (const t of this.timers) clearInterval(t);
-    if (this.ws) this.ws.close(1000, "client disconnect");
-    if (this.pc) this.pc.close();
+    // DELETE first, so the server ends the session for that reason, not "peer closed".
     if (this.id) {
       try {
         await api("DELETE", `/v1/sessions/${this.id}`);
@@ -413,6 +432,8 @@ class Session {
         if (!String(err.message).includes(" 404 ")) reportError("Disconnect", err);
       }
     }
+    if (this.ws) this.ws.close(1000, "client disconnect");
+    if (this.pc) this.pc.close();
   }
 }
 
@@ -460,7 +481,9 @@ async function disconnect() {
     sessionId: null,
   });
   renderOverlay();
-  if (!$("status").classList.contains("error")) setStatus("Disconnected.");
+  if ($("status").classList.contains("ok") || $("status").classList.contains("info")) {
+    setStatus("Disconnected.");
+  }
   updateButtons();
 }
 

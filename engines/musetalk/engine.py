@@ -35,16 +35,14 @@ LATENT_SHAPE = (8, 32, 32)
 @dataclass(frozen=True)
 class MuseTalkOptions:
     """How the engine runs. `dtype` None: float32 on CPU, float16 on CUDA. `batch_size`:
-    most frames per UNet/VAE call. `encoder_batch`: encoder passes per call; `pad_encoder_batch`
-    (None: on CUDA only) pads every encoder call to `encoder_batch` so features never depend on
-    which frames shared a call."""
+    most frames per UNet/VAE call. `encoder_batch`: whisper encoder passes per call; 1 keeps
+    features bitwise independent of how frames were grouped (see FeatureOptions)."""
 
     device: str = "cpu"
     backend: str = "torch"
     dtype: str | None = None
     batch_size: int = 8
-    encoder_batch: int = 8
-    pad_encoder_batch: bool | None = None
+    encoder_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,14 +102,8 @@ class MuseTalkEngine(Engine):
         self.unet = weights.load_unet(self.files.root, dev, dt)
         self.vae = weights.load_vae(self.files.root, dev, dt)
         encoder, extractor = weights.load_whisper(self.files.root, dev, dt)
-        pad = self.options.pad_encoder_batch
         self.features = AudioFeaturizer(
-            encoder,
-            extractor,
-            FeatureOptions(
-                batch=self.options.encoder_batch,
-                pad_batch=(dev.type == "cuda") if pad is None else pad,
-            ),
+            encoder, extractor, FeatureOptions(batch=self.options.encoder_batch)
         )
         self.latents_key = weights.weights_key(self.files.vae_weights)
         self._avatars: dict[str, _Resident] = {}

@@ -114,7 +114,7 @@ WHISPER_CONFIG_FULL: dict[str, Any] = {
 
 def _tiny_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The real models' building blocks at small widths (CPU tests): 256 px crops -> 32x32
-    latents, 384-d audio tokens, 5 whisper hidden states, 5 s encoder windows."""
+    latents, 384-d audio tokens, 5 whisper hidden states, 2 s encoder windows."""
     unet = copy.deepcopy(UNET_CONFIG_FULL)
     unet.update(
         block_out_channels=[32, 64],
@@ -132,7 +132,7 @@ def _tiny_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         decoder_layers=1,
         decoder_attention_heads=4,
         decoder_ffn_dim=256,
-        max_source_positions=250,  # 5 s encoder windows
+        max_source_positions=100,  # 2 s encoder windows: fast CPU tests, boundaries early
         max_target_positions=32,
         vocab_size=64,
         bos_token_id=1,

@@ -101,6 +101,7 @@ class SessionStats:
     idle_frames: int = 0
     held_frames: int = 0
     frames_dropped: int = 0
+    audio_dropped: int = 0  # 20 ms audio frames dropped (each one shifts sync by 20 ms)
     late_starts: int = 0
     utterances: int = 0
     interrupted: int = 0
@@ -147,6 +148,7 @@ class SessionStats:
             "idle_frames": self.idle_frames,
             "held_frames": self.held_frames,
             "frames_dropped": self.frames_dropped,
+            "audio_dropped": self.audio_dropped,
             "late_starts": self.late_starts,
             "utterances": self.utterances,
             "interrupted": self.interrupted,

@@ -30,7 +30,7 @@ from engines.stream import pcm16_to_float
 from server.metrics import ServerMetrics, SessionStats
 from server.player import Made, Playout, Tick
 from server.settings import Settings
-from server.tracks import QueueTrack, audio_frame, video_frame
+from server.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
 from server.webrtc import close_peer
 from server.worker import FrameWorker, WorkerStopped, WorkItem
 
@@ -85,7 +85,10 @@ class Session:
             "video", settings.track_queue_frames, self._track_started, self._dropped
         )
         self.audio = QueueTrack(
-            "audio", settings.track_queue_frames, self._track_started, self._dropped
+            "audio",
+            settings.track_queue_frames * AUDIO_FRAMES_PER_TICK,
+            self._track_started,
+            self._dropped,
         )
         self.pc: RTCPeerConnection | None = None
         self.wanted: set[str] = {"video"}
@@ -265,8 +268,11 @@ class Session:
             self._all_tracks.set()
 
     def _dropped(self, kind: str) -> None:
-        self.stats.frames_dropped += 1
-        self.metrics.frames_dropped.inc()
+        if kind == "video":
+            self.stats.frames_dropped += 1
+            self.metrics.frames_dropped.inc()
+        else:
+            self.stats.audio_dropped += 1
 
     async def _run_clock(self) -> None:
         try:
@@ -299,7 +305,8 @@ class Session:
     def _emit_tick(self, tick: Tick, k: int, now: float) -> None:
         self.video.put(video_frame(tick.image, k))
         if "audio" in self.wanted:
-            self.audio.put(audio_frame(tick.pcm, k))
+            for frame in audio_frames(tick.pcm, k):
+                self.audio.put(frame)
         self.stats.tick(tick.kind, now)
         self.metrics.frames_sent.labels(tick.kind).inc()
         for lat in tick.latencies:

@@ -1,8 +1,9 @@
 """The session's two aiortc tracks, fed by its clock, and the frame conversions they need.
 
 Both tracks take their timestamps from the same tick counter k: video pts k x 3600 at 90 kHz,
-audio pts k x 640 at 16 kHz. aiortc's Opus encoder numbers its packets by sample count, so the
-audio track must never skip: every tick puts exactly 640 samples into it.
+audio pts k x 640 (+ 320) at 16 kHz, as two 20 ms frames. aiortc's Opus encoder numbers its
+packets by sample count, so the audio track must never skip: every tick puts exactly 640
+samples into it.
 
 A track's queue is bounded; when the encoder falls behind, the oldest frame is dropped and
 counted (`on_drop`).
@@ -29,6 +30,8 @@ VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 VIDEO_TICKS_PER_FRAME = VIDEO_CLOCK // 25  # 3600
+AUDIO_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms: one Opus packet
+AUDIO_FRAMES_PER_TICK = SAMPLES_PER_FRAME // AUDIO_FRAME_SAMPLES  # 2
 
 
 def to_i420(image: np.ndarray) -> np.ndarray:
@@ -45,14 +48,21 @@ def video_frame(image: np.ndarray, k: int) -> av.VideoFrame:
     return frame
 
 
-def audio_frame(pcm: np.ndarray, k: int) -> av.AudioFrame:
+def audio_frames(pcm: np.ndarray, k: int) -> list[av.AudioFrame]:
+    """Tick k's 640 samples as two 20 ms frames: aiortc sends one RTP packet per encoded
+    frame and gives every packet of one `encode` call the same timestamp, so a 40 ms frame
+    (two Opus packets) would reach the client as one packet and a duplicate."""
     if pcm.shape != (SAMPLES_PER_FRAME,):
         raise ValueError(f"a tick carries {SAMPLES_PER_FRAME} samples, got {pcm.shape}")
-    frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = SAMPLE_RATE
-    frame.pts = k * SAMPLES_PER_FRAME
-    frame.time_base = AUDIO_TIME_BASE
-    return frame
+    out = []
+    for half in range(AUDIO_FRAMES_PER_TICK):
+        part = pcm[half * AUDIO_FRAME_SAMPLES : (half + 1) * AUDIO_FRAME_SAMPLES]
+        frame = av.AudioFrame.from_ndarray(part.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = k * SAMPLES_PER_FRAME + half * AUDIO_FRAME_SAMPLES
+        frame.time_base = AUDIO_TIME_BASE
+        out.append(frame)
+    return out
 
 
 class QueueTrack(MediaStreamTrack):

@@ -1,0 +1,249 @@
+"""A real server on loopback and a real aiortc client: for tests, soak runs and debugging.
+
+`ServerThread` runs uvicorn (websockets backend, message size limit) on 127.0.0.1 and a free
+port in a background thread. `LoopbackClient` opens a session like a browser would: an aiortc
+peer receiving video and audio, the REST offer/answer, the audio websocket; it records what
+arrives (with arrival times and RTP timestamps) through caller-supplied sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import uvicorn
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+VideoSink = Callable[[float, int, av.VideoFrame], None]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()` (or the with-block ends)."""
+
+    def __init__(
+        self, app: FastAPI, ws_max_size: int = 1024 * 1024, start_timeout: float = 60.0
+    ) -> None:
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            ws="websockets",
+            ws_max_size=ws_max_size,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.app = app
+        self._timeout = start_timeout
+        self._thread = threading.Thread(
+            target=self.server.run, name="uvicorn-loopback", daemon=True
+        )
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server failed to start (see the log)")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not start in time")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@dataclass
+class Received:
+    """What a `LoopbackClient` got."""
+
+    video: list[tuple[float, int]] = field(default_factory=list)  # (arrival, pts 90 kHz)
+    audio: list[tuple[float, int, np.ndarray]] = field(
+        default_factory=list
+    )  # (arrival, pts 48 kHz, mono int16)
+    events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+
+    def audio_track(self) -> tuple[np.ndarray, int]:
+        """The received audio as one mono int16 array at 48 kHz placed by its timestamps, and
+        the timestamp of its first sample."""
+        if not self.audio:
+            return np.zeros(0, np.int16), 0
+        start = self.audio[0][1]
+        end = max(pts - start + len(s) for _, pts, s in self.audio)
+        out = np.zeros(end, np.int16)
+        for _, pts, s in self.audio:
+            out[pts - start : pts - start + len(s)] = s
+        return out, start
+
+
+class LoopbackClient:
+    """One session seen from the client side (see the module docstring)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        video_sink: VideoSink | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.http = httpx.AsyncClient(base_url=base_url, headers=headers or {}, timeout=30.0)
+        self.pc = RTCPeerConnection()
+        self.video_sink = video_sink
+        self.received = Received()
+        self.session: dict[str, Any] = {}
+        self.ws: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def open(self, avatar_id: str, audio: bool = True) -> dict[str, Any]:
+        """POST the offer, apply the answer; returns the session JSON."""
+        self.pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._spawn(self._consume(track))
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        r = await self.http.post(
+            "/v1/sessions",
+            json={"avatar_id": avatar_id, "sdp": self.pc.localDescription.sdp, "type": "offer"},
+        )
+        if r.status_code >= 300:
+            raise RuntimeError(f"POST /v1/sessions: {r.status_code} {r.text}")
+        self.session = r.json()
+        await self.pc.setRemoteDescription(RTCSessionDescription(self.session["sdp"], "answer"))
+        return self.session
+
+    async def connect_audio(self) -> None:
+        import websockets
+
+        url = (
+            self.base_url.replace("http://", "ws://")
+            + self.session["audio_ws"]
+            + "?token="
+            + self.session["token"]
+        )
+        self.ws = await websockets.connect(url, max_size=None)
+        self._spawn(self._read_events())
+
+    async def send_pcm(
+        self, pcm: np.ndarray, chunk: int = 320, realtime: bool = True
+    ) -> list[float]:
+        """Send int16 samples in `chunk`-sample messages, paced at real time; returns send times."""
+        pcm = np.asarray(pcm, dtype="<i2")
+        times = []
+        t0 = time.monotonic()
+        for i in range(0, pcm.size, chunk):
+            if realtime:
+                delay = t0 + i / 16000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            times.append(time.monotonic())
+            await self.ws.send(pcm[i : i + chunk].tobytes())
+        return times
+
+    async def send_json(self, message: dict[str, Any]) -> float:
+        await self.ws.send(json.dumps(message))
+        return time.monotonic()
+
+    async def wait_event(
+        self, kind: str, after: float = 0.0, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, e in self.received.events:
+                if t >= after and e.get("type") == kind:
+                    return e
+            await asyncio.sleep(0.01)
+        raise TimeoutError(f"no {kind!r} event within {timeout} s")
+
+    async def wait_frames(self, n: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received.video) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(self.received.video)} of {n} video frames within {timeout} s"
+                )
+            await asyncio.sleep(0.02)
+
+    async def close(self, delete: bool = True) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        if delete and self.session:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.http.delete(f"/v1/sessions/{self.session['session_id']}")
+        await self.pc.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.aclose()
+
+    # -- internals -----------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if isinstance(frame, av.VideoFrame):
+                self.received.video.append((now, int(frame.pts or 0)))
+                if self.video_sink is not None:
+                    self.video_sink(now, int(frame.pts or 0), frame)
+            elif isinstance(frame, av.AudioFrame):
+                samples = frame.to_ndarray().reshape(-1)
+                channels = len(frame.layout.channels)
+                mono = samples.reshape(-1, channels)[:, 0] if channels > 1 else samples
+                self.received.audio.append((now, int(frame.pts or 0), mono.astype(np.int16)))
+
+    async def _read_events(self) -> None:
+        with contextlib.suppress(Exception):
+            async for message in self.ws:
+                if isinstance(message, str):
+                    self.received.events.append((time.monotonic(), json.loads(message)))

@@ -187,22 +187,22 @@ class LoopbackClient:
         return time.monotonic()
 
     async def wait_event(
-        self, kind: str, after: float = 0.0, timeout: float = 10.0
+        self, kind: str, after: float = 0.0, within: float = 10.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             for t, e in self.received.events:
                 if t >= after and e.get("type") == kind:
                     return e
             await asyncio.sleep(0.01)
-        raise TimeoutError(f"no {kind!r} event within {timeout} s")
+        raise TimeoutError(f"no {kind!r} event within {within} s")
 
-    async def wait_frames(self, n: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_frames(self, n: int, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while len(self.received.video) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{len(self.received.video)} of {n} video frames within {timeout} s"
+                    f"{len(self.received.video)} of {n} video frames within {within} s"
                 )
             await asyncio.sleep(0.02)
 

@@ -176,8 +176,9 @@ def test_concat_features() -> None:
     import torch
 
     a, b = np.zeros((2, 3)), np.ones((1, 3))
-    assert concat_features([a, b]).shape == (3, 3)
+    joined = concat_features([a, b])
+    assert joined is not None and joined.shape == (3, 3)
     t = concat_features([torch.zeros(2, 50, 384), torch.ones(3, 50, 384)])
-    assert tuple(t.shape) == (5, 50, 384)
+    assert t is not None and tuple(t.shape) == (5, 50, 384)
     assert concat_features([a, [1, 2]]) is None
     assert concat_features([a]) is a

@@ -14,6 +14,10 @@ const stats = {
   latencyMs: null,
   latencyP99Ms: null,
   firstFrameMs: null,
+  // Received audio (the server sends the driving audio back, in sync). Chrome reports no
+  // energy while the video element is muted.
+  audioEnergy: 0,
+  audioConcealed: 0, // fraction of received audio samples the jitter buffer had to invent
   connected: false,
   sessionId: null,
   events: [], // server events ({type, ...}), in arrival order
@@ -44,7 +48,7 @@ function reportError(context, err) {
 
 function clearError(context) {
   // An error that a later success answers (e.g. the API key was fixed) leaves the status line.
-  if ($("status").dataset.context === context) setStatus("Ready.");
+  if ($("status").dataset.context === context) setStatus("Pick a ready avatar and Connect.");
 }
 
 function logEvent(text, kind = "event") {
@@ -320,7 +324,8 @@ class Session {
         // The server closes it when the session ends (DELETE elsewhere, idle timeout, the
         // avatar was deleted); without it no audio can be sent, so the session is over.
         const reason = e.reason ? `: ${e.reason}` : "";
-        setStatus(`The audio websocket closed (code ${e.code}${reason}).`, e.code === 1000 ? "warn" : "error");
+        const kind = e.code === 1000 ? "warn" : "error";
+        setStatus(`The audio websocket closed (code ${e.code}${reason}).`, kind);
         disconnect();
       };
     });
@@ -382,6 +387,10 @@ class Session {
     try {
       const report = await this.pc.getStats();
       report.forEach((s) => {
+        if (s.type === "inbound-rtp" && s.kind === "audio") {
+          stats.audioEnergy = s.totalAudioEnergy || 0;
+          stats.audioConcealed = (s.concealedSamples || 0) / Math.max(1, s.totalSamplesReceived || 0);
+        }
         if (s.type !== "inbound-rtp" || s.kind !== "video") return;
         const frames = s.framesDecoded || 0;
         const now = performance.now();
@@ -534,6 +543,9 @@ class VoiceGate {
 async function startMic() {
   const session = ui.session;
   if (!session) return;
+  if (!window.isSecureContext || !navigator.mediaDevices) {
+    throw new Error("the microphone needs a secure page (https:// or http://localhost)");
+  }
   stopSpeaking();
   const stream = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -704,8 +716,13 @@ function init() {
     $("unmute").hidden = true;
   });
   window.addEventListener("pagehide", () => ui.session && ui.session.close());
-  if (!window.RTCPeerConnection || !window.AudioWorkletNode) {
-    setStatus("This browser lacks WebRTC or AudioWorklet support.", "error");
+  if (!window.RTCPeerConnection) {
+    setStatus("This browser lacks WebRTC: the demo cannot connect.", "error");
+  } else if (!window.isSecureContext) {
+    setStatus(
+      "Not a secure page (https:// or localhost): the microphone is unavailable; Speak a file works.",
+      "warn",
+    );
   } else {
     setStatus("Pick a ready avatar and Connect.");
   }

@@ -194,6 +194,8 @@ def test_demo_page_connects_streams_and_reports(
             assert "astronaut" in page.inner_text("#avatar-list")
             page.click("#connect")
             _wait(page, "window.lipstreamStats.connected", 20_000, console)
+            page.click("#unmute")  # a user gesture: the received audio plays (and is measured)
+            assert page.evaluate("() => document.getElementById('video').muted") is False
 
             page.click("#mic")
             _wait(page, "document.getElementById('mic').ariaPressed === 'true'", 10_000, console)
@@ -221,6 +223,9 @@ def test_demo_page_connects_streams_and_reports(
             assert f"frames {stats['framesDecoded']}" in snap["overlay"], snap
             assert f"latency p50 {math.floor(stats['latencyMs'] + 0.5)}" in snap["overlay"], snap
             assert [e["type"] for e in stats["events"]] == ["playback_started"], stats
+            # The driving audio comes back over WebRTC, without gaps the jitter buffer fills in.
+            assert stats["audioEnergy"] > 0, stats
+            assert stats["audioConcealed"] < 0.25, stats
             session_id = stats["sessionId"]
             served = httpx.get(f"{server_url}/v1/sessions/{session_id}").json()
             assert served["audio_bytes"] > 16000 and served["speech_frames"] > 0, served

@@ -233,6 +233,13 @@ def weights_key(path: str | Path) -> str:
 # -- loading ----------------------------------------------------------------------------
 
 
+def _placed(model: Any, device: str | torch.device, dtype: torch.dtype) -> Any:
+    """`model` in eval mode without grads on `device` in `dtype` (cast only when needed)."""
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval().requires_grad_(False)
+
+
 def _unet_from_config(config: dict[str, Any]) -> Any:
     from diffusers import UNet2DConditionModel
 
@@ -247,7 +254,7 @@ def load_unet(models_dir: str | Path, device: str | torch.device, dtype: torch.d
     unet = _unet_from_config(config)
     state = torch.load(files.unet_weights, map_location="cpu", weights_only=True)
     unet.load_state_dict(state)
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _placed(unet, device, dtype)
 
 
 def load_vae(models_dir: str | Path, device: str | torch.device, dtype: torch.dtype) -> Any:
@@ -259,12 +266,13 @@ def load_vae(models_dir: str | Path, device: str | torch.device, dtype: torch.dt
         str(files.vae_dir),
         local_files_only=True,
         use_safetensors=files.vae_weights.suffix == ".safetensors",
+        low_cpu_mem_usage=False,  # no `accelerate` needed
     )
     if abs(float(vae.config.scaling_factor) - VAE_SCALING_FACTOR) > 1e-9:
         raise EngineError(
             f"VAE scaling_factor is {vae.config.scaling_factor}, MuseTalk needs {VAE_SCALING_FACTOR}"
         )
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _placed(vae, device, dtype)
 
 
 def load_whisper(

@@ -257,3 +257,23 @@ def test_streaming_frames_vs_offline_frames(
         len(exact),
     )
     assert min(psnr) > 20
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_render_is_close_to_cpu_fp32(
+    engine: MuseTalkEngine, tiny_models_dir: Path, astronaut_avatar: Avatar, speech_pcm: np.ndarray
+) -> None:
+    gpu = MuseTalkEngine(tiny_models_dir, device="cuda")
+    assert gpu.dtype == torch.float16 and next(gpu.unet.parameters()).is_cuda
+    audio = speech_pcm[:16_000]
+    feats_gpu = gpu.offline_features(audio)
+    feats_cpu = engine.offline_features(audio)
+    assert feats_gpu.dtype == torch.float16 and feats_gpu.is_cuda
+    rel = (feats_gpu.float().cpu() - feats_cpu).norm() / feats_cpu.norm()
+    assert rel < 1e-2
+    gpu.load_avatar(astronaut_avatar)
+    engine.load_avatar(astronaut_avatar)
+    positions = list(range(6))
+    a = gpu.render(astronaut_avatar.id, positions, feats_gpu[:6])
+    b = engine.render(astronaut_avatar.id, positions, feats_cpu[:6])
+    assert min(_psnr(x, y) for x, y in zip(a, b, strict=True)) > 35

@@ -75,6 +75,9 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue[dict[str, Any
         event = await events.get()
         try:
             await websocket.send_text(json.dumps(event))
+            if event["type"] == "session_ended":
+                await websocket.close(code=1000, reason="session ended")
+                return
         except Exception:
             return
 

@@ -71,7 +71,7 @@ def serve(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets",
+        ws="websockets-sansio",
         ws_max_size=settings.ws_max_message_bytes,
         log_level=log_level.lower(),
         timeout_graceful_shutdown=10,

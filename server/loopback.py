@@ -42,7 +42,7 @@ class ServerThread:
             app,
             host="127.0.0.1",
             port=0,
-            ws="websockets",
+            ws="websockets-sansio",
             ws_max_size=ws_max_size,
             log_level="warning",
             lifespan="on",

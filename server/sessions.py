@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FRAME_S = 1.0 / FPS
 EVENT_QUEUE = 256
 ALL_TRACKS_WAIT_S = 2.0  # after the first track starts, how long the clock waits for the other
+WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say goodbye
 
 
 class SessionLimitError(Exception):
@@ -99,6 +100,7 @@ class Session:
         self._next_tick = self.created
         self._closed = False
         self._events: asyncio.Queue[dict[str, Any]] | None = None
+        self._ws_gone = asyncio.Event()
         self.ws: Any = None  # the attached websocket, if any
 
     # -- info ----------------------------------------------------------------------------
@@ -148,7 +150,11 @@ class Session:
         self.playout.clear()
         self.video.stop()
         self.audio.stop()
-        self.emit({"type": "session_ended", "reason": reason})
+        if self.ws is not None:
+            # the socket's sender passes this on and then closes the socket (1000)
+            self.emit({"type": "session_ended", "reason": reason})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ws_gone.wait(), WS_CLOSE_WAIT_S)
         if self.ws is not None:
             ws, self.ws = self.ws, None
             with contextlib.suppress(Exception):
@@ -163,6 +169,7 @@ class Session:
         """Attach a websocket: returns its event queue and the one it replaces (or None)."""
         previous, self.ws = self.ws, ws
         self._events = asyncio.Queue(EVENT_QUEUE)
+        self._ws_gone.clear()
         self.touch()
         return self._events, previous
 
@@ -170,6 +177,7 @@ class Session:
         if self.ws is ws:
             self.ws = None
             self._events = None
+            self._ws_gone.set()
 
     def emit(self, event: dict[str, Any]) -> None:
         q = self._events

@@ -222,14 +222,14 @@ def test_speech_moves_the_mouth_only(recording: Recording) -> None:
 
 def test_idle_loop_resumes_after_end(recording: Recording) -> None:
     mouth = recording.mouth_change()
-    after = recording.frames_between(
-        recording.marks["finished"] + 0.2, recording.marks["tone_start"]
-    )
-    idle = recording.frames_between(
-        recording.marks["idle_ref_start"], recording.marks["speech_start"]
-    )
+    marks = recording.marks
+    after = recording.frames_between(marks["finished"] + 0.2, marks["tone_start"])
+    idle = recording.frames_between(marks["idle_ref_start"], marks["speech_start"])
+    speech = recording.frames_between(marks["speech_start"], marks["finished"])
     assert len(after) >= 15
-    assert np.percentile(mouth[after], 95) <= np.percentile(mouth[idle], 95) + 1.5
+    # closed again: within VP8's drift of the idle picture, far from an open mouth
+    assert mouth[after].max() < np.percentile(mouth[idle], 95) + 4.0, np.round(mouth[after], 1)
+    assert mouth[after].max() < 0.3 * np.percentile(mouth[speech], 90)
     kinds = [e["type"] for _, e in recording.events]
     assert kinds.count("playback_started") >= 2
     finished = [e for _, e in recording.events if e["type"] == "playback_finished"]
@@ -242,7 +242,7 @@ def test_clear_stops_speech_within_two_frames(recording: Recording) -> None:
     idle = recording.frames_between(
         recording.marks["idle_ref_start"], recording.marks["speech_start"]
     )
-    threshold = np.percentile(mouth[idle], 95) + 3.0
+    threshold = np.percentile(mouth[idle], 95) + 4.0
     t_clear = recording.marks["clear_sent"]
     before = recording.frames_between(t_clear - 0.3, t_clear)
     assert (mouth[before] > threshold).all(), "the mouth should be open when clear is sent"

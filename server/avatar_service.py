@@ -68,7 +68,7 @@ class AvatarService:
         self.limits = DecodeLimits(max_file_bytes=max_upload_bytes)
         self.uploads_dir = store.root / UPLOADS
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prep")
-        self._jobs: dict[str, Future[None]] = {}
+        self._jobs: dict[str, tuple[Future[None], Path]] = {}
         self._live: dict[str, tuple[float, str]] = {}  # id -> (progress, stage) while preparing
         self._loaded: dict[str, Avatar] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
@@ -113,9 +113,9 @@ class AvatarService:
         """Register an avatar for the uploaded file and queue its preparation."""
         avatar_id = self.store.create(name)
         self._live[avatar_id] = (0.0, "queued")
-        self._jobs[avatar_id] = self._prep.submit(
-            self._prepare, avatar_id, upload, name, bbox_shift
-        )
+        future = self._prep.submit(self._prepare, avatar_id, upload, name, bbox_shift)
+        if not future.done():
+            self._jobs[avatar_id] = (future, upload)
         self._count()
         return self.get(avatar_id)
 
@@ -133,6 +133,9 @@ class AvatarService:
                 encode_latents=self._encoder(),
                 progress=self._progress_cb(avatar_id),
             )
+            key = getattr(self.engine, "latents_key", None)
+            if avatar.latents is not None and key:
+                avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
             with self._lock:
                 if avatar_id in self._deleted:
                     return
@@ -198,18 +201,45 @@ class AvatarService:
             loaded = self._loaded.get(avatar_id)
             if loaded is None:
                 avatar = await asyncio.to_thread(self.store.load, avatar_id)
+                stored_key = avatar.latents_key
                 await self.worker.acall(self.engine.load_avatar, avatar)
                 self._loaded[avatar_id] = loaded = avatar
                 log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
+                if (
+                    avatar.latents is not None
+                    and avatar.latents_key
+                    and avatar.latents_key != stored_key
+                ):
+                    # the engine made latents for this avatar: keep them for the next start
+                    await asyncio.to_thread(self._save_latents, avatar)
         return loaded
+
+    def _save_latents(self, avatar: Avatar) -> None:
+        try:
+            with self._lock:
+                if (
+                    avatar.id not in self._deleted
+                    and avatar.latents is not None
+                    and avatar.latents_key
+                ):
+                    self.store.save_latents(avatar.id, avatar.latents, avatar.latents_key)
+        except (AvatarStoreError, OSError, ValueError):
+            log.warning(
+                "could not store the avatar's latents",
+                exc_info=True,
+                extra={"avatar_id": avatar.id},
+            )
 
     async def delete(self, avatar_id: str) -> None:
         """Free engine memory and disk. Raises AvatarNotFoundError. End its sessions first."""
         await asyncio.to_thread(self.store.info, avatar_id)  # 404 if unknown
         self._deleted.add(avatar_id)
         job = self._jobs.get(avatar_id)
-        if job is not None:
-            job.cancel()
+        if job is not None and job[0].cancel():  # never started: clean up for it
+            with contextlib.suppress(OSError):
+                job[1].unlink()
+            self._jobs.pop(avatar_id, None)
+            self._live.pop(avatar_id, None)
         if self._loaded.pop(avatar_id, None) is not None:
             await self.worker.acall(self.engine.unload_avatar, avatar_id)
         self._load_locks.pop(avatar_id, None)

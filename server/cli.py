@@ -18,20 +18,20 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     engine: str = typer.Option(
-        None, help="auto | musetalk | preview  [env LIPSTREAM_ENGINE; default auto]"
+        None, help="auto | musetalk | preview  (env LIPSTREAM_ENGINE; default auto)"
     ),
     models_dir: Path = typer.Option(
-        None, help="MuseTalk weights folder [env LIPSTREAM_MODELS_DIR]"
+        None, help="MuseTalk weights folder (env LIPSTREAM_MODELS_DIR)"
     ),
     avatars_dir: Path = typer.Option(
-        None, help="Prepared avatars folder [env LIPSTREAM_AVATARS_DIR]"
+        None, help="Prepared avatars folder (env LIPSTREAM_AVATARS_DIR)"
     ),
-    device: str = typer.Option(None, help="auto | cpu | cuda[:N]  [env LIPSTREAM_DEVICE]"),
-    backend: str = typer.Option(None, help="torch | compiled | tensorrt  [env LIPSTREAM_BACKEND]"),
-    host: str = typer.Option(None, help="Address to bind [env LIPSTREAM_HOST; default 127.0.0.1]"),
-    port: int = typer.Option(None, help="Port [env LIPSTREAM_PORT; default 8000]"),
+    device: str = typer.Option(None, help="auto | cpu | cuda[:N]  (env LIPSTREAM_DEVICE)"),
+    backend: str = typer.Option(None, help="torch | compiled | tensorrt  (env LIPSTREAM_BACKEND)"),
+    host: str = typer.Option(None, help="Address to bind (env LIPSTREAM_HOST; default 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (env LIPSTREAM_PORT; default 8000)"),
     max_sessions: int = typer.Option(
-        None, help="Concurrent sessions before 503 [env LIPSTREAM_MAX_SESSIONS]"
+        None, help="Concurrent sessions before 503 (env LIPSTREAM_MAX_SESSIONS)"
     ),
     demo_avatar: bool = typer.Option(
         None, "--demo-avatar/--no-demo-avatar", help="Register the astronaut avatar on first start"

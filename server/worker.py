@@ -68,6 +68,14 @@ def concat_features(parts: list[Any]) -> Any | None:
     return None
 
 
+def _by_utterance(batch: list[WorkItem]) -> list[list[WorkItem]]:
+    """The batch's items grouped by (session, utterance), in order."""
+    groups: dict[tuple[str, int], list[WorkItem]] = {}
+    for item in batch:
+        groups.setdefault((item.key, item.utterance), []).append(item)
+    return list(groups.values())
+
+
 class FrameWorker:
     """See the module docstring."""
 
@@ -207,14 +215,23 @@ class FrameWorker:
     def _process(self, batch: list[WorkItem]) -> None:
         t0 = time.perf_counter()
         groups: dict[str, list[tuple[WorkItem, Any]]] = {}
-        for item in batch:
+        for items in _by_utterance(batch):
+            # one features call per utterance: the newest item's audio holds every older
+            # item's audio (each job reads only up to its own horizon)
+            jobs = [j for item in items for j in item.jobs]
             try:
-                feats = self.engine.stream_features(item.audio, item.jobs)
+                feats = self.engine.stream_features(items[-1].audio, jobs)
             except Exception as exc:
-                log.exception("stream_features failed", extra={"session": item.key})
-                self._done(item, None, exc)
+                log.exception("stream_features failed", extra={"session": items[0].key})
+                for item in items:
+                    self._done(item, None, exc)
                 continue
-            groups.setdefault(item.avatar_id, []).append((item, feats))
+            offset = 0
+            for item in items:
+                n = len(item.jobs)
+                part = feats if len(items) == 1 else feats[offset : offset + n]
+                groups.setdefault(item.avatar_id, []).append((item, part))
+                offset += n
         n = 0
         for avatar_id, members in groups.items():
             n += self._render_group(avatar_id, members)

@@ -23,6 +23,7 @@ class RecordingEngine(Engine):
     def __init__(self, fail_on: str | None = None) -> None:
         self.renders: list[tuple[str, list[int], list[float]]] = []
         self.threads: set[str] = set()
+        self.feature_calls: list[tuple[int, list[int]]] = []
         self.fail_on = fail_on
 
     def load_avatar(self, avatar: Avatar) -> None:
@@ -36,6 +37,7 @@ class RecordingEngine(Engine):
 
     def stream_features(self, audio: np.ndarray, jobs: Sequence[FrameJob]) -> Any:
         self.threads.add(threading.current_thread().name)
+        self.feature_calls.append((len(audio), [j.index for j in jobs]))
         return np.array([float(audio[0]) * 1000 + j.index for j in jobs], dtype=np.float32)
 
     def render(self, avatar_id: str, loop_positions: Sequence[int], features: Any) -> np.ndarray:
@@ -117,6 +119,26 @@ def test_batches_across_sessions_by_avatar_earliest_deadline_first(gate: threadi
     assert got["late"] == [1000 % 256, 1001 % 256, 1002 % 256]
     assert engine.threads == {"lipstream-frames"}
     assert worker.steps == 2 and worker.frames == 11
+
+
+def test_items_of_one_utterance_share_one_features_call(gate: threading.Event) -> None:
+    engine = RecordingEngine()
+    worker = FrameWorker(engine, max_batch=16)
+    worker.start()
+    try:
+        res = Results()
+        res.expect = 3
+        blocked(worker, gate)
+        for k in range(3):  # as a session pumps them: each with the utterance so far
+            it = item("s", "A", 7, 1, deadline=float(k), done=res, start=k)
+            it.audio = np.full(10 + k, 7, np.float32)
+            worker.submit(it)
+        gate.set()
+        assert res.done.wait(5)
+    finally:
+        worker.stop()
+    assert engine.feature_calls == [(12, [0, 1, 2])]  # the newest (longest) audio, all jobs
+    assert [frames for _, frames, _ in res.got] == [[7000 % 256], [7001 % 256], [7002 % 256]]
 
 
 def test_cancel_drops_a_sessions_queued_items(gate: threading.Event) -> None:

@@ -1,0 +1,350 @@
+"""One GPU scheduler per device: cross-session batching, earliest deadline first, stages
+overlapped on CUDA streams, frames handed back without blocking the GPU thread.
+
+`GpuScheduler` is a drop-in for `server.worker.FrameWorker` (same methods: start, stop,
+alive, submit, cancel, queued, call, acall; the same work items: anything with `key`,
+`avatar_id`, `audio`, `jobs`, `deadline`, `done`, `seq`). Each step it
+
+1. waits until fewer than `max_in_flight` batches are on the GPU (this is what makes the batch
+   size adapt: a lone session finds the GPU free and runs at batch 1; under load frames pile
+   up while earlier batches run, and the next batch takes them all, up to `max_batch`);
+2. takes the queued items of all sessions in deadline order, skipping items due more than
+   `lookahead_s` after the earliest one (a session whose TTS arrives faster than real
+   time cannot starve the others), up to `max_batch` frames;
+3. launches them on the `GpuPipeline` (features -> UNet+VAE -> paste-back+I420 -> pinned
+   copy, each on its stream) and returns at once to step 1;
+4. a delivery thread waits for each batch's last event, copies its frames out and calls
+   each item's `done(item, frames, None)`.
+
+Without a GPU pipeline (CPU, preview engine) step 3 runs the engine synchronously, as the
+FrameWorker does, so the same scheduler serves tests and CPU machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_batch: int = 48
+    max_in_flight: int = 2
+    lookahead_s: float = 0.5
+    output: str = "rgb"  # frames handed back: "rgb" (H, W, 3) or "i420" (flat planes)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be >= 1")
+        if self.lookahead_s < 0:
+            raise ValueError("lookahead_s must be >= 0")
+        if self.output not in ("rgb", "i420"):
+            raise ValueError(f"output must be rgb or i420, got {self.output!r}")
+
+
+@dataclass
+class StepStats:
+    started: float
+    frames: int
+    items: int
+    sessions: int
+    launch_s: float
+
+
+class SchedulerStopped(RuntimeError):
+    """The scheduler was stopped; no more work is taken."""
+
+
+class GpuScheduler:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        options: SchedulerOptions | None = None,
+        pipeline: Any | None = None,
+        name: str = "lipstream-gpu",
+        metrics: Any | None = None,
+    ) -> None:
+        self.engine = engine
+        self.options = options or SchedulerOptions()
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._name = name
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[Any]] = {}
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._deliver_thread: threading.Thread | None = None
+        self._deliveries: queue.Queue[Any] = queue.Queue()
+        self._in_flight = threading.Semaphore(self.options.max_in_flight)
+        self._seq = itertools.count()
+        self.history: deque[StepStats] = deque(maxlen=100_000)
+        self.frames = 0
+        self.steps = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.max_batch
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._deliver_thread = threading.Thread(
+            target=self._deliver, name=f"{self._name}-out", daemon=True
+        )
+        self._deliver_thread.start()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._queues.clear()
+            self._cond.notify_all()
+        self._in_flight.release()  # wake a thread waiting for a GPU slot
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("gpu scheduler did not stop in time: timeout_s=%s", timeout)
+            self._thread = None
+        self._deliveries.put(None)
+        if self._deliver_thread is not None:
+            self._deliver_thread.join(timeout)
+            self._deliver_thread = None
+        with self._cond:
+            while self._calls:
+                _, fut = self._calls.popleft()
+                fut.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- input ---------------------------------------------------------------------------
+    def submit(self, item: Any) -> None:
+        item.seq = next(self._seq)
+        with self._cond:
+            if self._stopping:
+                raise SchedulerStopped("the gpu scheduler is stopped")
+            self._queues.setdefault(item.key, deque()).append(item)
+            self._cond.notify()
+
+    def cancel(self, key: str) -> int:
+        """Drop a session's queued (not yet launched) items; returns how many."""
+        with self._cond:
+            q = self._queues.pop(key, None)
+        return len(q) if q else 0
+
+    def queued(self, key: str | None = None) -> int:
+        with self._cond:
+            qs = (
+                [self._queues.get(key, deque())] if key is not None else list(self._queues.values())
+            )
+            return sum(len(item.jobs) for q in qs for item in q)
+
+    def call(
+        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Run `fn(*args, **kwargs)` on the scheduler thread between steps."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise SchedulerStopped("the gpu scheduler is stopped")
+            self._calls.append((lambda: fn(*args, **kwargs), fut))
+            self._cond.notify()
+        return fut
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+
+    # -- scheduling ----------------------------------------------------------------------
+    def pick(self, now: float | None = None) -> list[Any]:
+        """Items to run next (call with the lock held): earliest deadline first across
+        sessions, within `lookahead_s` of the earliest, up to `max_batch` frames (at least
+        one item, whatever its size)."""
+        heap = [(q[0].deadline, q[0].seq, key) for key, q in self._queues.items() if q]
+        heapq.heapify(heap)
+        batch: list[Any] = []
+        frames = 0
+        horizon = None
+        while heap:
+            deadline, _, key = heapq.heappop(heap)
+            if horizon is None:
+                horizon = deadline + self.options.lookahead_s
+            elif deadline > horizon:
+                break
+            q = self._queues[key]
+            item = q[0]
+            if batch and frames + len(item.jobs) > self.options.max_batch:
+                break
+            q.popleft()
+            batch.append(item)
+            frames += len(item.jobs)
+            if q:
+                heapq.heappush(heap, (q[0].deadline, q[0].seq, key))
+            else:
+                del self._queues[key]
+        return batch
+
+    def _run(self) -> None:
+        log.info(
+            "gpu scheduler started: engine=%s gpu_pipeline=%s",
+            self.engine.name,
+            self.pipeline is not None,
+        )
+        while True:
+            self._in_flight.acquire()  # at most max_in_flight batches on the GPU
+            with self._cond:
+                while not (self._stopping or self._calls or self._queues):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                batch = self.pick()
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+            if not batch:
+                self._in_flight.release()
+                continue
+            t0 = time.perf_counter()
+            try:
+                work = self._launch(batch)
+            except Exception as exc:
+                log.exception("batch failed: frames=%d", sum(len(i.jobs) for i in batch))
+                work = ("error", exc)
+            frames = sum(len(i.jobs) for i in batch)
+            self.history.append(
+                StepStats(
+                    t0, frames, len(batch), len({i.key for i in batch}), time.perf_counter() - t0
+                )
+            )
+            self.steps += 1
+            self.frames += frames
+            if self.metrics is not None:
+                self.metrics.worker_batch.observe(frames)
+            self._deliveries.put((batch, work))
+        log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
+
+    def _launch(self, batch: list[Any]) -> Any:
+        if self.pipeline is not None:
+            from engines.gpu.pipeline import Row
+
+            rows = [Row(item.avatar_id, j.loop_position) for item in batch for j in item.jobs]
+            parts = [(item.audio, item.jobs) for item in batch]
+            return ("pending", self.pipeline.launch(rows, parts))
+        # CPU / generic engine: synchronous, grouped by avatar
+        frames: dict[int, list[np.ndarray]] = {}
+        groups: dict[str, list[tuple[int, Any]]] = {}
+        for n, item in enumerate(batch):
+            feats = self.engine.stream_features(item.audio, item.jobs)
+            groups.setdefault(item.avatar_id, []).append((n, feats))
+        for avatar_id, members in groups.items():
+            positions = [j.loop_position for n, _ in members for j in batch[n].jobs]
+            joined = _concat([f for _, f in members])
+            images = self.engine.render(avatar_id, positions, joined)
+            off = 0
+            for n, _ in members:
+                k = len(batch[n].jobs)
+                frames[n] = [images[off + i] for i in range(k)]
+                off += k
+        return ("frames", [frames[n] for n in range(len(batch))])
+
+    def _deliver(self) -> None:
+        while True:
+            got = self._deliveries.get()
+            if got is None:
+                break
+            batch, (kind, payload) = got
+            try:
+                if kind == "pending":
+                    flat = payload.result()
+                    per_item, off = [], 0
+                    for item in batch:
+                        per_item.append(flat[off : off + len(item.jobs)])
+                        off += len(item.jobs)
+                elif kind == "frames":
+                    per_item = payload
+                else:
+                    raise payload
+            except Exception as exc:
+                for item in batch:
+                    _call_done(item, None, exc)
+                self._in_flight.release()
+                continue
+            self._in_flight.release()
+            for item, frames in zip(batch, per_item, strict=True):
+                _call_done(item, frames, None)
+
+
+def _call_done(item: Any, frames: list[np.ndarray] | None, exc: BaseException | None) -> None:
+    try:
+        item.done(item, frames, exc)
+    except Exception:
+        log.exception("work item callback failed: session=%s", getattr(item, "key", "?"))
+
+
+def _concat(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts, axis=0)
+    import torch
+
+    return torch.cat(parts, dim=0)
+
+
+def create_scheduler(
+    engine: Engine,
+    options: SchedulerOptions | None = None,
+    backend: str = "compiled",
+    metrics: Any | None = None,
+    warm_up: bool = True,
+) -> GpuScheduler:
+    """The scheduler for `engine`: with the GPU pipeline where the engine is MuseTalk on a
+    CUDA device (backend `compiled` or `torch`), else the synchronous engine path."""
+    options = options or SchedulerOptions()
+    pipeline = None
+    device = getattr(engine, "device", None)
+    if engine.name == "musetalk" and getattr(device, "type", "cpu") == "cuda":
+        from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 48) if b < options.max_batch) + (
+            options.max_batch,
+        )
+        pipeline = GpuPipeline(
+            engine,
+            PipelineOptions(
+                backend=backend,
+                buckets=buckets,
+                output=options.output,
+                host_slots=options.max_in_flight + 1,
+            ),
+        )
+        if warm_up:
+            pipeline.warm_up()
+    return GpuScheduler(engine, options, pipeline=pipeline, metrics=metrics)

@@ -1,0 +1,102 @@
+"""GPU paste-back + I420 against the CPU reference (`avatars.blend.paste_back`, cv2).
+
+The torch code is device-agnostic: it runs here on the CPU (CI) and, marked `gpu`, on CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from avatars.blend import paste_back as cpu_paste_back
+from engines.gpu import paste
+from engines.gpu.measure import synthetic_avatar
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
+
+
+def _faces(n: int, seed: int) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n * 256, 256, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(raw, (5, 5), 1.5).reshape(n, 256, 256, 3)  # noise + edges
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [(360, 640), (361, 641)])
+def test_paste_back_matches_cpu_reference(device: str, size: tuple[int, int]) -> None:
+    av = synthetic_avatar(6, *size, seed=size[0])
+    av.face_boxes[4] = -1  # a frame with no face stays unchanged
+    av.crop_boxes[4] = -1
+    av.masks[4] = np.zeros((0, 0), np.uint8)
+    gav = paste.upload_avatar(av, device)
+    faces = _faces(8, seed=1)
+    idx = np.array([0, 1, 2, 3, 4, 5, 1, 0])
+    got = (
+        paste.paste_back(
+            gav, torch.from_numpy(idx), torch.from_numpy(faces).permute(0, 3, 1, 2).to(device)
+        )
+        .cpu()
+        .numpy()
+    )
+    for row, i in enumerate(idx):
+        want = cpu_paste_back(
+            av.frames[i], faces[row], av.face_boxes[i], av.crop_boxes[i], av.masks[i]
+        )
+        diff = np.abs(got[row].astype(int) - want.astype(int))
+        assert diff.max() <= 2, f"row {row} frame {i}: max diff {diff.max()}"
+        assert (diff > 1).mean() < 1e-3
+    np.testing.assert_array_equal(got[4], av.frames[4])
+    # the face region really changed (not a no-op)
+    x1, y1, x2, y2 = av.face_boxes[0]
+    assert np.abs(got[0, y2 - 5, x1:x2].astype(int) - av.frames[0, y2 - 5, x1:x2]).max() > 20
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_faces_are_rounded_like_musetalk(device: str) -> None:
+    av = synthetic_avatar(2, 240, 320)
+    gav = paste.upload_avatar(av, device)
+    faces = _faces(2, seed=3)
+    as_float = torch.from_numpy(faces).permute(0, 3, 1, 2).float().div(255).to(device)
+    a = paste.paste_back(gav, torch.tensor([0, 1]), as_float)
+    b = paste.paste_back(
+        gav, torch.tensor([0, 1]), torch.from_numpy(faces).permute(0, 3, 1, 2).to(device)
+    )
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [(360, 640), (121, 203)])
+def test_rgb_to_i420_matches_cv2(device: str, size: tuple[int, int]) -> None:
+    import cv2
+
+    h, w = size
+    av = synthetic_avatar(2, max(h, 64), max(w, 64))
+    frames = np.ascontiguousarray(av.frames[:, :h, :w])
+    got = paste.rgb_to_i420(torch.from_numpy(frames).to(device)).cpu().numpy()
+    assert got.shape == (2, paste.i420_size(h, w))
+    if h % 2 == 0 and w % 2 == 0:
+        for k in range(2):
+            want = cv2.cvtColor(frames[k], cv2.COLOR_RGB2YUV_I420).reshape(-1)
+            assert np.abs(got[k].astype(int) - want.astype(int)).max() <= 1
+    y, u, v = paste.i420_planes(got[0], h, w)
+    assert y.shape == (h, w) and u.shape == v.shape == ((h + 1) // 2, (w + 1) // 2)
+    assert y.flags["C_CONTIGUOUS"] and u.flags["C_CONTIGUOUS"] and v.flags["C_CONTIGUOUS"]
+    # planes are what PyAV / aiortc reads back as the same picture (within rounding)
+    if h % 2 == 0 and w % 2 == 0:
+        from av import VideoFrame
+
+        rgb = VideoFrame.from_ndarray(got[0].reshape(h * 3 // 2, w), format="yuv420p").to_ndarray(
+            format="rgb24"
+        )
+        assert np.abs(rgb.astype(int) - frames[0].astype(int)).mean() < 6

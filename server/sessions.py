@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -222,6 +223,9 @@ class Session:
         """Send the jobs whose audio is complete to the worker (within max_ahead)."""
         if self._closed:
             return
+        # a new utterance starts far enough ahead for its first frame to be made in time
+        step_frames = math.ceil(self.worker.step_ema / FRAME_S)
+        self.playout.lead = max(self.settings.start_lead_frames, step_frames)
         for taken in self.playout.take():
             due = self._next_tick + self.playout.due_in(taken.jobs[0].loop_position) * FRAME_S
             item = WorkItem(

@@ -40,7 +40,9 @@ class Settings:
     connect_timeout_s: float = 30.0  # peer not connected within this long -> session ends
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.l.google.com:19302",); none by default
     # playout
-    start_lead_frames: int = 2  # an utterance starts this many frames after its first is taken
+    # an utterance starts this many frames after its first frame is taken (at least; more
+    # while the engine's steps take longer than a frame)
+    start_lead_frames: int = 1
     max_ahead_frames: int = 25  # frames made ahead of playback per session (memory bound)
     hold_frames: int = 3  # a late frame repeats the previous one this many times, then idle
     track_queue_frames: int = 10  # frames waiting for the encoder before the oldest is dropped

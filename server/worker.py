@@ -35,6 +35,7 @@ from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
+STEP_EMA_ALPHA = 0.2
 Done = Callable[["WorkItem", list[np.ndarray] | None, BaseException | None], None]
 
 
@@ -101,6 +102,7 @@ class FrameWorker:
         self.steps = 0
         self.frames = 0
         self.busy_s = 0.0
+        self.step_ema = 0.0  # recent engine step time (s), for sessions to plan their lead
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -239,6 +241,7 @@ class FrameWorker:
         self.steps += 1
         self.frames += n
         self.busy_s += dt
+        self.step_ema += STEP_EMA_ALPHA * (dt - self.step_ema)
         if self.metrics is not None:
             self.metrics.worker_batch.observe(n)
             self.metrics.worker_step.observe(dt)

@@ -449,3 +449,29 @@ def test_health_readiness_metrics_and_demo_page(server: ServerThread) -> None:
     for bad in ("/..%2Fserver%2Fapp.py", "/__init__.py", "/nothing.js", "/v1/nothing"):
         r = httpx.get(base + bad)
         assert r.status_code == 404, bad
+
+
+def test_an_api_key_guards_the_rest_api(tmp_path: Path) -> None:
+    srv = serve(tmp_path / "avatars", api_key="s3cret-key-123")
+    try:
+        base = srv.base_url
+        for method, path in (
+            ("GET", "/v1/avatars"),
+            ("POST", "/v1/avatars"),
+            ("POST", "/v1/sessions"),
+            ("GET", "/v1/sessions/x"),
+        ):
+            r = httpx.request(method, base + path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (
+                method,
+                path,
+            )
+        wrong = {"authorization": "Bearer nope"}
+        assert httpx.get(f"{base}/v1/avatars", headers=wrong).status_code == 401
+        good = {"authorization": "Bearer s3cret-key-123"}
+        assert httpx.get(f"{base}/v1/avatars", headers=good).status_code == 200
+        assert httpx.get(f"{base}/healthz").status_code == 200  # probes need no key
+        ready = httpx.get(f"{base}/readyz").text
+        assert "s3cret" not in ready
+    finally:
+        srv.stop()

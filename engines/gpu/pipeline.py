@@ -75,7 +75,8 @@ class GpuFeaturizer:
         n = len(segments)
         b = self.encoder_batch
         rows = -(-n // b) * b
-        host = torch.zeros((rows, self.window_samples), dtype=torch.float32, pin_memory=True)
+        pin = self.device.type == "cuda"
+        host = torch.zeros((rows, self.window_samples), dtype=torch.float32, pin_memory=pin)
         for i, s in enumerate(segments):
             host[i, : len(s)] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
         wave = host.to(self.device, non_blocking=True)

@@ -1,0 +1,556 @@
+"""`lipstream bench`: throughput and streaming latency on this machine, JSON out.
+
+Sections (each in the JSON, progress on stderr, a short table last):
+- `reference`: MuseTalk's realtime way, the baseline (eager fp16, batch 20, PIL paste-back
+  on the CPU, one thread) on a 10 s clip, features included;
+- `offline`: UNet+VAE fps per backend (torch eager, compiled) and batch size;
+- `accuracy`: compiled vs eager (and both vs an fp32 reference) in uint8 levels;
+- `pipeline`: the full GPU path for the 10 s clip (audio encoder + UNet + VAE + GPU
+  paste-back into the avatar frames + I420 + pinned host copy), per backend;
+- `render`: `lipstream render`'s path (mp4 written) with the torch engine and with the GPU path;
+- `streaming`: N sessions pushing speech in real time (20 ms chunks) through the real
+  `GpuScheduler` (no network): delivered fps, frame interval p50/p99, first-frame latency
+  p50/p99, late frames, GPU memory, CPU use; `--sessions` sweeps N;
+- `encoders`: aiortc's VP8 / H.264 encoders at the avatar size: CPU cores per session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import FPS, SAMPLE_RATE, frames_in
+
+log = logging.getLogger(__name__)
+
+CHUNK = 320  # 20 ms of audio per push, as a browser / TTS sends it
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    models_dir: str | None = None  # None: random full-size weights in a temp dir
+    sessions: tuple[int, ...] = (1, 8, 16, 20, 24)
+    long_sessions: int = 20  # the N run for `long_s` seconds
+    long_s: float = 60.0
+    sweep_s: float = 12.0
+    clip_s: float = 10.0
+    height: int = 720
+    width: int = 1280
+    avatar_frames: int = 25
+    backends: tuple[str, ...] = ("torch", "compiled")
+    batches: tuple[int, ...] = (1, 4, 8, 16, 20, 32, 48)
+    buckets: tuple[int, ...] = (2, 4, 8, 16, 24, 32, 48)
+    sections: tuple[str, ...] = ("reference", "offline", "accuracy", "pipeline", "render", "streaming", "encoders")
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.sessions) or self.long_s < 0 or self.sweep_s <= 0:
+            raise ValueError("sessions must be >= 1 and durations positive")
+        unknown = set(self.backends) - {"torch", "compiled", "tensorrt"}
+        if unknown:
+            raise ValueError(f"unknown backends {sorted(unknown)}")
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like test audio: a buzzy carrier in syllable-shaped bursts, float32 16 kHz."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    carrier = np.sign(np.sin(2 * np.pi * 130 * t)) * 0.3 + 0.05 * rng.standard_normal(t.size)
+    env = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
+    return (carrier * env).astype(np.float32)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+class Bench:
+    def __init__(self, options: BenchOptions, out_path: Path) -> None:
+        import torch
+
+        self.torch = torch
+        self.o = options
+        self.out_path = out_path
+        self.res: dict[str, Any] = {"options": options.__dict__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.dev = torch.device("cuda")
+        self._tmp = tempfile.TemporaryDirectory(prefix="lipstream-bench-")
+
+    # -- plumbing ----------------------------------------------------------------------
+    def save(self) -> None:
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        self.out_path.write_text(json.dumps(self.res, indent=1, default=str))
+
+    def section(self, name: str, fn: Callable[[], Any]) -> Any:
+        import traceback
+
+        if name not in self.o.sections:
+            return None
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:
+            log.exception("bench section failed: %s", name)
+            out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+        if isinstance(out, dict):
+            out["section_s"] = round(time.perf_counter() - t0, 1)
+        self.res[name] = out
+        self.save()
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        return out
+
+    # -- set-up ------------------------------------------------------------------------
+    def setup(self) -> None:
+        from engines.gpu import measure
+        from engines.musetalk.engine import MuseTalkEngine
+        from engines.musetalk.weights import make_random
+
+        torch = self.torch
+        info: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+        root = self.o.models_dir
+        if root is None:
+            root = str(Path(self._tmp.name) / "models")
+            t0 = time.perf_counter()
+            make_random(root, size="full", seed=0)
+            info["make_random_s"] = time.perf_counter() - t0
+            info["weights"] = "random, full size"
+        t0 = time.perf_counter()
+        mem0 = torch.cuda.memory_allocated()
+        self.engine = MuseTalkEngine(root, device="cuda", batch_size=20)
+        info["engine_load_s"] = time.perf_counter() - t0
+        info["gpu_mem_models_GiB"] = (torch.cuda.memory_allocated() - mem0) / 2**30
+        self.avatar = measure.synthetic_avatar(self.o.avatar_frames, self.o.height, self.o.width)
+        self.avatar.latents = None  # let the engine encode them with its VAE
+        mem1 = torch.cuda.memory_allocated()
+        self.engine.load_avatar(self.avatar)
+        from engines.gpu import paste
+
+        gav = paste.upload_avatar(self.avatar, self.dev)
+        info["gpu_mem_per_avatar_MiB"] = (torch.cuda.memory_allocated() - mem1) / 2**20
+        info["gpu_mem_per_avatar_frame_MiB"] = info["gpu_mem_per_avatar_MiB"] / self.avatar.n_frames
+        info["avatar"] = {"frames": self.avatar.n_frames, "size": self.avatar.size, "paste_region": gav.region}
+        del gav
+        self.clip = speech(self.o.clip_s)
+        self.res["setup"] = info
+        self.pipelines: dict[str, Any] = {}
+        self.save()
+
+    def pipeline(self, backend: str) -> Any:
+        from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+        if backend not in self.pipelines:
+            p = GpuPipeline(self.engine, PipelineOptions(backend=backend, buckets=self.o.buckets, output="i420"))
+            t0 = time.perf_counter()
+            warm = p.warm_up()
+            self.res.setdefault("warmup", {})[backend] = {"total_s": time.perf_counter() - t0, "per_bucket_s": warm}
+            self.pipelines[backend] = p
+        return self.pipelines[backend]
+
+    # -- sections ----------------------------------------------------------------------
+    def reference(self) -> dict[str, Any]:
+        """MuseTalk's realtime script: features, eager fp16 UNet+VAE in batches of 20, faces
+        to the CPU, PIL paste-back per frame (one thread)."""
+        from engines.gpu.measure import pil_paste_back
+        from engines.musetalk.unet_step import unet_forward
+        from engines.musetalk.vae import decode_latents
+
+        torch, eng, av = self.torch, self.engine, self.avatar
+        res = eng._resident(av.id)
+
+        def run() -> tuple[float, float]:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            feats = eng.offline_features(self.clip)
+            n = len(feats)
+            gpu_s = 0.0
+            for s in range(0, n, 20):
+                idx = [av.loop_frame(i) for i in range(s, min(n, s + 20))]
+                g0 = time.perf_counter()
+                with torch.no_grad():
+                    pred = unet_forward(eng.unet, res.latents[idx], feats[s : s + len(idx)])
+                    faces = decode_latents(eng.vae, pred)
+                gpu_s += time.perf_counter() - g0
+                for k, i in enumerate(idx):
+                    pil_paste_back(av.frames[i], faces[k], av.face_boxes[i], av.crop_boxes[i], av.masks[i])
+            return n / (time.perf_counter() - t0), n / gpu_s
+
+        run()  # warm-up
+        fps, gpu_fps = run()
+        return {"fps": fps, "unet_vae_fps_batch20": gpu_fps, "frames": frames_in(self.clip.size)}
+
+    def offline(self) -> dict[str, Any]:
+        from engines.gpu import measure
+
+        torch = self.torch
+        out: dict[str, Any] = {}
+        for backend in self.o.backends:
+            if backend == "tensorrt":
+                out[backend] = {"error": self._trt_reason()}
+                continue
+            p = self.pipeline(backend)
+            rows = {}
+            for b in self.o.batches:
+                lat = torch.randn((b, 8, 32, 32), device=self.dev, dtype=torch.float16)
+                aud = torch.randn((b, 50, 384), device=self.dev, dtype=torch.float16)
+                with torch.inference_mode():
+                    t = measure.gpu_time_ms(lambda p=p, lat=lat, aud=aud: p.step(lat, aud), reps=10, warmup=2)
+                rows[str(b)] = {"ms": t["median_ms"], "fps": b * 1e3 / t["median_ms"]}
+            out[backend] = rows
+        return out
+
+    def accuracy(self) -> dict[str, Any]:
+        import copy
+
+        from engines.gpu.compiled import MuseTalkStep
+
+        torch = self.torch
+        p = self.pipeline("compiled")
+        eager = self.pipeline("torch").step
+        ref32 = MuseTalkStep(copy.deepcopy(self.engine.unet).float(), copy.deepcopy(self.engine.vae).float()).to(self.dev)
+        g = torch.Generator(device=self.dev).manual_seed(5)
+        diffs: dict[str, list[float]] = {"compiled_vs_eager": [], "eager_vs_fp32": [], "compiled_vs_fp32": []}
+        stats: dict[str, Any] = {}
+        with torch.inference_mode():
+            for b in (1, 5, 16):
+                lat = torch.randn((b, 8, 32, 32), device=self.dev, generator=g)
+                aud = torch.randn((b, 50, 384), device=self.dev, generator=g)
+                c = p.step(lat.half(), aud.half()).int()
+                e = eager(lat.half(), aud.half()).int()
+                r = ref32(lat, aud).int()
+                for name, d in (("compiled_vs_eager", c - e), ("eager_vs_fp32", e - r), ("compiled_vs_fp32", c - r)):
+                    d = d.abs()
+                    diffs[name].append(float(d.max()))
+                    s = stats.setdefault(name, {"pixels": 0, "over2": 0, "over1": 0, "sum": 0.0})
+                    s["pixels"] += d.numel()
+                    s["over2"] += int((d > 2).sum())
+                    s["over1"] += int((d > 1).sum())
+                    s["sum"] += float(d.float().sum())
+        del ref32
+        torch.cuda.empty_cache()
+        return {
+            name: {
+                "max": max(diffs[name]),
+                "mean": s["sum"] / s["pixels"],
+                "fraction_over_1": s["over1"] / s["pixels"],
+                "fraction_over_2": s["over2"] / s["pixels"],
+            }
+            for name, s in stats.items()
+        }
+
+    def full_pipeline(self) -> dict[str, Any]:
+        torch = self.torch
+        out: dict[str, Any] = {}
+        n = frames_in(self.clip.size)
+        for backend in [b for b in self.o.backends if b != "tensorrt"]:
+            p = self.pipeline(backend)
+
+            def run(p=p) -> float:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                feats = self.engine.offline_features(self.clip)
+                frames = p.render(self.avatar.id, list(range(n)), feats)
+                assert len(frames) == n
+                return n / (time.perf_counter() - t0)
+
+            run()
+            out[backend] = {"fps": statistics.median([run() for _ in range(3)]), "frames": n}
+        return out
+
+    def render(self) -> dict[str, Any]:
+        from engines.render import RenderOptions, render_to_files
+        from engines.video_io import Mp4Writer
+
+        torch = self.torch
+        out: dict[str, Any] = {}
+        mp4 = Path(self._tmp.name) / "clip.mp4"
+        r = render_to_files(self.engine, self.avatar, self.clip, mp4, options=RenderOptions(batch_size=20, progress=False))
+        out["torch_engine_cpu_paste"] = {"fps": r.fps, "encoder": r.encoder}
+        n = frames_in(self.clip.size)
+        from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+        p = GpuPipeline(self.engine, PipelineOptions(backend="compiled", buckets=self.o.buckets, output="rgb"))
+        p.step = self.pipeline("compiled").step  # share the captured graphs
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        feats = self.engine.offline_features(self.clip)
+        writer = Mp4Writer(mp4, *self.avatar.size, self.clip)
+        try:
+            for s in range(0, n, 48):
+                writer.write_batch(np.stack(p.render(self.avatar.id, list(range(s, min(n, s + 48))), feats[s : s + 48])))
+        finally:
+            writer.close()
+        out["compiled_gpu_paste"] = {"fps": n / (time.perf_counter() - t0), "encoder": writer.encoder}
+        return out
+
+    def streaming(self) -> dict[str, Any]:
+        from engines.scheduler import GpuScheduler, SchedulerOptions
+
+        torch = self.torch
+        p = self.pipeline("compiled")
+        sched = GpuScheduler(self.engine, SchedulerOptions(max_batch=max(self.o.buckets), output="i420"), pipeline=p)
+        sched.start()
+        out: dict[str, Any] = {}
+        try:
+            runs = [(n, self.o.sweep_s) for n in self.o.sessions if n != self.o.long_sessions]
+            if self.o.long_s > 0:
+                runs.append((self.o.long_sessions, self.o.long_s))
+            for n, secs in runs:
+                print(f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True)
+                out[str(n)] = simulate(sched, self.avatar.id, n, secs, torch)
+                self.res["streaming_partial"] = out
+                self.save()
+        finally:
+            sched.stop()
+            out["latency_1_session"] = latency_runs(sched, self.avatar.id, 10)
+        ok = [int(k) for k, v in out.items() if k.isdigit() and v["holds_realtime"]]
+        out["max_sessions_realtime"] = max(ok) if ok else 0
+        return out
+
+    def encoders(self) -> dict[str, Any]:
+        from engines.gpu.measure import encoder_cost
+
+        return encoder_cost(self.o.height, self.o.width, frames=40, threads=(1, 8, 16))
+
+    def _trt_reason(self) -> str:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as exc:
+            return f"tensorrt not importable: {exc}"
+        return "tensorrt importable (see `lipstream engines build`)"
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.section("reference", self.reference)
+        self.section("offline", self.offline)
+        self.section("accuracy", self.accuracy)
+        self.section("pipeline", self.full_pipeline)
+        self.section("render", self.render)
+        self.section("streaming", self.streaming)
+        self.section("encoders", self.encoders)
+        self.res["gpu_mem_peak_GiB"] = self.torch.cuda.max_memory_allocated() / 2**30
+        self.save()
+        return self.res
+
+
+@dataclass
+class _Session:
+    key: str
+    audio: np.ndarray
+    stream: Any
+    first_audio: float = 0.0
+    delivered: list[float] = field(default_factory=list)
+    late: int = 0
+    errors: int = 0
+    utterance: int = 0
+
+
+@dataclass
+class _Item:
+    key: str
+    avatar_id: str
+    audio: np.ndarray
+    jobs: list
+    deadline: float
+    done: Any
+    seq: int = 0
+
+
+def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> dict[str, Any]:
+    """N sessions each pushing `seconds` of speech in 20 ms chunks at real-time pace through
+    `sched`; frames are "played" at 25 fps from the first one's arrival."""
+    from engines.stream import SpeechStream
+
+    lock = threading.Lock()
+    sessions = [_Session(f"s{k}", speech(seconds + 1, seed=k), SpeechStream(max_utterance_s=seconds + 5)) for k in range(n)]
+
+    def done(item: _Item, frames: list | None, exc: BaseException | None) -> None:
+        now = time.perf_counter()
+        s = by_key[item.key]
+        with lock:
+            if exc is not None or frames is None:
+                s.errors += len(item.jobs)
+                return
+            s.delivered.extend([now] * len(frames))
+
+    by_key = {s.key: s for s in sessions}
+    cuda = torch is not None and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    mem0 = torch.cuda.memory_allocated() if cuda else 0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    steps0, frames0 = sched.steps, sched.frames
+    t_start = time.perf_counter()
+    chunks = int(seconds * SAMPLE_RATE) // CHUNK
+    # sessions start 20 ms / n apart, as real ones would
+    for c in range(chunks):
+        tick = t_start + c * CHUNK / SAMPLE_RATE
+        for k, s in enumerate(sessions):
+            now = time.perf_counter()
+            wait = tick + k * (CHUNK / SAMPLE_RATE) / n - now
+            if wait > 0:
+                time.sleep(wait)
+            if c == 0:
+                s.first_audio = time.perf_counter()
+            s.stream.push(s.audio[c * CHUNK : (c + 1) * CHUNK])
+            jobs = s.stream.take()
+            if jobs:  # a view of the pushed audio (the featurizer reads audio[:horizon] only)
+                due = s.first_audio + 0.12 + jobs[0].index / FPS
+                sched.submit(_Item(s.key, avatar_id, s.audio[: s.stream.n_samples], jobs, due, done))
+    # wait for the stragglers
+    expect = sum(s.stream.ready_frames for s in sessions)
+    t_end = time.perf_counter() + 5
+    while time.perf_counter() < t_end:
+        with lock:
+            got = sum(len(s.delivered) + s.errors for s in sessions)
+        if got >= expect:
+            break
+        time.sleep(0.01)
+    wall = time.perf_counter() - t_start
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    mem_peak = torch.cuda.max_memory_allocated() - mem0 if cuda else 0
+    intervals: list[float] = []
+    first: list[float] = []
+    fps: list[float] = []
+    late = late_buffered = 0
+    for s in sessions:
+        d = s.delivered
+        if not d:
+            continue
+        first.append((d[0] - s.first_audio) * 1e3)
+        # playout: frame i is shown at d[0] + i/25; late if it arrives after that
+        late += sum(1 for i, t in enumerate(d) if t > d[0] + i / FPS + 1e-3)
+        # with one frame (40 ms) of playout buffer, as a jitter buffer would hold
+        late_buffered += sum(1 for i, t in enumerate(d) if t > d[0] + (i + 1) / FPS + 1e-3)
+        intervals.extend(np.diff(d).tolist())
+        fps.append((len(d) - 1) / (d[-1] - d[0]) if len(d) > 1 else 0.0)
+    intervals_ms = [x * 1e3 for x in intervals]
+    hist = list(sched.history)[-(sched.steps - steps0) :] if sched.steps > steps0 else []
+    p99 = _pct(intervals_ms, 99) or 0.0
+    res = {
+        "sessions": n,
+        "seconds": seconds,
+        "frames_expected": expect,
+        "frames_delivered": sum(len(s.delivered) for s in sessions),
+        "errors": sum(s.errors for s in sessions),
+        "delivered_fps_min": min(fps) if fps else 0.0,
+        "delivered_fps_mean": statistics.mean(fps) if fps else 0.0,
+        "frame_interval_ms_p50": _pct(intervals_ms, 50),
+        "frame_interval_ms_p99": p99,
+        "first_frame_ms_p50": _pct(first, 50),
+        "first_frame_ms_p99": _pct(first, 99),
+        "first_frame_ms_max": max(first) if first else None,
+        "late_frames_no_buffer": late,
+        "late_frames_40ms_buffer": late_buffered,
+        "batch_mean": statistics.mean([h.frames for h in hist]) if hist else 0,
+        "batch_max": max([h.frames for h in hist]) if hist else 0,
+        "steps": sched.steps - steps0,
+        "gpu_mem_peak_over_idle_MiB": mem_peak / 2**20,
+        "gpu_mem_per_session_MiB": mem_peak / 2**20 / n,
+        "cpu_cores_used": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / wall,
+    }
+    res["holds_realtime"] = bool(
+        res["frames_delivered"] == expect and res["delivered_fps_min"] >= 24.5 and p99 <= 60.0 and late_buffered == 0
+    )
+    return res
+
+
+def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
+    """First-frame latency of one session, `utterances` times (1 s of speech each, real time,
+    from an idle GPU): first audio chunk pushed -> first frame handed back."""
+    lat = []
+    for u in range(utterances):
+        r = simulate(sched, avatar_id, 1, 1.0, None)
+        if r["first_frame_ms_p50"] is not None:
+            lat.append(r["first_frame_ms_p50"])
+        time.sleep(0.1)
+    return {"utterances": len(lat), "first_frame_ms_p50": _pct(lat, 50), "first_frame_ms_p99": _pct(lat, 99), "all_ms": lat}
+
+
+def run_bench(options: BenchOptions, out: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark; writes JSON to `out` (default bench/results/<gpu>_<date>.json)."""
+    import torch
+
+    from engines.base import EngineError
+
+    if not torch.cuda.is_available():
+        raise EngineError("`lipstream bench` measures the GPU path and needs a CUDA GPU")
+    if out is None:
+        gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-")
+        out = Path("bench/results") / f"bench_{gpu}_{time.strftime('%Y-%m-%d_%H%M')}.json"
+    bench = Bench(options, out)
+    res = bench.run()
+    print_table(res, sys.stdout)
+    return res
+
+
+def print_table(res: dict[str, Any], fh: Any) -> None:
+    ref = (res.get("reference") or {}).get("fps")
+    rows: list[tuple[str, Any]] = [("gpu", (res.get("setup") or {}).get("gpu"))]
+    rows.append(("musetalk-reference fps", ref))
+    for k, v in (res.get("pipeline") or {}).items():
+        if isinstance(v, dict) and "fps" in v:
+            rows.append((f"full pipeline {k} fps", v["fps"]))
+            if ref:
+                rows.append((f"full pipeline {k} x reference", v["fps"] / ref))
+    for k, v in (res.get("render") or {}).items():
+        if isinstance(v, dict) and "fps" in v:
+            rows.append((f"render {k} fps", v["fps"]))
+    for k, v in (res.get("offline") or {}).items():
+        if isinstance(v, dict):
+            rows.append((f"offline {k}", {b: round(x["fps"]) for b, x in v.items() if isinstance(x, dict) and "fps" in x}))
+    acc = res.get("accuracy") or {}
+    for k, v in acc.items():
+        if isinstance(v, dict) and "max" in v:
+            rows.append((f"accuracy {k} max/mean", (v["max"], round(v["mean"], 4))))
+    st = res.get("streaming") or {}
+    for k, v in st.items():
+        if isinstance(v, dict) and "sessions" in v:
+            rows.append((f"stream N={k}", {x: (round(v[x], 1) if isinstance(v[x], float) else v[x]) for x in (
+                "delivered_fps_min", "frame_interval_ms_p99", "first_frame_ms_p50", "first_frame_ms_p99", "late_frames_no_buffer", "late_frames_40ms_buffer", "batch_mean", "holds_realtime")}))
+    rows.append(("max sessions realtime", st.get("max_sessions_realtime")))
+    for k in ("VP8", "H264"):
+        e = (res.get("encoders") or {}).get(k)
+        if isinstance(e, dict):
+            rows.append((f"aiortc {k} ms/frame, cores/session", (round(e["ms_per_frame_1_thread"], 2), round(e["cores_per_25fps_session"], 3))))
+    for name, val in rows:
+        with contextlib.suppress(Exception):
+            val = round(val, 2) if isinstance(val, float) else val
+        print(f"{name:40s} {val}", file=fh)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--sessions", default="1,8,16,20,24")
+    ap.add_argument("--long-s", type=float, default=60.0)
+    ap.add_argument("--sweep-s", type=float, default=12.0)
+    ap.add_argument("--sections", default=",".join(BenchOptions().sections))
+    a = ap.parse_args()
+    run_bench(
+        BenchOptions(
+            sessions=tuple(int(x) for x in a.sessions.split(",")),
+            long_s=a.long_s,
+            sweep_s=a.sweep_s,
+            sections=tuple(a.sections.split(",")),
+        ),
+        a.out,
+    )

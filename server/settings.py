@@ -8,6 +8,7 @@ they are (tests).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,20 @@ class Settings:
     max_sdp_bytes: int = 64 * 1024
     max_sdp_media: int = 4  # m= lines in an offer
     ws_max_message_bytes: int = 1024 * 1024
-    # auth (issue 5 builds on this: None = no key asked for)
+    # hardening (issue 5; README "Security and limits")
+    max_pending_avatars: int = 4  # uploads queued or being prepared; more -> 503
+    avatar_max_side: int = 1920  # width and height of an uploaded picture or video
+    avatar_max_seconds: float = 30.0
+    avatar_max_frames: int = 750
+    avatar_max_decoded_bytes: int = 2 * 1024**3  # frames x height x width x 3
+    avatar_decode_timeout_s: float = 120.0
+    audio_burst_s: float = 30.0  # audio a client may send ahead of real time
+    audio_rate: float = 1.1  # then at most this many seconds of audio per second
+    peer_silence_s: float = 10.0  # a connected peer sending nothing this long has vanished
+    drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
+    # auth: None = no key asked for; several keys are separated by commas
     api_key: str | None = field(default=None, repr=False)
+    insecure: bool = False  # allow a non-loopback host with no api_key
     # client demo folder served at / (None: the packaged client_demo)
     client_dir: Path | None = None
 
@@ -77,6 +90,16 @@ class Settings:
             "max_sdp_bytes",
             "max_sdp_media",
             "ws_max_message_bytes",
+            "max_pending_avatars",
+            "avatar_max_side",
+            "avatar_max_seconds",
+            "avatar_max_frames",
+            "avatar_max_decoded_bytes",
+            "avatar_decode_timeout_s",
+            "audio_burst_s",
+            "audio_rate",
+            "peer_silence_s",
+            "drain_grace_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -84,8 +107,20 @@ class Settings:
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise SettingsError("api_key must be at least 8 characters")
+        if self.api_key is not None and any(len(k) < 8 for k in self.api_keys):
+            raise SettingsError("every api_key must be at least 8 characters")
+        if not self.api_keys and not self.insecure and not is_loopback(self.host):
+            raise SettingsError(
+                f"refusing to serve on {self.host!r} (not loopback) without an API key: set "
+                "--api-key / LIPSTREAM_API_KEY, or pass --insecure to serve unauthenticated"
+            )
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (`api_key` split at commas; empty: none asked for)."""
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip()) or ("",)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -114,6 +149,17 @@ class Settings:
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else v
         return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name: assume it is reachable from elsewhere
 
 
 def _parse(name: str, annotation: Any, raw: str) -> Any:

@@ -310,6 +310,28 @@ def test_latency_and_counters_reported(recording: Recording) -> None:
     assert 24.0 <= info["fps"] <= 26.0
 
 
+def test_a_silent_session_costs_no_engine_work(
+    served: tuple[ServerThread, Path], avatar_id: str
+) -> None:
+    srv, _ = served
+    worker = srv.app.state.worker
+
+    async def idle() -> tuple[int, int, int]:
+        client = LoopbackClient(srv.base_url)
+        try:
+            await client.open(avatar_id)
+            await client.connect_audio()
+            await client.wait_frames(5)
+            before = worker.frames
+            await client.wait_frames(30)
+            return before, worker.frames, len(client.received.video)
+        finally:
+            await client.close()
+
+    before, after, frames = asyncio.run(idle())
+    assert frames >= 30 and after == before
+
+
 # -- the musetalk engine on a GPU (skipped without CUDA) ----------------------------------
 @pytest.mark.gpu
 def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:

@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from server.auth import token_matches
+from server.limits import AudioRateLimiter
 from server.sessions import Session, SessionManager
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     manager: SessionManager = websocket.app.state.sessions
     token = websocket.query_params.get("token", "")
     session = manager.get(session_id)
-    if (
-        session is None
-        or session.closed
-        or not secrets.compare_digest(token.encode(), session.token.encode())
-    ):
+    if session is None or session.closed or not token_matches(token, session.token):
         await websocket.close(code=1008, reason="unknown session or wrong token")
         return
     await websocket.accept()
@@ -58,7 +55,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
             await previous.close(code=1000, reason="replaced by a newer connection")
     sender = asyncio.create_task(_send_events(websocket, events), name=f"ws-events-{session.id}")
     try:
-        await _receive(websocket, session, websocket.app.state.settings.ws_max_message_bytes)
+        await _receive(websocket, session, websocket.app.state.settings)
     except WebSocketDisconnect:
         log.debug("audio websocket closed by the client", extra={"session": session.id})
     except RuntimeError as exc:  # the socket was closed under us (session ended, replaced)
@@ -82,7 +79,9 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue[dict[str, Any
             return
 
 
-async def _receive(websocket: WebSocket, session: Session, max_bytes: int) -> None:
+async def _receive(websocket: WebSocket, session: Session, settings: Any) -> None:
+    max_bytes = settings.ws_max_message_bytes
+    limiter: AudioRateLimiter = session.audio_limiter  # per session: a new socket gets no more
     while not session.closed:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -94,6 +93,21 @@ async def _receive(websocket: WebSocket, session: Session, max_bytes: int) -> No
                 session.emit(
                     _error("too_large", f"binary messages are limited to {max_bytes} bytes")
                 )
+                continue
+            now = session.loop.time()
+            if not limiter.allow(len(data) // 2, now):
+                session.stats.audio_refused_bytes += len(data)
+                session.metrics.audio_refused.inc(len(data))
+                if limiter.should_notify(now):
+                    session.emit(
+                        _error(
+                            "rate_limited",
+                            f"audio is arriving faster than real time: at most "
+                            f"{settings.audio_burst_s:g} s ahead is taken, "
+                            f"{limiter.available_s(now):.2f} s may be sent now; "
+                            "this audio was dropped",
+                        )
+                    )
                 continue
             try:
                 session.push_audio(data)
@@ -113,7 +127,7 @@ def _control(session: Session, text: str) -> None:
         return
     try:
         msg = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting fits in MAX_TEXT and recurses
         session.emit(_error("bad_json", 'control messages are JSON objects like {"type": "end"}'))
         return
     kind = msg.get("type") if isinstance(msg, dict) else None

@@ -1,28 +1,95 @@
-"""API key check for REST (a bearer token). No key configured: everything is allowed.
+"""Authentication: API keys (bearer) for REST, per-session tokens for websockets, no secrets in logs.
 
-Issue 5 (hardening) builds on this: refusing to start on a non-loopback address without a key,
-keys never logged. Session websockets use their own per-session token (see audio_ws).
+- `require_api_key` (a FastAPI dependency on the `/v1` routers) answers 401 unless the request
+  carries one of the configured keys. It runs before the endpoint reads the body, so an
+  unauthenticated upload or offer costs no body read, decode, WebRTC or engine work.
+  No key configured: everything is allowed (the settings refuse a non-loopback host then,
+  unless `insecure`).
+- `token_matches` compares a session token in constant time (the audio websocket uses it).
+- `install_log_redaction` keeps secrets out of logs: uvicorn logs request lines with their query
+  string (`?token=...`), so a filter on the uvicorn loggers rewrites `token=`, `key=` and
+  `Bearer ...` values; the configured keys themselves are replaced wherever they appear.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 
 from fastapi import HTTPException, Request
 
+log = logging.getLogger(__name__)
+
+REDACTED = "<redacted>"
+_SECRET_PARAM = re.compile(r"((?:token|api_key|key|access_token)=)[^&\s\"']+", re.IGNORECASE)
+_BEARER = re.compile(r"(bearer\s+)[^\s\"']+", re.IGNORECASE)
+LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "")
+
+
+def key_matches(given: str, keys: tuple[str, ...]) -> bool:
+    """Whether `given` is one of `keys`; every key is compared, each in constant time."""
+    ok = False
+    for key in keys:
+        ok |= secrets.compare_digest(given.encode(), key.encode())
+    return ok
+
+
+def token_matches(given: str, token: str) -> bool:
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
+
 
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 unless the request carries the configured key."""
-    key: str | None = request.app.state.settings.api_key
-    if key is None:
+    """FastAPI dependency: 401 unless the request carries a configured key."""
+    keys: tuple[str, ...] = request.app.state.settings.api_keys
+    if not keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), key.encode()
-    ):
+    if scheme.lower() != "bearer" or not key_matches(given.strip(), keys):
+        request.app.state.metrics.auth_refused.inc()
         raise HTTPException(
             status_code=401,
             detail="missing or wrong API key (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def redact(text: str, keys: tuple[str, ...] = ()) -> str:
+    """`text` with secret query parameters, bearer credentials and `keys` replaced."""
+    for key in keys:
+        if key:
+            text = text.replace(key, REDACTED)
+    text = _SECRET_PARAM.sub(rf"\1{REDACTED}", text)
+    return _BEARER.sub(rf"\1{REDACTED}", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record's message (and its exception text) with `redact`."""
+
+    def __init__(self, keys: tuple[str, ...] = ()) -> None:
+        super().__init__("lipstream-redact")
+        self.keys = keys
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler's own error path
+            return True
+        cleaned = redact(message, self.keys)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+def install_log_redaction(keys: tuple[str, ...]) -> RedactingFilter:
+    """Put one `RedactingFilter` on uvicorn's loggers, the root logger and their handlers
+    (replacing an earlier one); returns it."""
+    flt = RedactingFilter(keys)
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            for old in [f for f in target.filters if isinstance(f, RedactingFilter)]:
+                target.removeFilter(old)
+            target.addFilter(flt)
+    return flt

@@ -83,6 +83,22 @@ class ServerMetrics:
         self.avatars = Gauge(
             "lipstream_avatars", "Avatars on disk, by status", ["status"], registry=r
         )
+        self.auth_refused = Counter(
+            "lipstream_auth_refused_total",
+            "Requests refused for a missing or wrong API key",
+            registry=r,
+        )
+        self.audio_refused = Counter(
+            "lipstream_audio_refused_bytes_total",
+            "Websocket audio dropped by the rate limit (bytes)",
+            registry=r,
+        )
+        self.uploads_refused = Counter(
+            "lipstream_uploads_refused_total",
+            "Avatar uploads refused, by reason",
+            ["reason"],
+            registry=r,
+        )
 
 
 def percentile(values: deque[float] | list[float], q: float) -> float | None:
@@ -106,6 +122,7 @@ class SessionStats:
     utterances: int = 0
     interrupted: int = 0
     audio_bytes: int = 0
+    audio_refused_bytes: int = 0  # dropped by the audio rate limit
     latencies: deque[float] = field(default_factory=deque)
     first_frame: deque[float] = field(default_factory=deque)
     _tick_times: deque[float] = field(default_factory=lambda: deque(maxlen=51))
@@ -153,6 +170,7 @@ class SessionStats:
             "utterances": self.utterances,
             "interrupted": self.interrupted,
             "audio_bytes": self.audio_bytes,
+            "audio_refused_bytes": self.audio_refused_bytes,
             "fps": None if self.fps is None else round(self.fps, 2),
             "latency_ms": {
                 "p50": ms(percentile(self.latencies, 50)),

@@ -28,6 +28,8 @@ from aiortc import RTCPeerConnection
 from avatars.avatar import Avatar
 from engines.base import FPS, Engine
 from engines.stream import pcm16_to_float
+from server.limits import AudioRateLimiter
+from server.liveness import PeerWatch
 from server.metrics import ServerMetrics, SessionStats
 from server.player import Made, Playout, Tick
 from server.settings import Settings
@@ -93,6 +95,8 @@ class Session:
             self._dropped,
         )
         self.pc: RTCPeerConnection | None = None
+        self.audio_limiter = AudioRateLimiter(settings.audio_burst_s, settings.audio_rate)
+        self.peer_watch = PeerWatch()
         self.wanted: set[str] = {"video"}
         self._started: set[str] = set()
         self._first_track = asyncio.Event()
@@ -432,14 +436,23 @@ class SessionManager:
                 reason = "connect_timeout"
             elif now - session.last_activity > s.idle_timeout_s and not session.playout.speaking:
                 reason = "idle_timeout"
+            elif (
+                session.state == "connected"
+                and session.pc is not None
+                and await session.peer_watch.update(session.pc, now) > s.peer_silence_s
+            ):
+                reason = "peer_silent"  # the client vanished without closing (see liveness)
             else:
+                continue
+            if session.id not in self.sessions:  # ended while we read its stats
                 continue
             ended.append(session.id)
             await self.end(session.id, reason)
         return ended
 
     async def _reap_forever(self) -> None:
-        period = min(1.0, self.settings.connect_timeout_s / 4, self.settings.idle_timeout_s / 4)
+        s = self.settings
+        period = min(1.0, s.connect_timeout_s / 4, s.idle_timeout_s / 4, s.peer_silence_s / 4)
         while True:
             await asyncio.sleep(period)
             try:

@@ -1,0 +1,46 @@
+"""Is the peer still there? A connected WebRTC client that vanished (its process killed, its
+network gone) says nothing: aiortc only notices when ICE consent expires, about 30 s later.
+
+A live receiver sends RTCP (receiver reports, about once a second in browsers and aiortc) back
+over the DTLS transport, so the transport's received-packet count keeps growing. `PeerWatch`
+notes when it last grew; the session manager's reaper ends a connected session whose peer has
+been silent for `peer_silence_s` (reason `peer_silent`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiortc import RTCPeerConnection
+
+log = logging.getLogger(__name__)
+
+
+async def packets_received(pc: RTCPeerConnection) -> int:
+    """Packets the peer's DTLS transports have received so far (RTP, RTCP, DTLS)."""
+    report = await pc.getStats()
+    return sum(
+        int(getattr(s, "packetsReceived", 0) or 0)
+        for s in report.values()
+        if getattr(s, "type", None) == "transport"
+    )
+
+
+class PeerWatch:
+    """When the peer last sent us anything (loop time), fed by `update`."""
+
+    def __init__(self) -> None:
+        self.packets = -1
+        self.last_heard: float | None = None
+
+    async def update(self, pc: RTCPeerConnection, now: float) -> float:
+        """Read the counters; returns seconds since the peer was last heard."""
+        try:
+            n = await packets_received(pc)
+        except Exception:  # a closing peer connection: the caller ends it anyway
+            log.debug("peer stats unavailable", exc_info=True)
+            n = self.packets
+        if self.last_heard is None or n > self.packets:
+            self.packets = n
+            self.last_heard = now
+        return now - self.last_heard

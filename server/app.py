@@ -23,7 +23,9 @@ from avatars.store import AvatarStore
 from engines.base import Engine
 from lipstream.paths import avatars_dir
 from server import audio_ws, avatars_api, sessions_api
+from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
+from server.limits import decode_limits
 from server.metrics import ServerMetrics
 from server.sessions import SessionManager
 from server.settings import Settings
@@ -85,6 +87,7 @@ async def _start(app: FastAPI, settings: Settings, engine: Engine | None, reason
 async def _start_parts(
     app: FastAPI, settings: Settings, engine: Engine, reason: str, metrics: ServerMetrics
 ) -> None:
+    install_log_redaction(settings.api_keys)  # uvicorn's loggers are configured by now
     log.info("engine chosen", extra={"engine": engine.name, "reason": reason})
     worker = FrameWorker(engine, settings.max_batch, metrics)
     worker.start()
@@ -93,6 +96,7 @@ async def _start_parts(
         await worker.acall(warmup)
     store = AvatarStore(avatars_dir(settings.avatars_dir))
     avatars = AvatarService(store, engine, worker, metrics, settings.max_upload_bytes)
+    avatars.limits = decode_limits(settings)
     await asyncio.to_thread(avatars.startup)
     sessions = SessionManager(settings, metrics)
     sessions.start()
@@ -169,6 +173,7 @@ def _health_routes(app: FastAPI) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
+        require_api_key(request)  # behind the key where one is set (Prometheus can send it)
         return Response(
             generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )

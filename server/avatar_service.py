@@ -93,6 +93,10 @@ class AvatarService:
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # -- queries -------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Uploads queued or being prepared now."""
+        return len(self._live)
+
     def public(self, meta: dict[str, Any]) -> dict[str, Any]:
         out = {k: meta.get(k) for k in PUBLIC_FIELDS}
         live = self._live.get(str(meta.get("id")))

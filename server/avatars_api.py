@@ -33,6 +33,9 @@ def _service(request: Request) -> AvatarService:
 async def create_avatar(request: Request) -> Response:
     service = _service(request)
     settings = request.app.state.settings
+    refused = _refuse_upload(request, service)
+    if refused is not None:
+        return refused
     try:
         upload = await receive_upload(request, service.uploads_dir, settings.max_upload_bytes)
     except UploadError as exc:
@@ -56,6 +59,20 @@ async def create_avatar(request: Request) -> Response:
         log.error("avatar store refused a new avatar", extra={"error": str(exc)})
         return _error(503, "the avatar store is unavailable")
     return JSONResponse(info, status_code=202, headers={"Location": f"/v1/avatars/{info['id']}"})
+
+
+def _refuse_upload(request: Request, service: AvatarService) -> Response | None:
+    """503 before the body is read while draining or with too many preparations queued."""
+    settings = request.app.state.settings
+    if getattr(request.app.state, "draining", False):
+        reason, message = "draining", "the server is shutting down"
+    elif service.pending() >= settings.max_pending_avatars:
+        reason = "busy"
+        message = f"{settings.max_pending_avatars} avatars are being prepared already; retry later"
+    else:
+        return None
+    request.app.state.metrics.uploads_refused.labels(reason).inc()
+    return _error(503, message, headers={"Retry-After": str(settings.retry_after_s)})
 
 
 @router.get("")

@@ -36,27 +36,53 @@ def serve(
     demo_avatar: bool = typer.Option(
         None, "--demo-avatar/--no-demo-avatar", help="Register the astronaut avatar on first start"
     ),
+    api_key: str = typer.Option(
+        None,
+        help="API key(s) for REST, comma-separated (env LIPSTREAM_API_KEY; prefer the env: "
+        "a flag shows in `ps`)",
+        show_default=False,
+    ),
+    insecure: bool = typer.Option(
+        None, "--insecure/--no-insecure", help="Allow a non-loopback --host with no API key"
+    ),
+    drain_grace_s: float = typer.Option(
+        None,
+        help="SIGTERM: seconds live sessions may run before exit (env LIPSTREAM_DRAIN_GRACE_S)",
+    ),
+    set_: list[str] = typer.Option(
+        None,
+        "--set",
+        help="Any other setting, NAME=VALUE (repeatable), e.g. --set max_upload_bytes=52428800; "
+        "names as in README 'Security and limits' (env LIPSTREAM_<NAME>)",
+    ),
     log_level: str = typer.Option("info", help="debug | info | warning"),
 ) -> None:
     import uvicorn
 
     from engines.base import EngineError
     from server.app import build_engine, create_app
-    from server.settings import Settings, SettingsError
+    from server.drain import DrainingServer, reserve_s
+    from server.settings import Settings, SettingsError, parse_assignments
 
     logging.getLogger().setLevel(log_level.upper())
     try:
-        settings = Settings.from_env(
-            engine=engine,
-            models_dir=models_dir,
-            avatars_dir=avatars_dir,
-            device=device,
-            backend=backend,
-            host=host,
-            port=port,
-            max_sessions=max_sessions,
-            demo_avatar=demo_avatar,
-        )
+        flags = {
+            "engine": engine,
+            "models_dir": models_dir,
+            "avatars_dir": avatars_dir,
+            "device": device,
+            "backend": backend,
+            "host": host,
+            "port": port,
+            "max_sessions": max_sessions,
+            "demo_avatar": demo_avatar,
+            "api_key": api_key,
+            "insecure": insecure,
+            "drain_grace_s": drain_grace_s,
+        }
+        overrides = parse_assignments(set_ or [])
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        settings = Settings.from_env(**overrides)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
@@ -67,12 +93,13 @@ def serve(
     log.info("engine %s chosen: %s", chosen.name, reason)
     typer.echo(f"lipstream: engine {chosen.name} ({reason})", err=True)
     app = create_app(settings, engine=chosen, reason=reason)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
         ws_max_size=settings.ws_max_message_bytes,
         log_level=log_level.lower(),
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=max(1, int(reserve_s(settings.drain_grace_s))),
     )
+    DrainingServer(config, app, settings.drain_grace_s).run()

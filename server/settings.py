@@ -151,6 +151,19 @@ class Settings:
         return out
 
 
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`["name=value", ...]` (the CLI's `--set`) -> typed overrides for `Settings.from_env`."""
+    fields = {f.name: f.type for f in dataclasses.fields(Settings)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().lower().replace("-", "_")
+        if not sep or name not in fields:
+            raise SettingsError(f"--set wants NAME=VALUE with a setting's name, got {item!r}")
+        out[name] = _parse(name, fields[name], raw.strip())
+    return out
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding `host` serves this machine only (127.0.0.0/8, ::1, localhost)."""
     name = host.strip().strip("[]").lower()

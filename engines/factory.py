@@ -79,15 +79,31 @@ def _musetalk(models_dir: Path, device: str, backend: str, batch_size: int | Non
     return MuseTalkEngine(models_dir, device=device, backend=backend, batch_size=batch_size)
 
 
+def _download(root: Path) -> str | None:
+    """Fetch the weights into `root`; None when they are complete, else why not."""
+    from engines.musetalk.weights import download
+
+    log.info("a CUDA GPU but no weights: downloading MuseTalk v1.5 weights into %s", root)
+    try:
+        download(root)
+    except EngineError as exc:
+        log.warning("weights download failed: %s", exc)
+        return f"weights could not be downloaded: {exc}"
+    return weights_problem(root)
+
+
 def create_engine(
     kind: str = "auto",
     models_dir: str | Path | None = None,
     device: str = "auto",
     backend: str = "torch",
     batch_size: int | None = None,
+    download_missing: bool = False,
 ) -> tuple[Engine, str]:
     """Build the engine asked for; returns it with the reason it was chosen, in words.
-    `batch_size`: most frames per model call (MuseTalk; None: the engine's default)."""
+    `batch_size`: most frames per model call (MuseTalk; None: the engine's default).
+    `download_missing`: with `auto` on a CUDA GPU, fetch missing weights first (progress bars);
+    when that fails (offline), say so and fall back to preview."""
     from lipstream.paths import models_dir as default_models_dir
 
     if kind not in ENGINE_KINDS:
@@ -108,6 +124,8 @@ def create_engine(
         reason = "preview: no CUDA GPU"
     else:
         problem = weights_problem(root)
+        if problem is not None and download_missing:
+            problem = _download(root)
         if problem is None:
             dev = _resolve_device(device)
             return _musetalk(

@@ -41,7 +41,13 @@ def build_engine(settings: Settings) -> tuple[Engine, str]:
     """The engine the settings ask for, and why it was chosen (raises EngineError)."""
     from engines.factory import create_engine
 
-    return create_engine(settings.engine, settings.models_dir, settings.device, settings.backend)
+    return create_engine(
+        settings.engine,
+        settings.models_dir,
+        settings.device,
+        settings.backend,
+        download_missing=True,
+    )
 
 
 def create_app(

@@ -288,3 +288,20 @@ def test_cli_unimplemented_commands_say_so(cli: typer.Typer) -> None:
     for args in (["bench"], ["engines", "build"]):
         code, _, stderr = run_cli(cli, *args)
         assert code != 0 and "not implemented yet: see issue 4" in stderr
+
+
+def test_auto_downloads_missing_weights_then_falls_back_when_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a GPU but no weights, `auto` tries the download; offline it says so and previews.
+    (No GPU here: cuda_available is forced true, the download runs for real against an
+    offline hub.)"""
+    from engines import factory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(factory, "cuda_available", lambda: True)
+    engine, reason = factory.create_engine(
+        "auto", tmp_path / "models", device="auto", download_missing=True
+    )
+    assert engine.name == "preview"
+    assert "could not be downloaded" in reason and "HF_HUB_OFFLINE" in reason

@@ -51,15 +51,18 @@ class BenchOptions:
     height: int = 720
     width: int = 1280
     avatar_frames: int = 25
-    backends: tuple[str, ...] = ("torch", "compiled")
+    backends: tuple[str, ...] = ("torch", "compiled")  # "<backend>[-crop<rows>]": opt-in partial VAE
+    stream_backends: tuple[str, ...] = ("compiled",)  # the first gets the long run too
     batches: tuple[int, ...] = (1, 4, 8, 16, 20, 32, 48)
-    buckets: tuple[int, ...] = (2, 4, 8, 16, 24, 32, 48)
-    sections: tuple[str, ...] = ("reference", "offline", "accuracy", "pipeline", "render", "streaming", "encoders")
+    buckets: tuple[int, ...] = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
+    sections: tuple[str, ...] = (
+        "reference", "offline", "accuracy", "vae_crop", "pipeline", "render", "streaming", "encoders",
+    )
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.sessions) or self.long_s < 0 or self.sweep_s <= 0:
             raise ValueError("sessions must be >= 1 and durations positive")
-        unknown = set(self.backends) - {"torch", "compiled", "tensorrt"}
+        unknown = {b.split("-")[0] for b in (*self.backends, *self.stream_backends)} - {"torch", "compiled", "tensorrt"}
         if unknown:
             raise ValueError(f"unknown backends {sorted(unknown)}")
 
@@ -151,16 +154,21 @@ class Bench:
         self.pipelines: dict[str, Any] = {}
         self.save()
 
-    def pipeline(self, backend: str) -> Any:
+    def pipeline(self, name: str) -> Any:
+        """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`, ..."""
         from engines.gpu.pipeline import GpuPipeline, PipelineOptions
 
-        if backend not in self.pipelines:
-            p = GpuPipeline(self.engine, PipelineOptions(backend=backend, buckets=self.o.buckets, output="i420"))
+        backend, _, crop = name.partition("-crop")
+        if name not in self.pipelines:
+            p = GpuPipeline(
+                self.engine,
+                PipelineOptions(backend=backend, buckets=self.o.buckets, output="i420", decode_from_row=int(crop or 0)),
+            )
             t0 = time.perf_counter()
             warm = p.warm_up()
-            self.res.setdefault("warmup", {})[backend] = {"total_s": time.perf_counter() - t0, "per_bucket_s": warm}
-            self.pipelines[backend] = p
-        return self.pipelines[backend]
+            self.res.setdefault("warmup", {})[name] = {"total_s": time.perf_counter() - t0, "per_bucket_s": warm}
+            self.pipelines[name] = p
+        return self.pipelines[name]
 
     # -- sections ----------------------------------------------------------------------
     def reference(self) -> dict[str, Any]:
@@ -298,26 +306,71 @@ class Bench:
         out["compiled_gpu_paste"] = {"fps": n / (time.perf_counter() - t0), "encoder": writer.encoder}
         return out
 
+    def vae_crop(self) -> dict[str, Any]:
+        """The opt-in partial VAE decode against the full one: faces (rows the mask can keep)
+        and pasted frames (the face box), as max difference and PSNR."""
+        torch = self.torch
+        out: dict[str, Any] = {}
+        full = self.pipeline("compiled").step
+        av = self.avatar
+        from engines.gpu import paste
+
+        gav = paste.upload_avatar(av, self.dev)
+        g = torch.Generator(device=self.dev).manual_seed(7)
+        res = self.engine._resident(av.id)
+        for name in [b for b in self.o.backends if "-crop" in b]:
+            crop = self.pipeline(name).step
+            rows = int(name.partition("-crop")[2]) * 8
+            n = min(16, av.n_frames)
+            idx = torch.arange(n, device=self.dev)
+            lat = res.latents[:n]
+            aud = torch.randn((n, 50, 384), device=self.dev, generator=g, dtype=lat.dtype)
+            with torch.inference_mode():
+                a, b = full(lat, aud), crop(lat, aud)
+                fa, fb = paste.paste_back(gav, idx, a), paste.paste_back(gav, idx, b)
+
+            def psnr(x: Any, y: Any) -> float:
+                mse = float(((x.float() - y.float()) ** 2).mean())
+                return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+            boxes = [tuple(int(v) for v in av.face_boxes[i]) for i in range(n)]
+            box_psnr = [psnr(fa[i, y1:y2, x1:x2], fb[i, y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(boxes)]
+            out[name] = {
+                "decoded_from_face_row": rows,
+                "faces_psnr_rows_112_up": psnr(a[:, :, 112:], b[:, :, 112:]),
+                "faces_max_diff_rows_112_up": int((a[:, :, 112:].int() - b[:, :, 112:].int()).abs().max()),
+                "frames_max_diff": int((fa.int() - fb.int()).abs().max()),
+                "face_box_psnr_min": min(box_psnr),
+                "face_box_psnr_mean": float(np.mean(box_psnr)),
+            }
+        return out
+
     def streaming(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, name in enumerate(self.o.stream_backends):
+            out[name] = self._streaming(name, long_run=k == 0)
+        return out
+
+    def _streaming(self, name: str, long_run: bool) -> dict[str, Any]:
         from engines.scheduler import GpuScheduler, SchedulerOptions
 
         torch = self.torch
-        p = self.pipeline("compiled")
+        p = self.pipeline(name)
         sched = GpuScheduler(self.engine, SchedulerOptions(max_batch=max(self.o.buckets), output="i420"), pipeline=p)
         sched.start()
         out: dict[str, Any] = {}
         try:
-            runs = [(n, self.o.sweep_s) for n in self.o.sessions if n != self.o.long_sessions]
-            if self.o.long_s > 0:
+            runs = [(n, self.o.sweep_s) for n in self.o.sessions if n != self.o.long_sessions or not long_run]
+            if self.o.long_s > 0 and long_run:
                 runs.append((self.o.long_sessions, self.o.long_s))
+            out["latency_1_session"] = latency_runs(sched, self.avatar.id, 10)
             for n, secs in runs:
                 print(f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True)
                 out[str(n)] = simulate(sched, self.avatar.id, n, secs, torch)
-                self.res["streaming_partial"] = out
+                self.res[f"{name}_partial"] = out
                 self.save()
         finally:
             sched.stop()
-            out["latency_1_session"] = latency_runs(sched, self.avatar.id, 10)
         ok = [int(k) for k, v in out.items() if k.isdigit() and v["holds_realtime"]]
         out["max_sessions_realtime"] = max(ok) if ok else 0
         return out
@@ -339,6 +392,7 @@ class Bench:
         self.section("reference", self.reference)
         self.section("offline", self.offline)
         self.section("accuracy", self.accuracy)
+        self.section("vae_crop", self.vae_crop)
         self.section("pipeline", self.full_pipeline)
         self.section("render", self.render)
         self.section("streaming", self.streaming)
@@ -518,12 +572,20 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
     for k, v in acc.items():
         if isinstance(v, dict) and "max" in v:
             rows.append((f"accuracy {k} max/mean", (v["max"], round(v["mean"], 4))))
-    st = res.get("streaming") or {}
-    for k, v in st.items():
-        if isinstance(v, dict) and "sessions" in v:
-            rows.append((f"stream N={k}", {x: (round(v[x], 1) if isinstance(v[x], float) else v[x]) for x in (
-                "delivered_fps_min", "frame_interval_ms_p99", "first_frame_ms_p50", "first_frame_ms_p99", "late_frames_no_buffer", "late_frames_40ms_buffer", "batch_mean", "holds_realtime")}))
-    rows.append(("max sessions realtime", st.get("max_sessions_realtime")))
+    for k, v in (res.get("vae_crop") or {}).items():
+        if isinstance(v, dict):
+            rows.append((f"vae_crop {k}", v))
+    for variant, st in (res.get("streaming") or {}).items():
+        if not isinstance(st, dict):
+            continue
+        for k, v in st.items():
+            if isinstance(v, dict) and "sessions" in v:
+                keys = ("delivered_fps_min", "frame_interval_ms_p99", "first_frame_ms_p50", "first_frame_ms_p99",
+                        "late_frames_40ms_buffer", "batch_mean", "holds_realtime")
+                rows.append((f"stream {variant} N={k}", {x: (round(v[x], 1) if isinstance(v[x], float) else v[x]) for x in keys}))
+        lat = st.get("latency_1_session") or {}
+        rows.append((f"stream {variant} 1-session first frame p50/p99", (lat.get("first_frame_ms_p50"), lat.get("first_frame_ms_p99"))))
+        rows.append((f"stream {variant} max sessions realtime", st.get("max_sessions_realtime")))
     for k in ("VP8", "H264"):
         e = (res.get("encoders") or {}).get(k)
         if isinstance(e, dict):
@@ -544,6 +606,8 @@ if __name__ == "__main__":
     ap.add_argument("--long-s", type=float, default=60.0)
     ap.add_argument("--sweep-s", type=float, default=12.0)
     ap.add_argument("--sections", default=",".join(BenchOptions().sections))
+    ap.add_argument("--backends", default="torch,compiled")
+    ap.add_argument("--stream-backends", default="compiled")
     a = ap.parse_args()
     run_bench(
         BenchOptions(
@@ -551,6 +615,8 @@ if __name__ == "__main__":
             long_s=a.long_s,
             sweep_s=a.sweep_s,
             sections=tuple(a.sections.split(",")),
+            backends=tuple(a.backends.split(",")),
+            stream_backends=tuple(a.stream_backends.split(",")),
         ),
         a.out,
     )

@@ -142,8 +142,9 @@ class GpuFeaturizer:
 @dataclass(frozen=True)
 class PipelineOptions:
     backend: str = "compiled"  # "torch" (eager) or "compiled"
-    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48)
+    buckets: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
     output: str = "i420"  # "i420" (what the video track sends) or "rgb"
+    decode_from_row: int = 0  # > 0: opt-in partial VAE decode (see MuseTalkStep)
     host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
 
     def __post_init__(self) -> None:
@@ -202,7 +203,7 @@ class GpuPipeline:
         self.options = options or PipelineOptions()
         self.device = engine.device
         self.features = GpuFeaturizer(engine.features)
-        step = MuseTalkStep(engine.unet, engine.vae).to(self.device)
+        step = MuseTalkStep(engine.unet, engine.vae, decode_from_row=self.options.decode_from_row).to(self.device)
         self.step: Any = step
         if self.options.backend == "compiled":
             self.step = CompiledStep(step, CompiledOptions(buckets=self.options.buckets))
@@ -215,6 +216,13 @@ class GpuPipeline:
         self._next_slot = 0
 
     def warm_up(self) -> dict[int, float]:
+        """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
+        encoder kernels), so a session's first frame pays none of it."""
+        from engines.base import ready_horizon
+
+        jobs = [FrameJob(0, ready_horizon(0), 0)]
+        self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])
+        torch.cuda.synchronize(self.device)
         if isinstance(self.step, CompiledStep):
             return self.step.warm_up()
         return {}

@@ -94,6 +94,11 @@ async def _receive(websocket: WebSocket, session: Session, settings: Any) -> Non
                     _error("too_large", f"binary messages are limited to {max_bytes} bytes")
                 )
                 continue
+            if len(data) % 2:  # refused before it counts against the rate limit
+                session.emit(
+                    _error("bad_audio", f"PCM16 audio has 2 bytes a sample, got {len(data)} bytes")
+                )
+                continue
             now = session.loop.time()
             if not limiter.allow(len(data) // 2, now):
                 session.stats.audio_refused_bytes += len(data)

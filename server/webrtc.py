@@ -7,8 +7,12 @@ closing a peer connection never raises.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiortc import (
     MediaStreamTrack,
@@ -22,6 +26,7 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 5.0
 _MLINE = re.compile(r"^m=(\w+)", re.MULTILINE)
 
 
@@ -90,11 +95,44 @@ async def negotiate(
 
 
 async def close_peer(pc: RTCPeerConnection) -> None:
-    """Close a peer connection; never raises."""
+    """Close a peer connection; never raises, and frees its sockets and tasks even where
+    aiortc's own `close()` fails half-way (after a refused offer a transceiver may have no
+    transport: `close()` then raises and leaves the remaining transports running)."""
     try:
-        await pc.close()
-    except Exception:
-        log.warning("closing a peer connection failed", exc_info=True)
+        await asyncio.wait_for(pc.close(), CLOSE_TIMEOUT_S)
+        return
+    except Exception as exc:
+        log.info("peer connection close failed, forcing", extra={"error": type(exc).__name__})
+    await _force_close(pc)
+
+
+async def _force_close(pc: RTCPeerConnection) -> None:
+    """Stop what `pc.close()` would have stopped, each step on its own."""
+    steps: list[Callable[[], Awaitable[Any]]] = []
+    for transceiver in pc.getTransceivers():
+        steps.append(transceiver.stop)
+        dtls = transceiver.receiver.transport
+        if dtls is not None:
+            steps += [dtls.stop, dtls.transport.stop]
+    sctp = pc.sctp
+    if sctp is not None:
+        steps += [sctp.stop, sctp.transport.stop, sctp.transport.transport.stop]
+    for step in steps:
+        try:
+            await asyncio.wait_for(step(), CLOSE_TIMEOUT_S)
+        except Exception as exc:
+            log.debug("forced close step failed", extra={"error": type(exc).__name__})
+    # aiortc's close() marked the connection closing before it failed: finish its bookkeeping
+    # so the states read "closed" and a later close() returns at once
+    closing = getattr(pc, "_RTCPeerConnection__isClosed", None)
+    for name in ("IceGatheringState", "IceConnectionState", "ConnectionState"):
+        update = getattr(pc, f"_RTCPeerConnection__update{name}", None)
+        if callable(update) and closing:
+            with contextlib.suppress(Exception):
+                update()
+    if isinstance(closing, asyncio.Future) and not closing.done():
+        closing.set_result(True)
+    pc.remove_all_listeners()
 
 
 def _short(exc: BaseException) -> str:

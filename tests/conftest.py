@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from leakcheck import leakcheck, pytest_configure  # noqa: F401  (autouse leak check)
 
 SPEECH_SECONDS = 3.0
 SAMPLE_RATE = 16_000

@@ -55,6 +55,20 @@ def _recording_cancel_all(loop: asyncio.AbstractEventLoop) -> None:
 asyncio.runners._cancel_all_tasks = _recording_cancel_all  # type: ignore[attr-defined]
 
 
+def _warm_process_globals() -> None:
+    """Create the process-wide descriptors that libraries open once and keep (libuv's signal
+    pipe, made by the first uvloop loop: uvicorn's servers use uvloop where it is installed),
+    so the first test to start a server is not blamed for them."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.new_event_loop().close()
+
+
+_warm_process_globals()
+
+
 def _describe_task(task: asyncio.Task[Any]) -> str:
     coro = task.get_coro()
     where = getattr(coro, "__qualname__", repr(coro))

@@ -27,6 +27,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from fastapi import FastAPI
 
+from server.webrtc import close_peer
+
 log = logging.getLogger(__name__)
 
 VideoSink = Callable[[float, int, av.VideoFrame], None]
@@ -213,7 +215,7 @@ class LoopbackClient:
         if delete and self.session:
             with contextlib.suppress(httpx.HTTPError):
                 await self.http.delete(f"/v1/sessions/{self.session['session_id']}")
-        await self.pc.close()
+        await close_peer(self.pc)  # also stops a connect still under way
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -97,13 +97,43 @@ async def negotiate(
 async def close_peer(pc: RTCPeerConnection) -> None:
     """Close a peer connection; never raises, and frees its sockets and tasks even where
     aiortc's own `close()` fails half-way (after a refused offer a transceiver may have no
-    transport: `close()` then raises and leaves the remaining transports running)."""
+    transport: `close()` then raises and leaves the remaining transports running).
+
+    aiortc connects in a background task (`__connect`) that `close()` does not stop: a close
+    while it runs lets it start senders and ICE consent checks on the closed connection
+    afterwards, which then run on (holding the session) until consent fails. That task is
+    cancelled first."""
+    await _cancel_connect(pc)
     try:
         await asyncio.wait_for(pc.close(), CLOSE_TIMEOUT_S)
         return
     except Exception as exc:
         log.info("peer connection close failed, forcing", extra={"error": type(exc).__name__})
     await _force_close(pc)
+
+
+_CONNECT_CODE = getattr(RTCPeerConnection, "_RTCPeerConnection__connect", None)
+
+
+async def _cancel_connect(pc: RTCPeerConnection) -> None:
+    """Cancel and await `pc`'s connecting task(s), if any are running."""
+    code = getattr(_CONNECT_CODE, "__code__", None)
+    if code is None:
+        return
+    tasks = []
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        if (
+            getattr(coro, "cr_code", None) is code
+            and frame is not None
+            and frame.f_locals.get("self") is pc
+            and not task.done()
+        ):
+            task.cancel()
+            tasks.append(task)
+    if tasks:
+        await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
 
 
 async def _force_close(pc: RTCPeerConnection) -> None:

@@ -59,7 +59,7 @@ class Inotify:
             raise OSError(ctypes.get_errno(), "inotify_add_watch")
 
     def events(self) -> list[tuple[int, str]]:
-        out = []
+        out: list[tuple[int, str]] = []
         while True:
             try:
                 data = os.read(self.fd, 65536)

@@ -91,8 +91,18 @@ def _load_avatar(name_or_id: str, root: Path) -> Avatar:
         raise LookupError(f"avatar {name_or_id!r} in {root}: {exc}") from exc
 
 
-def bench_cmd() -> None:
+def bench_cmd(
+    soak: bool = typer.Option(False, "--soak", help="Soak over real WebRTC (server.soak)"),
+    sessions: int = typer.Option(2, help="--soak: concurrent sessions"),
+    minutes: float = typer.Option(1.0, help="--soak: how long"),
+    soak_out: Path = typer.Option(None, help="--soak: write the JSON result here"),
+) -> None:
     """Measure render throughput against MuseTalk's own way (not implemented yet)."""
+    if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
+        from server.soak import run_soak
+
+        run_soak(sessions, minutes, soak_out)
+        return
     raise _fail(f"`lipstream bench` is {NOT_YET}", code=2)
 
 

@@ -1,0 +1,376 @@
+"""Soak test: `lipstream bench --soak --sessions N --minutes M`.
+
+A real `lipstream serve` subprocess on loopback (its settings from the usual `LIPSTREAM_*`
+variables: engine, models, device, backend; `--engine` here overrides the engine) and N real
+aiortc clients in this process, each pushing speech at real time over its websocket
+(utterances of 2-4 s with 0.5-1.5 s pauses) and receiving video and audio over WebRTC.
+
+Measured after a warm-up (the first 20% of the run, at most 60 s):
+- delivered fps per session (video frames received / window), p50/p99 frame interval at the
+  client, frames missing from the received RTP timestamps (gaps) and the server's own counts
+  (frames dropped before the encoder, late/held frames);
+- the server process's RSS (from /proc) and GPU memory (nvidia-smi, by pid, where present):
+  at the end of the warm-up, at the end, the growth between, sampled every 5 s.
+
+The result is a JSON document (printed, and written to `out` where given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from server.loopback import LoopbackClient
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+FRAME_PTS = 3600  # 90 kHz / 25 fps
+SAMPLE_EVERY_S = 5.0
+
+
+@dataclass
+class VideoStats:
+    """Streaming per-session video figures (constant memory per frame: one double)."""
+
+    frames: int = 0
+    missing: int = 0
+    intervals: array = field(default_factory=lambda: array("d"))
+    window_frames: int = 0
+    _last_t: float | None = None
+    _last_pts: int | None = None
+    measuring: bool = False
+
+    def add(self, t: float, pts: int) -> None:
+        self.frames += 1
+        if self._last_pts is not None and pts > self._last_pts:
+            gap = round((pts - self._last_pts) / FRAME_PTS)
+            if self.measuring and gap > 1:
+                self.missing += gap - 1
+        if self.measuring:
+            self.window_frames += 1
+            if self._last_t is not None:
+                self.intervals.append(t - self._last_t)
+        self._last_t, self._last_pts = t, pts
+
+
+class SoakClient(LoopbackClient):
+    """A loopback client that keeps statistics instead of the frames (hours of them)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(base_url, headers=headers)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video = VideoStats()
+        self.audio_frames = 0
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if isinstance(frame, av.VideoFrame):
+                self.video.add(time.monotonic(), int(frame.pts or 0))
+            else:
+                self.audio_frames += 1
+
+
+def speech(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """Vowel-like int16 speech: a pulse train through formants, syllable envelope."""
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    f0 = 110 + 25 * np.sin(2 * np.pi * 0.6 * t)
+    voiced = sum(np.sin(2 * np.pi * np.cumsum(f0 * k) / SAMPLE_RATE) / k for k in range(1, 12)) * (
+        1 + 0.3 * np.sin(2 * np.pi * 700 * t)
+    )
+    envelope = np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) * t), 0, None) ** 2
+    x = voiced * envelope
+    return (0.5 * x / max(float(np.max(np.abs(x))), 1e-6) * 32767).astype(np.int16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def gpu_bytes(pid: int) -> int | None:
+    """GPU memory the process holds (nvidia-smi), None where that cannot be read."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return int(parts[1]) * 1024 * 1024
+    return None
+
+
+class ServerProcess:
+    """`lipstream serve` on a free loopback port, with a fresh avatars folder."""
+
+    def __init__(self, sessions: int, engine: str | None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.tmp = tempfile.TemporaryDirectory(prefix="lipstream-soak-")
+        cmd = [
+            sys.executable,
+            "-c",
+            "from lipstream.cli import main; main()",
+            "serve",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--avatars-dir",
+            str(Path(self.tmp.name) / "avatars"),
+            "--demo-avatar",
+            "--max-sessions",
+            str(sessions + 1),
+            "--log-level",
+            "warning",
+        ]
+        if engine:
+            cmd += ["--engine", engine]
+        env = {**os.environ, "LIPSTREAM_AUDIO_BURST_S": "60"}
+        env.pop("LIPSTREAM_API_KEY", None)
+        self.proc = subprocess.Popen(cmd, env=env)
+
+    async def ready(self, http: httpx.AsyncClient, within: float = 600.0) -> str:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode})")
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get("/readyz")).status_code == 200:
+                    listed = (await http.get("/v1/avatars")).json()["avatars"]
+                    if listed and listed[0]["status"] == "ready":
+                        return str(listed[0]["id"])
+                    if listed and listed[0]["status"] == "failed":
+                        raise RuntimeError(f"the demo avatar failed: {listed[0]['error']}")
+            await asyncio.sleep(0.2)
+        raise TimeoutError("the server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.tmp.cleanup()
+
+
+async def _speak(client: SoakClient, stop_at: float, seed: int) -> int:
+    """Utterances at real time until `stop_at`; returns how many were sent."""
+    rng = np.random.default_rng(seed)
+    sent = 0
+    while time.monotonic() < stop_at - 1.0:
+        pcm = speech(float(rng.uniform(2.0, 4.0)), rng)
+        await client.send_pcm(pcm, chunk=320, realtime=True)
+        await client.send_json({"type": "end"})
+        sent += 1
+        await asyncio.sleep(float(rng.uniform(0.5, 1.5)))
+    return sent
+
+
+def _pct(values: Any, q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else None
+
+
+async def soak(
+    sessions: int, minutes: float, engine: str | None = None, server_url: str | None = None
+) -> dict[str, Any]:
+    if sessions < 1 or minutes <= 0:
+        raise ValueError("the soak needs sessions >= 1 and minutes > 0")
+    duration = minutes * 60.0
+    warmup = min(60.0, 0.2 * duration)
+    server = None if server_url else ServerProcess(sessions, engine)
+    base = server_url or (server.base_url if server else "")
+    pid = server.proc.pid if server else None
+    clients: list[SoakClient] = []
+    samples: list[dict[str, Any]] = []
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            avatar_id = await (server.ready(http) if server else _first_ready(http))
+            engine_name = (await http.get("/readyz")).json().get("engine")
+            for _ in range(sessions):
+                client = SoakClient(base)
+                clients.append(client)
+                await client.open(avatar_id)
+                await client.connect_audio()
+            await asyncio.gather(*(c.wait_frames(5, within=60) for c in clients))
+            t0 = time.monotonic()
+            stop_at = t0 + duration
+            speakers = [asyncio.create_task(_speak(c, stop_at, i)) for i, c in enumerate(clients)]
+            measuring = False
+            while time.monotonic() < stop_at:
+                now = time.monotonic() - t0
+                if not measuring and now >= warmup:
+                    measuring = True
+                    for c in clients:
+                        c.video.measuring = True
+                    window_start = time.monotonic()
+                sample: dict[str, Any] = {"t": round(now, 1)}
+                if pid is not None:
+                    sample["rss"] = rss_bytes(pid)
+                    sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
+                samples.append(sample)
+                await asyncio.sleep(min(SAMPLE_EVERY_S, max(0.1, stop_at - time.monotonic())))
+            window = time.monotonic() - window_start
+            utterances = await asyncio.gather(*speakers)
+            infos = [
+                (await http.get(f"/v1/sessions/{c.session['session_id']}")).json() for c in clients
+            ]
+            if pid is not None:
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - t0, 1),
+                        "rss": rss_bytes(pid),
+                        "gpu": await asyncio.to_thread(gpu_bytes, pid),
+                    }
+                )
+    finally:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                await c.close()
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+    return _report(
+        sessions, minutes, warmup, window, engine_name, clients, infos, utterances, samples
+    )
+
+
+async def _first_ready(http: httpx.AsyncClient) -> str:
+    for a in (await http.get("/v1/avatars")).json()["avatars"]:
+        if a["status"] == "ready":
+            return str(a["id"])
+    raise RuntimeError("the server has no ready avatar")
+
+
+def _report(
+    sessions: int,
+    minutes: float,
+    warmup: float,
+    window: float,
+    engine_name: str | None,
+    clients: list[SoakClient],
+    infos: list[dict[str, Any]],
+    utterances: list[int],
+    samples: list[dict[str, Any]],
+) -> dict[str, Any]:
+    per = []
+    for c, info, n in zip(clients, infos, utterances, strict=True):
+        iv = c.video.intervals
+        per.append(
+            {
+                "fps": round(c.video.window_frames / window, 2),
+                "frame_interval_ms_p50": _ms(_pct(iv, 50)),
+                "frame_interval_ms_p99": _ms(_pct(iv, 99)),
+                "frame_interval_ms_max": _ms(max(iv) if len(iv) else None),
+                "frames_missing_at_client": c.video.missing,
+                "server_frames_dropped": info.get("frames_dropped"),
+                "server_held_frames": info.get("held_frames"),
+                "server_audio_dropped": info.get("audio_dropped"),
+                "speech_frames": info.get("speech_frames"),
+                "utterances": n,
+                "latency_ms": info.get("latency_ms"),
+                "first_frame_ms": info.get("first_frame_ms"),
+            }
+        )
+    after = [s for s in samples if s["t"] >= warmup]
+    at_warm = after[0] if after else (samples[-1] if samples else {})
+    last = samples[-1] if samples else {}
+    rss = [s["rss"] for s in after if s.get("rss")]
+    gpu = [s["gpu"] for s in after if s.get("gpu")]
+    all_iv: list[float] = [x for c in clients for x in c.video.intervals]
+    return {
+        "sessions": sessions,
+        "minutes": minutes,
+        "engine": engine_name,
+        "warmup_s": round(warmup, 1),
+        "window_s": round(window, 1),
+        "fps_min": min(float(p["fps"] or 0.0) for p in per),
+        "fps_mean": round(float(np.mean([p["fps"] for p in per])), 2),
+        "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
+        "frames_missing_at_client": sum(p["frames_missing_at_client"] for p in per),
+        "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
+        "rss_mb_after_warmup": _mb(at_warm.get("rss")),
+        "rss_mb_end": _mb(last.get("rss")),
+        "rss_growth_mb": _mb(rss[-1] - rss[0]) if len(rss) >= 2 else None,
+        "rss_mb_max": _mb(max(rss)) if rss else None,
+        "gpu_mb_after_warmup": _mb(at_warm.get("gpu")),
+        "gpu_mb_end": _mb(last.get("gpu")),
+        "gpu_growth_pct": round(100.0 * (gpu[-1] - gpu[0]) / gpu[0], 3) if len(gpu) >= 2 else None,
+        "per_session": per,
+        "samples": samples,
+    }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000.0, 1)
+
+
+def _mb(v: float | int | None) -> float | None:
+    return None if v is None else round(v / 2**20, 1)
+
+
+def run_soak(
+    sessions: int,
+    minutes: float,
+    out: Path | None = None,
+    engine: str | None = None,
+    server_url: str | None = None,
+) -> dict[str, Any]:
+    """The soak (see the module docstring); prints a summary and writes JSON to `out`."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
+    result = asyncio.run(soak(sessions, minutes, engine, server_url))
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    summary = {k: v for k, v in result.items() if k not in ("per_session", "samples")}
+    print(json.dumps(summary, indent=2))
+    return result

@@ -51,18 +51,32 @@ class BenchOptions:
     height: int = 720
     width: int = 1280
     avatar_frames: int = 25
-    backends: tuple[str, ...] = ("torch", "compiled")  # "<backend>[-crop<rows>]": opt-in partial VAE
+    backends: tuple[str, ...] = (
+        "torch",
+        "compiled",
+    )  # "<backend>[-crop<rows>]": opt-in partial VAE
     stream_backends: tuple[str, ...] = ("compiled",)  # the first gets the long run too
     batches: tuple[int, ...] = (1, 4, 8, 16, 20, 32, 48)
     buckets: tuple[int, ...] = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
     sections: tuple[str, ...] = (
-        "reference", "offline", "accuracy", "vae_crop", "pipeline", "render", "streaming", "encoders",
+        "reference",
+        "offline",
+        "accuracy",
+        "vae_crop",
+        "pipeline",
+        "render",
+        "streaming",
+        "encoders",
     )
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.sessions) or self.long_s < 0 or self.sweep_s <= 0:
             raise ValueError("sessions must be >= 1 and durations positive")
-        unknown = {b.split("-")[0] for b in (*self.backends, *self.stream_backends)} - {"torch", "compiled", "tensorrt"}
+        unknown = {b.split("-")[0] for b in (*self.backends, *self.stream_backends)} - {
+            "torch",
+            "compiled",
+            "tensorrt",
+        }
         if unknown:
             raise ValueError(f"unknown backends {sorted(unknown)}")
 
@@ -80,7 +94,7 @@ def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 class Bench:
@@ -90,7 +104,10 @@ class Bench:
         self.torch = torch
         self.o = options
         self.out_path = out_path
-        self.res: dict[str, Any] = {"options": options.__dict__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.res: dict[str, Any] = {
+            "options": options.__dict__,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self.dev = torch.device("cuda")
         self._tmp = tempfile.TemporaryDirectory(prefix="lipstream-bench-")
 
@@ -115,7 +132,9 @@ class Bench:
             out["section_s"] = round(time.perf_counter() - t0, 1)
         self.res[name] = out
         self.save()
-        print(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        print(
+            f"[bench] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True
+        )
         return out
 
     # -- set-up ------------------------------------------------------------------------
@@ -125,7 +144,11 @@ class Bench:
         from engines.musetalk.weights import make_random
 
         torch = self.torch
-        info: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+        info: dict[str, Any] = {
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+        }
         root = self.o.models_dir
         if root is None:
             root = str(Path(self._tmp.name) / "models")
@@ -147,7 +170,11 @@ class Bench:
         gav = paste.upload_avatar(self.avatar, self.dev)
         info["gpu_mem_per_avatar_MiB"] = (torch.cuda.memory_allocated() - mem1) / 2**20
         info["gpu_mem_per_avatar_frame_MiB"] = info["gpu_mem_per_avatar_MiB"] / self.avatar.n_frames
-        info["avatar"] = {"frames": self.avatar.n_frames, "size": self.avatar.size, "paste_region": gav.region}
+        info["avatar"] = {
+            "frames": self.avatar.n_frames,
+            "size": self.avatar.size,
+            "paste_region": gav.region,
+        }
         del gav
         self.clip = speech(self.o.clip_s)
         self.res["setup"] = info
@@ -162,11 +189,19 @@ class Bench:
         if name not in self.pipelines:
             p = GpuPipeline(
                 self.engine,
-                PipelineOptions(backend=backend, buckets=self.o.buckets, output="i420", decode_from_row=int(crop or 0)),
+                PipelineOptions(
+                    backend=backend,
+                    buckets=self.o.buckets,
+                    output="i420",
+                    decode_from_row=int(crop or 0),
+                ),
             )
             t0 = time.perf_counter()
             warm = p.warm_up()
-            self.res.setdefault("warmup", {})[name] = {"total_s": time.perf_counter() - t0, "per_bucket_s": warm}
+            self.res.setdefault("warmup", {})[name] = {
+                "total_s": time.perf_counter() - t0,
+                "per_bucket_s": warm,
+            }
             self.pipelines[name] = p
         return self.pipelines[name]
 
@@ -195,7 +230,9 @@ class Bench:
                     faces = decode_latents(eng.vae, pred)
                 gpu_s += time.perf_counter() - g0
                 for k, i in enumerate(idx):
-                    pil_paste_back(av.frames[i], faces[k], av.face_boxes[i], av.crop_boxes[i], av.masks[i])
+                    pil_paste_back(
+                        av.frames[i], faces[k], av.face_boxes[i], av.crop_boxes[i], av.masks[i]
+                    )
             return n / (time.perf_counter() - t0), n / gpu_s
 
         run()  # warm-up
@@ -217,7 +254,9 @@ class Bench:
                 lat = torch.randn((b, 8, 32, 32), device=self.dev, dtype=torch.float16)
                 aud = torch.randn((b, 50, 384), device=self.dev, dtype=torch.float16)
                 with torch.inference_mode():
-                    t = measure.gpu_time_ms(lambda p=p, lat=lat, aud=aud: p.step(lat, aud), reps=10, warmup=2)
+                    t = measure.gpu_time_ms(
+                        lambda p=p, lat=lat, aud=aud: p.step(lat, aud), reps=10, warmup=2
+                    )
                 rows[str(b)] = {"ms": t["median_ms"], "fps": b * 1e3 / t["median_ms"]}
             out[backend] = rows
         return out
@@ -230,9 +269,15 @@ class Bench:
         torch = self.torch
         p = self.pipeline("compiled")
         eager = self.pipeline("torch").step
-        ref32 = MuseTalkStep(copy.deepcopy(self.engine.unet).float(), copy.deepcopy(self.engine.vae).float()).to(self.dev)
+        ref32 = MuseTalkStep(
+            copy.deepcopy(self.engine.unet).float(), copy.deepcopy(self.engine.vae).float()
+        ).to(self.dev)
         g = torch.Generator(device=self.dev).manual_seed(5)
-        diffs: dict[str, list[float]] = {"compiled_vs_eager": [], "eager_vs_fp32": [], "compiled_vs_fp32": []}
+        diffs: dict[str, list[float]] = {
+            "compiled_vs_eager": [],
+            "eager_vs_fp32": [],
+            "compiled_vs_fp32": [],
+        }
         stats: dict[str, Any] = {}
         with torch.inference_mode():
             for b in (1, 5, 16):
@@ -241,7 +286,11 @@ class Bench:
                 c = p.step(lat.half(), aud.half()).int()
                 e = eager(lat.half(), aud.half()).int()
                 r = ref32(lat, aud).int()
-                for name, d in (("compiled_vs_eager", c - e), ("eager_vs_fp32", e - r), ("compiled_vs_fp32", c - r)):
+                for name, d in (
+                    ("compiled_vs_eager", c - e),
+                    ("eager_vs_fp32", e - r),
+                    ("compiled_vs_fp32", c - r),
+                ):
                     d = d.abs()
                     diffs[name].append(float(d.max()))
                     s = stats.setdefault(name, {"pixels": 0, "over2": 0, "over1": 0, "sum": 0.0})
@@ -287,12 +336,20 @@ class Bench:
         torch = self.torch
         out: dict[str, Any] = {}
         mp4 = Path(self._tmp.name) / "clip.mp4"
-        r = render_to_files(self.engine, self.avatar, self.clip, mp4, options=RenderOptions(batch_size=20, progress=False))
+        r = render_to_files(
+            self.engine,
+            self.avatar,
+            self.clip,
+            mp4,
+            options=RenderOptions(batch_size=20, progress=False),
+        )
         out["torch_engine_cpu_paste"] = {"fps": r.fps, "encoder": r.encoder}
         n = frames_in(self.clip.size)
         from engines.gpu.pipeline import GpuPipeline, PipelineOptions
 
-        p = GpuPipeline(self.engine, PipelineOptions(backend="compiled", buckets=self.o.buckets, output="rgb"))
+        p = GpuPipeline(
+            self.engine, PipelineOptions(backend="compiled", buckets=self.o.buckets, output="rgb")
+        )
         p.step = self.pipeline("compiled").step  # share the captured graphs
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -300,10 +357,17 @@ class Bench:
         writer = Mp4Writer(mp4, *self.avatar.size, self.clip)
         try:
             for s in range(0, n, 48):
-                writer.write_batch(np.stack(p.render(self.avatar.id, list(range(s, min(n, s + 48))), feats[s : s + 48])))
+                writer.write_batch(
+                    np.stack(
+                        p.render(self.avatar.id, list(range(s, min(n, s + 48))), feats[s : s + 48])
+                    )
+                )
         finally:
             writer.close()
-        out["compiled_gpu_paste"] = {"fps": n / (time.perf_counter() - t0), "encoder": writer.encoder}
+        out["compiled_gpu_paste"] = {
+            "fps": n / (time.perf_counter() - t0),
+            "encoder": writer.encoder,
+        }
         return out
 
     def vae_crop(self) -> dict[str, Any]:
@@ -334,11 +398,16 @@ class Bench:
                 return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
             boxes = [tuple(int(v) for v in av.face_boxes[i]) for i in range(n)]
-            box_psnr = [psnr(fa[i, y1:y2, x1:x2], fb[i, y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(boxes)]
+            box_psnr = [
+                psnr(fa[i, y1:y2, x1:x2], fb[i, y1:y2, x1:x2])
+                for i, (x1, y1, x2, y2) in enumerate(boxes)
+            ]
             out[name] = {
                 "decoded_from_face_row": rows,
                 "faces_psnr_rows_112_up": psnr(a[:, :, 112:], b[:, :, 112:]),
-                "faces_max_diff_rows_112_up": int((a[:, :, 112:].int() - b[:, :, 112:].int()).abs().max()),
+                "faces_max_diff_rows_112_up": int(
+                    (a[:, :, 112:].int() - b[:, :, 112:].int()).abs().max()
+                ),
                 "frames_max_diff": int((fa.int() - fb.int()).abs().max()),
                 "face_box_psnr_min": min(box_psnr),
                 "face_box_psnr_mean": float(np.mean(box_psnr)),
@@ -356,16 +425,24 @@ class Bench:
 
         torch = self.torch
         p = self.pipeline(name)
-        sched = GpuScheduler(self.engine, SchedulerOptions(max_batch=max(self.o.buckets), output="i420"), pipeline=p)
+        sched = GpuScheduler(
+            self.engine, SchedulerOptions(max_batch=max(self.o.buckets), output="i420"), pipeline=p
+        )
         sched.start()
         out: dict[str, Any] = {}
         try:
-            runs = [(n, self.o.sweep_s) for n in self.o.sessions if n != self.o.long_sessions or not long_run]
+            runs = [
+                (n, self.o.sweep_s)
+                for n in self.o.sessions
+                if n != self.o.long_sessions or not long_run
+            ]
             if self.o.long_s > 0 and long_run:
                 runs.append((self.o.long_sessions, self.o.long_s))
             out["latency_1_session"] = latency_runs(sched, self.avatar.id, 10)
             for n, secs in runs:
-                print(f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True
+                )
                 out[str(n)] = simulate(sched, self.avatar.id, n, secs, torch)
                 self.res[f"{name}_partial"] = out
                 self.save()
@@ -431,7 +508,10 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     from engines.stream import SpeechStream
 
     lock = threading.Lock()
-    sessions = [_Session(f"s{k}", speech(seconds + 1, seed=k), SpeechStream(max_utterance_s=seconds + 5)) for k in range(n)]
+    sessions = [
+        _Session(f"s{k}", speech(seconds + 1, seed=k), SpeechStream(max_utterance_s=seconds + 5))
+        for k in range(n)
+    ]
 
     def done(item: _Item, frames: list | None, exc: BaseException | None) -> None:
         now = time.perf_counter()
@@ -448,7 +528,7 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         torch.cuda.reset_peak_memory_stats()
     mem0 = torch.cuda.memory_allocated() if cuda else 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    steps0, frames0 = sched.steps, sched.frames
+    steps0 = sched.steps
     t_start = time.perf_counter()
     chunks = int(seconds * SAMPLE_RATE) // CHUNK
     # sessions start 20 ms / n apart, as real ones would
@@ -465,7 +545,9 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
             jobs = s.stream.take()
             if jobs:  # a view of the pushed audio (the featurizer reads audio[:horizon] only)
                 due = s.first_audio + 0.12 + jobs[0].index / FPS
-                sched.submit(_Item(s.key, avatar_id, s.audio[: s.stream.n_samples], jobs, due, done))
+                sched.submit(
+                    _Item(s.key, avatar_id, s.audio[: s.stream.n_samples], jobs, due, done)
+                )
     # wait for the stragglers
     expect = sum(s.stream.ready_frames for s in sessions)
     t_end = time.perf_counter() + 5
@@ -516,10 +598,14 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         "steps": sched.steps - steps0,
         "gpu_mem_peak_over_idle_MiB": mem_peak / 2**20,
         "gpu_mem_per_session_MiB": mem_peak / 2**20 / n,
-        "cpu_cores_used": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / wall,
+        "cpu_cores_used": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime))
+        / wall,
     }
     res["holds_realtime"] = bool(
-        res["frames_delivered"] == expect and res["delivered_fps_min"] >= 24.5 and p99 <= 60.0 and late_buffered == 0
+        res["frames_delivered"] == expect
+        and res["delivered_fps_min"] >= 24.5
+        and p99 <= 60.0
+        and late_buffered == 0
     )
     return res
 
@@ -528,12 +614,63 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
     """First-frame latency of one session, `utterances` times (1 s of speech each, real time,
     from an idle GPU): first audio chunk pushed -> first frame handed back."""
     lat = []
-    for u in range(utterances):
+    for _ in range(utterances):
         r = simulate(sched, avatar_id, 1, 1.0, None)
         if r["first_frame_ms_p50"] is not None:
             lat.append(r["first_frame_ms_p50"])
         time.sleep(0.1)
-    return {"utterances": len(lat), "first_frame_ms_p50": _pct(lat, 50), "first_frame_ms_p99": _pct(lat, 99), "all_ms": lat}
+    return {
+        "utterances": len(lat),
+        "first_frame_ms_p50": _pct(lat, 50),
+        "first_frame_ms_p99": _pct(lat, 99),
+        "all_ms": lat,
+    }
+
+
+def build_backends(
+    models_dir: str | None, backend: str = "auto", buckets: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """`lipstream engines build`: compile (and capture) or build the TensorRT engines for the
+    weights in `models_dir`, then check them against the eager fp16 step (max uint8 diff)."""
+    import torch
+
+    from engines.base import EngineError
+    from engines.gpu.compiled import MuseTalkStep
+    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+    from engines.gpu.tensorrt import select_backend
+    from engines.musetalk.engine import MuseTalkEngine
+    from lipstream.paths import models_dir as resolve_models_dir
+
+    if not torch.cuda.is_available():
+        raise EngineError("`lipstream engines build` needs a CUDA GPU")
+    name = select_backend(backend)
+    if name == "torch":
+        raise EngineError("nothing to build for the torch backend")
+    engine = MuseTalkEngine(resolve_models_dir(models_dir), device="cuda")
+    t0 = time.perf_counter()
+    opts = (
+        PipelineOptions(backend=name)
+        if buckets is None
+        else PipelineOptions(backend=name, buckets=buckets)
+    )
+    pipe = GpuPipeline(engine, opts)
+    warm = pipe.warm_up()
+    report: dict[str, Any] = {
+        "backend": name,
+        "build_s": time.perf_counter() - t0,
+        "per_bucket_s": warm,
+        **pipe.build_report,
+    }
+    eager = MuseTalkStep(engine.unet, engine.vae).to(engine.device)
+    g = torch.Generator(device=engine.device).manual_seed(0)
+    worst = 0
+    with torch.inference_mode():
+        for b in (1, 3, 16):
+            lat = torch.randn((b, 8, 32, 32), device=engine.device, generator=g, dtype=engine.dtype)
+            aud = torch.randn((b, 50, 384), device=engine.device, generator=g, dtype=engine.dtype)
+            worst = max(worst, int((pipe.step(lat, aud).int() - eager(lat, aud).int()).abs().max()))
+    report["max_abs_diff_vs_eager_uint8"] = worst
+    return report
 
 
 def run_bench(options: BenchOptions, out: Path | None = None) -> dict[str, Any]:
@@ -567,7 +704,16 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
             rows.append((f"render {k} fps", v["fps"]))
     for k, v in (res.get("offline") or {}).items():
         if isinstance(v, dict):
-            rows.append((f"offline {k}", {b: round(x["fps"]) for b, x in v.items() if isinstance(x, dict) and "fps" in x}))
+            rows.append(
+                (
+                    f"offline {k}",
+                    {
+                        b: round(x["fps"])
+                        for b, x in v.items()
+                        if isinstance(x, dict) and "fps" in x
+                    },
+                )
+            )
     acc = res.get("accuracy") or {}
     for k, v in acc.items():
         if isinstance(v, dict) and "max" in v:
@@ -580,16 +726,38 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
             continue
         for k, v in st.items():
             if isinstance(v, dict) and "sessions" in v:
-                keys = ("delivered_fps_min", "frame_interval_ms_p99", "first_frame_ms_p50", "first_frame_ms_p99",
-                        "late_frames_40ms_buffer", "batch_mean", "holds_realtime")
-                rows.append((f"stream {variant} N={k}", {x: (round(v[x], 1) if isinstance(v[x], float) else v[x]) for x in keys}))
+                keys = (
+                    "delivered_fps_min",
+                    "frame_interval_ms_p99",
+                    "first_frame_ms_p50",
+                    "first_frame_ms_p99",
+                    "late_frames_40ms_buffer",
+                    "batch_mean",
+                    "holds_realtime",
+                )
+                rows.append(
+                    (
+                        f"stream {variant} N={k}",
+                        {x: (round(v[x], 1) if isinstance(v[x], float) else v[x]) for x in keys},
+                    )
+                )
         lat = st.get("latency_1_session") or {}
-        rows.append((f"stream {variant} 1-session first frame p50/p99", (lat.get("first_frame_ms_p50"), lat.get("first_frame_ms_p99"))))
+        rows.append(
+            (
+                f"stream {variant} 1-session first frame p50/p99",
+                (lat.get("first_frame_ms_p50"), lat.get("first_frame_ms_p99")),
+            )
+        )
         rows.append((f"stream {variant} max sessions realtime", st.get("max_sessions_realtime")))
     for k in ("VP8", "H264"):
         e = (res.get("encoders") or {}).get(k)
         if isinstance(e, dict):
-            rows.append((f"aiortc {k} ms/frame, cores/session", (round(e["ms_per_frame_1_thread"], 2), round(e["cores_per_25fps_session"], 3))))
+            rows.append(
+                (
+                    f"aiortc {k} ms/frame, cores/session",
+                    (round(e["ms_per_frame_1_thread"], 2), round(e["cores_per_25fps_session"], 3)),
+                )
+            )
     for name, val in rows:
         with contextlib.suppress(Exception):
             val = round(val, 2) if isinstance(val, float) else val
@@ -597,7 +765,11 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     import argparse
 
     ap = argparse.ArgumentParser()

@@ -11,8 +11,6 @@ from avatars.avatar import Avatar
 
 log = logging.getLogger(__name__)
 
-NOT_YET = "not implemented yet: see issue 4"
-
 engines_app = typer.Typer(
     help="Engine backends (TensorRT / compiled builds).", no_args_is_help=True
 )
@@ -93,23 +91,69 @@ def _load_avatar(name_or_id: str, root: Path) -> Avatar:
 
 def bench_cmd(
     soak: bool = typer.Option(False, "--soak", help="Soak over real WebRTC (server.soak)"),
-    sessions: int = typer.Option(2, help="--soak: concurrent sessions"),
+    sessions: str | None = typer.Option(
+        None,
+        help="--soak: concurrent sessions (default 2); else session counts to sweep, e.g. 1,8,16,20",
+    ),
     minutes: float = typer.Option(1.0, help="--soak: how long"),
     soak_out: Path = typer.Option(None, help="--soak: write the JSON result here"),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON path (default bench/results/<gpu>_<date>.json)."
+    ),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", help="Weights (default: random, full size)."
+    ),
+    long_s: float = typer.Option(60.0, "--long-s", help="Seconds of the run at 20 sessions."),
+    sweep_s: float = typer.Option(12.0, "--sweep-s", help="Seconds per sweep point."),
+    backends: str = typer.Option(
+        "torch,compiled", "--backends", help="Offline backends (name[-cropN])."
+    ),
+    stream_backends: str = typer.Option(
+        "compiled", "--stream-backends", help="Streaming backends."
+    ),
+    sections: str = typer.Option("", "--sections", help="Comma list (default: all)."),
 ) -> None:
-    """Measure render throughput against MuseTalk's own way (not implemented yet)."""
+    """Measure throughput and streaming latency against MuseTalk's own way (needs a GPU);
+    with --soak, soak a real server over WebRTC instead."""
     if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from server.soak import run_soak
 
-        run_soak(sessions, minutes, soak_out)
+        run_soak(int(sessions or 2), minutes, soak_out)
         return
-    raise _fail(f"`lipstream bench` is {NOT_YET}", code=2)
+    from engines.base import EngineError
+    from engines.bench import BenchOptions, run_bench
+
+    try:
+        opts = BenchOptions(
+            models_dir=str(models_dir) if models_dir else None,
+            sessions=tuple(int(x) for x in (sessions or "1,8,12,16,20,24").split(",")),
+            long_s=long_s,
+            sweep_s=sweep_s,
+            backends=tuple(backends.split(",")),
+            stream_backends=tuple(stream_backends.split(",")),
+            sections=tuple(sections.split(",")) if sections else BenchOptions().sections,
+        )
+        run_bench(opts, out)
+    except (EngineError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
 
 
 @engines_app.command("build")
-def engines_build_cmd() -> None:
-    """Build the compiled / TensorRT engines (not implemented yet)."""
-    raise _fail(f"`lipstream engines build` is {NOT_YET}", code=2)
+def engines_build_cmd(
+    backend: str = typer.Option("auto", "--backend", help="auto, compiled or tensorrt."),
+    models_dir: Path | None = typer.Option(None, "--models-dir", help="MuseTalk weights folder."),
+) -> None:
+    """Build the compiled / TensorRT engines (cached on disk) and check them against eager."""
+    import json
+
+    from engines.base import EngineError
+    from engines.bench import build_backends
+
+    try:
+        report = build_backends(str(models_dir) if models_dir else None, backend)
+    except EngineError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(report, indent=1, default=str))
 
 
 def register(app: typer.Typer) -> None:

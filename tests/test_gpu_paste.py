@@ -58,7 +58,7 @@ def test_paste_back_matches_cpu_reference(device: str, size: tuple[int, int]) ->
         assert (diff > 1).mean() < 1e-3
     np.testing.assert_array_equal(got[4], av.frames[4])
     # the face region really changed (not a no-op)
-    x1, y1, x2, y2 = av.face_boxes[0]
+    x1, _, x2, y2 = av.face_boxes[0]
     assert np.abs(got[0, y2 - 5, x1:x2].astype(int) - av.frames[0, y2 - 5, x1:x2]).max() > 20
 
 

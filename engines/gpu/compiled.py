@@ -74,11 +74,17 @@ class MuseTalkStep(nn.Module):
     distance from the full decode is measured (`lipstream bench`, accuracy.vae_crop)."""
 
     def __init__(
-        self, unet: nn.Module, vae: nn.Module, scaling: float = VAE_SCALING, decode_from_row: int = 0
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        scaling: float = VAE_SCALING,
+        decode_from_row: int = 0,
     ) -> None:
         super().__init__()
         if not 0 <= decode_from_row < LATENT_SHAPE[1]:
-            raise ValueError(f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}")
+            raise ValueError(
+                f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
+            )
         self.unet = unet
         self.vae = vae
         self.scaling = scaling

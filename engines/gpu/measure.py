@@ -161,7 +161,10 @@ def encoder_cost(
         res: dict[str, Any] = {"ms_per_frame_1_thread": one}
         for k in threads:
             spans: list[float] = []
-            ts = [threading.Thread(target=lambda: spans.append(run(frames))) for _ in range(k)]
+            ts = [
+                threading.Thread(target=lambda spans=spans: spans.append(run(frames)))
+                for _ in range(k)
+            ]
             t0 = time.perf_counter()
             for t in ts:
                 t.start()

@@ -173,7 +173,7 @@ def rgb_to_i420(frames: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 RGB -> (B, i420_size) uint8: BT.601 limited range, chroma taken
     at the top-left pixel of each 2x2 block, as `cv2.cvtColor(.., COLOR_RGB2YUV_I420)`
     (within 1 level of it), so the GPU and CPU paths send the same pictures."""
-    b, height, width, _ = frames.shape
+    b = frames.shape[0]
     x = frames.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
     r, g, bl = x[:, 0], x[:, 1], x[:, 2]
     y = (16.0 + (65.481 * r + 128.553 * g + 24.966 * bl) / 255.0).round_().clamp_(0, 255)

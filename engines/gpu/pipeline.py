@@ -57,6 +57,10 @@ class GpuFeaturizer:
         self.mel_filters = torch.from_numpy(np.asarray(ext.mel_filters, np.float32)).to(self.device)
         self.window = torch.hann_window(self.n_fft, device=self.device)
         self.encoder_batch = encoder_batch
+        # mel (B, 80, frames) -> (B, steps, 5, d); the tensorrt backend swaps in its engine
+        self.run_encoder: Any = lambda mel: torch.stack(
+            self.encoder(mel, output_hidden_states=True).hidden_states, dim=2
+        )
 
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, window_samples) float32 -> (B, 80, 2 * window_steps): WhisperFeatureExtractor's
@@ -87,10 +91,10 @@ class GpuFeaturizer:
         )
         for start in range(0, rows, b):
             mel = self.log_mel(wave[start : start + b]).to(self.dtype)
-            hidden = self.encoder(mel, output_hidden_states=True).hidden_states
+            hidden = self.run_encoder(mel)
             stop = min(start + b, n)
             if stop > start:
-                out[start:stop] = torch.stack(hidden, dim=2)[: stop - start]
+                out[start:stop] = hidden[: stop - start]
         return out
 
     @torch.no_grad()
@@ -148,8 +152,10 @@ class PipelineOptions:
     host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
 
     def __post_init__(self) -> None:
-        if self.backend not in ("torch", "compiled"):
-            raise ValueError(f"pipeline backend must be torch or compiled, got {self.backend!r}")
+        if self.backend not in ("torch", "compiled", "tensorrt"):
+            raise ValueError(
+                f"pipeline backend must be torch, compiled or tensorrt, got {self.backend!r}"
+            )
         if self.output not in ("i420", "rgb"):
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
         if self.host_slots < 2:
@@ -203,10 +209,23 @@ class GpuPipeline:
         self.options = options or PipelineOptions()
         self.device = engine.device
         self.features = GpuFeaturizer(engine.features)
-        step = MuseTalkStep(engine.unet, engine.vae, decode_from_row=self.options.decode_from_row).to(self.device)
+        step = MuseTalkStep(
+            engine.unet, engine.vae, decode_from_row=self.options.decode_from_row
+        ).to(self.device)
         self.step: Any = step
+        self.build_report: dict[str, Any] = {}
         if self.options.backend == "compiled":
             self.step = CompiledStep(step, CompiledOptions(buckets=self.options.buckets))
+        elif self.options.backend == "tensorrt":
+            from engines.gpu.tensorrt import Profile, load_or_build
+
+            if self.options.decode_from_row:
+                raise EngineError("decode_from_row is not supported by the tensorrt backend")
+            trt_step, trt_encoder, self.build_report = load_or_build(
+                engine, Profile(min(self.options.buckets), 16, max(self.options.buckets))
+            )
+            self.step = trt_step
+            self.features.run_encoder = trt_encoder
         self.streams = {k: torch.cuda.Stream(self.device) for k in "ABC"}
         self._avatars: dict[str, paste.GpuAvatar] = {}
         self._slots = threading.Semaphore(self.options.host_slots)

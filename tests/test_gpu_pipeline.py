@@ -1,0 +1,156 @@
+"""The GPU pipeline (features -> UNet+VAE -> paste-back -> host) against the engine's own
+CPU-paste path, the compiled backend against eager, the scheduler on the GPU, and the
+backend selection rules. GPU tests use the tiny random weights in fp16."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.base import EngineError, FrameJob, ready_horizon
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_backend_selection_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from engines.gpu import tensorrt
+
+    real_import = builtins.__import__
+
+    def no_trt(name: str, *a, **k):  # type: ignore[no-untyped-def]
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_trt)
+    with pytest.raises(EngineError, match="tensorrt"):
+        tensorrt.select_backend("tensorrt")
+    want = "compiled" if torch.cuda.is_available() else "torch"
+    assert tensorrt.select_backend("auto") == want
+    with pytest.raises(EngineError):
+        tensorrt.select_backend("bogus")
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(tiny_models_dir: Path):  # type: ignore[no-untyped-def]
+    from engines.gpu.measure import synthetic_avatar
+    from engines.musetalk.engine import MuseTalkEngine
+
+    eng = MuseTalkEngine(tiny_models_dir, device="cuda")
+    av = synthetic_avatar(4, 240, 320)
+    av.latents = None
+    eng.load_avatar(av)
+    return eng, av
+
+
+def _speech(n: int) -> np.ndarray:
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
+
+
+@pytest.mark.gpu
+@cuda
+def test_pipeline_matches_engine_render(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+    eng, av = gpu_engine
+    pipe = GpuPipeline(eng, PipelineOptions(backend="torch", output="rgb", buckets=(1, 2, 4, 8)))
+    pipe.warm_up()
+    audio = _speech(16000)
+    feats = eng.offline_features(audio)
+    positions = list(range(len(feats)))
+    got = np.stack(pipe.render(av.id, positions, feats))
+    want = eng.render(av.id, positions, feats)
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert (
+        np.abs(got.astype(int) - av.frames[[av.loop_frame(p) for p in positions]].astype(int)).max()
+        > 10
+    )
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    from engines.gpu.pipeline import GpuFeaturizer
+
+    eng, _ = gpu_engine
+    audio = _speech(ready_horizon(30))
+    jobs = [FrameJob(i, ready_horizon(i), i) for i in (0, 5, 17, 30)]
+    want = eng.stream_features(audio, jobs).float()
+    got = GpuFeaturizer(eng.features).stream_many([(audio, jobs[:2]), (audio, jobs[2:])]).float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_matches_eager(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep
+
+    eng, _ = gpu_engine
+    step = MuseTalkStep(eng.unet, eng.vae).to(eng.device)
+    comp = CompiledStep(step, CompiledOptions(buckets=(2, 4)))
+    comp.warm_up()
+    g = torch.Generator(device=eng.device).manual_seed(0)
+    with torch.inference_mode():
+        for b in (1, 3, 4, 6):
+            lat = torch.randn((b, 8, 32, 32), device=eng.device, generator=g, dtype=eng.dtype)
+            aud = torch.randn((b, 50, 384), device=eng.device, generator=g, dtype=eng.dtype)
+            diff = (comp(lat, aud).int() - step(lat, aud).int()).abs().max()
+            assert int(diff) <= 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_scheduler_on_gpu_delivers_pipeline_frames(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import dataclass, field
+
+    from engines.gpu.pipeline import Row
+    from engines.scheduler import SchedulerOptions, create_scheduler
+
+    eng, av = gpu_engine
+    sched = create_scheduler(eng, SchedulerOptions(max_batch=8, output="rgb"), backend="torch")
+    assert sched.pipeline is not None
+    got: dict[str, list] = {}
+
+    @dataclass
+    class Item:
+        key: str
+        avatar_id: str
+        audio: np.ndarray
+        jobs: list
+        deadline: float
+        done: object
+        seq: int = field(default=0)
+
+    def done(item, frames, exc):  # type: ignore[no-untyped-def]
+        assert exc is None
+        got[item.key] = frames
+
+    audio = _speech(ready_horizon(6))
+    sched.start()
+    try:
+        for k in range(3):
+            jobs = [FrameJob(i, ready_horizon(i), i + k) for i in range(2 * k, 2 * k + 2)]
+            sched.submit(Item(f"s{k}", av.id, audio, jobs, time.monotonic(), done))
+        t0 = time.perf_counter()
+        while len(got) < 3 and time.perf_counter() - t0 < 30:
+            time.sleep(0.01)
+    finally:
+        sched.stop()
+    assert len(got) == 3
+    for k in range(3):
+        jobs = [FrameJob(i, ready_horizon(i), i + k) for i in range(2 * k, 2 * k + 2)]
+        ref = sched.pipeline.launch(
+            [Row(av.id, j.loop_position) for j in jobs], [(audio, jobs)]
+        ).result()
+        for a, b in zip(got[f"s{k}"], ref, strict=True):
+            assert a.shape == (240, 320, 3)
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2

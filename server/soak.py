@@ -83,6 +83,13 @@ class SoakClient(LoopbackClient):
         self.video = VideoStats()
         self.audio_frames = 0
 
+    async def first_frames(self, n: int, within: float) -> None:
+        deadline = time.monotonic() + within
+        while self.video.frames < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.video.frames} of {n} video frames within {within} s")
+            await asyncio.sleep(0.05)
+
     async def _consume(self, track: MediaStreamTrack) -> None:
         while True:
             try:
@@ -241,7 +248,7 @@ async def soak(
                 clients.append(client)
                 await client.open(avatar_id)
                 await client.connect_audio()
-            await asyncio.gather(*(c.wait_frames(5, within=60) for c in clients))
+            await asyncio.gather(*(c.first_frames(5, within=60) for c in clients))
             t0 = time.monotonic()
             stop_at = t0 + duration
             speakers = [asyncio.create_task(_speak(c, stop_at, i)) for i, c in enumerate(clients)]
@@ -259,6 +266,8 @@ async def soak(
                     sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
                 samples.append(sample)
                 await asyncio.sleep(min(SAMPLE_EVERY_S, max(0.1, stop_at - time.monotonic())))
+            for c in clients:
+                c.video.measuring = False
             window = time.monotonic() - window_start
             utterances = await asyncio.gather(*speakers)
             infos = [
@@ -366,6 +375,8 @@ def run_soak(
 ) -> dict[str, Any]:
     """The soak (see the module docstring); prints a summary and writes JSON to `out`."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
+    for name in ("aioice", "aiortc", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     result = asyncio.run(soak(sessions, minutes, engine, server_url))
     text = json.dumps(result, indent=2)
     if out is not None:

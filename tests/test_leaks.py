@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from leakcheck import open_fds
 from engines.preview import PreviewEngine
 from server.app import create_app
 from server.loopback import LoopbackClient, ServerThread
+from server.sessions import Session
 from server.settings import Settings
 
 CYCLES = int(os.environ.get("LIPSTREAM_LEAK_CYCLES", "200"))
@@ -33,7 +35,7 @@ CONNECTED_EVERY = 10  # every 10th cycle connects ICE/DTLS and receives frames
 BATCH = 8  # cycles at a time
 WARMUP = 40
 REAP_WITHIN_S = 30.0
-RSS_SLACK_MB = 30.0
+RSS_SLACK_MB = 64.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,7 +112,13 @@ async def footprint(srv: ServerThread) -> dict[str, float]:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
+    gc.collect()
+    objects = gc.get_objects()
     return {
+        "live_sessions": sum(isinstance(o, Session) for o in objects),
+        "open_peer_connections": sum(
+            isinstance(o, RTCPeerConnection) and o.connectionState != "closed" for o in objects
+        ),
         "sessions": len(srv.app.state.sessions.sessions),
         "server_tasks": server_tasks(srv),
         "fds": len(open_fds()),
@@ -137,17 +145,26 @@ async def test_connect_disconnect_cycles_return_to_the_starting_footprint(
     await cycles(WARMUP)
     start = await footprint(srv)
     t0 = time.monotonic()
-    await cycles(CYCLES)
+    await cycles(CYCLES // 2)
+    middle = await footprint(srv)
+    await cycles(CYCLES - CYCLES // 2)
     elapsed = time.monotonic() - t0
     end = await footprint(srv)
-    print(f"\n{CYCLES} cycles in {elapsed:.1f} s; footprint before {start}, after {end}")
+    print(
+        f"\n{CYCLES} cycles in {elapsed:.1f} s; footprint before {start}, "
+        f"half-way {middle}, after {end}"
+    )
     async with httpx.AsyncClient(base_url=srv.base_url) as http:
         metrics = (await http.get("/metrics")).text
     assert f"lipstream_sessions_total {float(WARMUP + CYCLES)}" in metrics
     assert end["sessions"] == 0
     assert end["server_tasks"] <= start["server_tasks"]
     assert end["fds"] <= start["fds"], (start, end)
+    assert end["live_sessions"] == 0 and end["open_peer_connections"] == 0, end
+    # RSS shares this process with the clients' decoders and the allocator's arenas: a leak
+    # grows it cycle after cycle, fragmentation levels off; bound both halves
     assert end["rss_mb"] - start["rss_mb"] < RSS_SLACK_MB, (start, end)
+    assert end["rss_mb"] - middle["rss_mb"] < RSS_SLACK_MB / 2, (middle, end)
 
 
 CLIENT = """

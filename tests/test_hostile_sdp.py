@@ -252,7 +252,7 @@ async def _fuzz(avatars_dir: Path, n: int, seed: int, with_crafted: bool) -> dic
     open_pcs = [
         o.connectionState
         for o in gc.get_objects()
-        if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
+        if type(o) is RTCPeerConnection and o.connectionState != "closed"
     ]
     return {
         "statuses": dict(statuses),

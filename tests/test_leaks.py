@@ -115,9 +115,9 @@ async def footprint(srv: ServerThread) -> dict[str, float]:
     gc.collect()
     objects = gc.get_objects()
     return {
-        "live_sessions": sum(isinstance(o, Session) for o in objects),
+        "live_sessions": sum(type(o) is Session for o in objects),
         "open_peer_connections": sum(
-            isinstance(o, RTCPeerConnection) and o.connectionState != "closed" for o in objects
+            type(o) is RTCPeerConnection and o.connectionState != "closed" for o in objects
         ),
         "sessions": len(srv.app.state.sessions.sessions),
         "server_tasks": server_tasks(srv),

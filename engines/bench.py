@@ -255,7 +255,9 @@ class Bench:
                 aud = torch.randn((b, 50, 384), device=self.dev, dtype=torch.float16)
                 with torch.inference_mode():
                     t = measure.gpu_time_ms(
-                        lambda p=p, lat=lat, aud=aud: p.step(lat, aud), reps=10, warmup=2
+                        lambda p=p, lat=lat, aud=aud: p.step(lat, aud),  # type: ignore[misc]
+                        reps=10,
+                        warmup=2,
                     )
                 rows[str(b)] = {"ms": t["median_ms"], "fps": b * 1e3 / t["median_ms"]}
             out[backend] = rows

@@ -333,9 +333,8 @@ def create_scheduler(
     if engine.name == "musetalk" and getattr(device, "type", "cpu") == "cuda":
         from engines.gpu.pipeline import GpuPipeline, PipelineOptions
 
-        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 48) if b < options.max_batch) + (
-            options.max_batch,
-        )
+        smaller = (b for b in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48) if b < options.max_batch)
+        buckets = (*smaller, options.max_batch)
         pipeline = GpuPipeline(
             engine,
             PipelineOptions(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,9 @@ class MuseTalkStep(nn.Module):
     not exact (GroupNorm statistics and the mid-block attention see a smaller map), so its
     distance from the full decode is measured (`lipstream bench`, accuracy.vae_crop)."""
 
+    unet: Any
+    vae: Any
+
     def __init__(
         self,
         unet: nn.Module,
@@ -89,6 +93,8 @@ class MuseTalkStep(nn.Module):
         self.vae = vae
         self.scaling = scaling
         self.decode_from_row = decode_from_row
+        self.pe: torch.Tensor
+        self.timestep: torch.Tensor
         self.register_buffer("pe", positional_encoding(), persistent=False)  # float32
         self.register_buffer("timestep", torch.zeros(1, dtype=torch.long), persistent=False)
 
@@ -150,14 +156,14 @@ class CompiledStep:
                 f"the compiled backend needs the model on a CUDA device, got {self.device}"
             )
         if self.options.channels_last:
-            self.step.to(memory_format=torch.channels_last)
-        self._fn = self.step
+            self.step.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._fn: Any = self.step
         if self.options.compile:
             use_inductor_cache()
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
             self._fn = torch.compile(self.step, mode=self.options.mode, dynamic=None)
         self._graphs: dict[int, _Graph] = {}
-        self._pool = None
+        self._pool: Any = None
         self.warmup_s: dict[int, float] = {}
 
     @property

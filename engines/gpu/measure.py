@@ -65,7 +65,8 @@ def build_models(size: str, device: str | torch.device, dtype: torch.dtype) -> t
         unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.items() if not k.startswith("_")})
         vae = AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
         whisper = WhisperModel(WhisperConfig(**whisper_cfg)).get_encoder()
-    return tuple(m.to(dtype=dtype).eval().requires_grad_(False) for m in (unet, vae, whisper))  # type: ignore[return-value]
+    models: list[Any] = [unet, vae, whisper]
+    return tuple(m.to(dtype=dtype).eval().requires_grad_(False) for m in models)  # type: ignore[return-value]
 
 
 def synthetic_avatar(n: int = 8, height: int = 720, width: int = 1280, seed: int = 0) -> Avatar:
@@ -115,7 +116,8 @@ def pil_paste_back(
 
     body = Image.fromarray(frame)
     x, y, x1, y1 = (int(v) for v in face_box)
-    crop = tuple(int(v) for v in crop_box)
+    cx1, cy1, cx2, cy2 = (int(v) for v in crop_box)
+    crop = (cx1, cy1, cx2, cy2)
     face_img = Image.fromarray(cv2.resize(face, (x1 - x, y1 - y)))
     large = body.crop(crop)
     large.paste(face_img, (x - crop[0], y - crop[1], x1 - crop[0], y1 - crop[1]))
@@ -136,7 +138,7 @@ def encoder_cost(
     except ImportError as exc:
         return {"error": f"aiortc/av not importable: {exc}"}
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    base: np.ndarray = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     import cv2
 
     base = cv2.GaussianBlur(base, (31, 31), 8)
@@ -144,7 +146,10 @@ def encoder_cost(
     out: dict[str, Any] = {"height": height, "width": width, "cpu_count": os.cpu_count()}
     for mime in ("video/VP8", "video/H264"):
         codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
-        vf = [VideoFrame.from_ndarray(p, format="rgb24").reformat(format="yuv420p") for p in pics]
+        vf = [
+            VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(format="yuv420p")
+            for p in pics
+        ]
         for i, f in enumerate(vf):
             f.pts = i * 3600
             f.time_base = __import__("fractions").Fraction(1, 90000)

@@ -87,7 +87,7 @@ def _like(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def export_unet(unet: nn.Module, path: str | Path, batch: int = 2, opset: int = OPSET) -> Path:
     dev, dt = _like(unet)
-    cfg = unet.config  # type: ignore[attr-defined]
+    cfg: Any = unet.config
     size = int(cfg.sample_size) if int(cfg.sample_size) <= 32 else 32
     args = (
         torch.randn((batch, int(cfg.in_channels), size, size), device=dev, dtype=dt),
@@ -114,7 +114,7 @@ def export_whisper_encoder(
     encoder: nn.Module, path: str | Path, batch: int = 2, opset: int = OPSET
 ) -> Path:
     dev, dt = _like(encoder)
-    cfg = encoder.config  # type: ignore[attr-defined]
+    cfg: Any = encoder.config
     args = (
         torch.randn(
             (batch, int(cfg.num_mel_bins), 2 * int(cfg.max_source_positions)), device=dev, dtype=dt

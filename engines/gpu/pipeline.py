@@ -280,9 +280,12 @@ class GpuPipeline:
         cur = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(sa):
             sa.wait_stream(cur)
-            feats = (
-                self.features.stream_many(parts) if features is None else features.to(self.device)
-            )
+            if features is None:
+                if parts is None:
+                    raise ValueError("launch needs `parts` (streaming) or `features`")
+                feats = self.features.stream_many(parts)
+            else:
+                feats = features.to(self.device)
             ev_a = torch.cuda.Event()
             ev_a.record(sa)
         if len(feats) != len(rows):

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="misc, operator"
 """GPU environment probe and first measurements (one device call):
 
     python -m engines.gpu.probe OUT.json

@@ -177,6 +177,25 @@ class GpuScheduler:
     async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
 
+    def load_avatar(self, avatar: Any) -> concurrent.futures.Future[Any]:
+        """Make `avatar` resident (engine + GPU paste-back data, one warm frame), on the
+        scheduler thread between steps."""
+
+        def load() -> None:
+            self.engine.load_avatar(avatar)
+            if self.pipeline is not None:
+                self.pipeline.prepare_avatar(avatar.id)
+
+        return self.call(load)
+
+    def unload_avatar(self, avatar_id: str) -> concurrent.futures.Future[Any]:
+        def unload() -> None:
+            if self.pipeline is not None:
+                self.pipeline.unload(avatar_id)
+            self.engine.unload_avatar(avatar_id)
+
+        return self.call(unload)
+
     # -- scheduling ----------------------------------------------------------------------
     def pick(self, now: float | None = None) -> list[Any]:
         """Items to run next (call with the lock held): earliest deadline first across

@@ -166,3 +166,28 @@ def test_options_validate() -> None:
     with pytest.raises(ValueError):
         SchedulerOptions(output="yuv")
     assert SAMPLES_PER_FRAME == 640
+
+
+def test_load_and_unload_avatar_run_on_the_scheduler_thread(preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    from engines.preview import PreviewEngine
+
+    eng = PreviewEngine()
+    s = GpuScheduler(eng)
+    s.start()
+    try:
+        s.load_avatar(preview_avatar).result(timeout=10)
+        frames = eng.render(
+            preview_avatar.id,
+            [0],
+            eng.stream_features(np.zeros(1920, np.float32), [FrameJob(0, 1920, 0)]),
+        )
+        assert frames.shape[0] == 1
+        s.unload_avatar(preview_avatar.id).result(timeout=10)
+        with pytest.raises(Exception):  # noqa: B017 (the preview engine's own error type)
+            eng.render(
+                preview_avatar.id,
+                [0],
+                eng.stream_features(np.zeros(1920, np.float32), [FrameJob(0, 1920, 0)]),
+            )
+    finally:
+        s.stop()

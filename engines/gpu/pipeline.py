@@ -253,6 +253,15 @@ class GpuPipeline:
             gav = self._avatars[avatar_id] = paste.upload_avatar(res.avatar, self.device)
         return gav
 
+    def prepare_avatar(self, avatar_id: str) -> None:
+        """Upload the avatar's paste-back data and run one silent frame through every stage,
+        so a session's first frame pays no lazy set-up (measured: 240-280 ms instead of
+        ~115 ms for the first utterance after start without it)."""
+        from engines.base import ready_horizon
+
+        jobs = [FrameJob(0, ready_horizon(0), 0)]
+        self.launch([Row(avatar_id, 0)], [(np.zeros(ready_horizon(0), np.float32), jobs)]).result()
+
     def unload(self, avatar_id: str) -> None:
         self._avatars.pop(avatar_id, None)
 

@@ -66,8 +66,15 @@ class HaarOptions:
             raise ValueError("HaarOptions.detect_max_side must be >= 64")
 
 
+OPENCV_HINT = "OpenCV 5 dropped Haar cascades: install opencv-python-headless>=4.10,<5"
+
+
 def haar_cascade_path() -> Path:
-    folder: str = cv2.data.haarcascades  # type: ignore[attr-defined]
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if not folder or not hasattr(cv2, "CascadeClassifier"):
+        raise RuntimeError(
+            f"the default face detector needs OpenCV's Haar cascades ({OPENCV_HINT})"
+        )
     return Path(folder) / "haarcascade_frontalface_default.xml"
 
 
@@ -81,7 +88,7 @@ class HaarFaceDetector:
         path = haar_cascade_path()
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
-            raise RuntimeError(f"cannot load the Haar cascade at {path} (opencv 4.x needed)")
+            raise RuntimeError(f"cannot load the Haar cascade at {path} ({OPENCV_HINT})")
         self._lock = threading.Lock()
 
     def detect(self, frame_rgb: np.ndarray) -> Box | None:

@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "setup: NVIDIA GPU found, installing the CUDA build of torch"; \
-		$(PY) -m pip install -q "torch>=2.4"; \
+		$(PY) -m pip install -q "torch>=2.6"; \
 	else \
 		echo "setup: no GPU, installing the CPU build of torch"; \
-		$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"; \
+		$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.6"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)

@@ -154,8 +154,11 @@ def test_mp4_writer_exact_frames_odd_size_and_audio(tmp_path: Path, speech_pcm: 
     with av.open(str(out)) as c:
         first = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")
     assert np.abs(first[:101, :75].astype(int) - frames[0].astype(int)).mean() < 4
-    with pytest.raises(ValueError, match="frame must be"):
-        Mp4Writer(tmp_path / "x.mp4", 10, 10).write(np.zeros((12, 10, 3), np.uint8))
+    with (
+        pytest.raises(ValueError, match="frame must be"),
+        Mp4Writer(tmp_path / "x.mp4", 10, 10) as bad,
+    ):
+        bad.write(np.zeros((12, 10, 3), np.uint8))
 
 
 # -- factory ----------------------------------------------------------------------------
@@ -284,10 +287,10 @@ def test_cli_render_errors(cli: typer.Typer, tmp_path: Path, preview_avatar: Ava
     assert code != 0 and "run `lipstream models download`" in stderr
 
 
-def test_cli_unimplemented_commands_say_so(cli: typer.Typer) -> None:
+def test_cli_gpu_commands_refuse_cleanly_without_a_gpu(cli: typer.Typer) -> None:
     for args in (["bench"], ["engines", "build"]):
         code, _, stderr = run_cli(cli, *args)
-        assert code != 0 and "not implemented yet: see issue 4" in stderr
+        assert code != 0 and "needs a CUDA GPU" in stderr
 
 
 def test_auto_downloads_missing_weights_then_falls_back_when_offline(

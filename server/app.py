@@ -2,6 +2,8 @@
 
 The lifespan builds the parts in order (engine -> frame worker -> avatar service -> session
 manager) and takes them down in reverse: sessions end, preparation stops, the worker joins.
+The frame worker is the GPU scheduler where the engine is MuseTalk on a CUDA device (backend
+from the settings), else the synchronous FrameWorker (`server.gpu_worker.create_worker`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from lipstream.paths import avatars_dir
 from server import audio_ws, avatars_api, sessions_api
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
+from server.gpu_worker import create_worker
 from server.limits import decode_limits
 from server.metrics import ServerMetrics
 from server.sessions import SessionManager
 from server.settings import Settings
-from server.worker import FrameWorker
+from server.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,8 @@ async def _start_parts(
 ) -> None:
     install_log_redaction(settings.api_keys)  # uvicorn's loggers are configured by now
     log.info("engine chosen", extra={"engine": engine.name, "reason": reason})
-    worker = FrameWorker(engine, settings.max_batch, metrics)
+    # GPU: builds the pipeline and warms its backend up (compiled: compiles, minutes)
+    worker = await asyncio.to_thread(create_worker, engine, settings, metrics)
     worker.start()
     warmup = getattr(engine, "warmup", None)
     if callable(warmup):
@@ -131,7 +135,7 @@ async def _stop(app: FastAPI) -> None:
     avatars: AvatarService | None = getattr(app.state, "avatars", None)
     if avatars is not None:
         avatars.shutdown()
-    worker: FrameWorker | None = getattr(app.state, "worker", None)
+    worker: Worker | None = getattr(app.state, "worker", None)
     if worker is not None:
         await asyncio.to_thread(worker.stop)
 

@@ -27,7 +27,7 @@ from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 from engines.base import Engine
 from server.metrics import ServerMetrics
-from server.worker import FrameWorker
+from server.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class AvatarService:
         self,
         store: AvatarStore,
         engine: Engine,
-        worker: FrameWorker,
+        worker: Worker,
         metrics: ServerMetrics,
         max_upload_bytes: int,
     ) -> None:
@@ -206,7 +206,9 @@ class AvatarService:
             if loaded is None:
                 avatar = await asyncio.to_thread(self.store.load, avatar_id)
                 stored_key = avatar.latents_key
-                await self.worker.acall(self.engine.load_avatar, avatar)
+                # through the worker: the GPU scheduler also uploads its paste-back data
+                # and runs one warm frame, so the session's first frame pays no set-up
+                await asyncio.wrap_future(self.worker.load_avatar(avatar))
                 self._loaded[avatar_id] = loaded = avatar
                 log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
                 if (
@@ -245,7 +247,7 @@ class AvatarService:
             self._jobs.pop(avatar_id, None)
             self._live.pop(avatar_id, None)
         if self._loaded.pop(avatar_id, None) is not None:
-            await self.worker.acall(self.engine.unload_avatar, avatar_id)
+            await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
         self._load_locks.pop(avatar_id, None)
 
         def remove() -> None:

@@ -35,7 +35,7 @@ from server.player import Made, Playout, Tick
 from server.settings import Settings
 from server.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
 from server.webrtc import close_peer
-from server.worker import FrameWorker, WorkerStopped, WorkItem
+from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Session:
         *,
         avatar: Avatar,
         engine: Engine,
-        worker: FrameWorker,
+        worker: Worker,
         settings: Settings,
         metrics: ServerMetrics,
     ) -> None:

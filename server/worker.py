@@ -10,8 +10,9 @@ to the session's event loop). Engine calls never run on the event loop.
 Other engine work (loading and unloading avatars) goes through `call`, which runs between
 steps on the same thread, so the engine is only ever touched by this thread.
 
-This is where a GPU scheduler (stage overlap on CUDA streams, adaptive batch buckets) plugs in:
-`_process` is the one place that turns a batch of items into frames.
+Where the engine is MuseTalk on a CUDA GPU, the server uses `server.gpu_worker.GpuWorker`
+instead (the GPU scheduler: stage overlap on CUDA streams, adaptive batch buckets); both
+satisfy the `Worker` protocol that sessions and the avatar service use.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from avatars.avatar import Avatar
 from engines.base import Engine, FrameJob
 from server.metrics import ServerMetrics
 
@@ -54,6 +56,28 @@ class WorkItem:
 
 class WorkerStopped(RuntimeError):
     """The worker was stopped; no more work is taken."""
+
+
+class Worker(Protocol):
+    """What sessions and the avatar service need of a frame worker (FrameWorker, GpuWorker)."""
+
+    step_ema: float  # recent step time (s), for sessions to plan their lead
+
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def submit(self, item: WorkItem) -> None: ...
+    def cancel(self, key: str) -> int: ...
+    def queued(self, key: str | None = None) -> int: ...
+    def call(
+        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]: ...
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    def load_avatar(self, avatar: Avatar) -> concurrent.futures.Future[Any]: ...
+    def unload_avatar(self, avatar_id: str) -> concurrent.futures.Future[Any]: ...
 
 
 def concat_features(parts: list[Any]) -> Any | None:
@@ -167,6 +191,13 @@ class FrameWorker:
 
     async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+
+    def load_avatar(self, avatar: Avatar) -> concurrent.futures.Future[Any]:
+        """Make `avatar` resident in the engine, on the worker thread."""
+        return self.call(self.engine.load_avatar, avatar)
+
+    def unload_avatar(self, avatar_id: str) -> concurrent.futures.Future[Any]:
+        return self.call(self.engine.unload_avatar, avatar_id)
 
     # -- thread --------------------------------------------------------------------------
     def _run(self) -> None:

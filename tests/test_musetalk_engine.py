@@ -122,8 +122,11 @@ def test_decode_rounds_like_musetalk_and_stays_rgb(vae: Any) -> None:
 
 # -- engine construction ------------------------------------------------------------------
 def test_unavailable_backends_are_clear_errors(tiny_models_dir: Path) -> None:
-    with pytest.raises(EngineError, match="backend tensorrt is not available yet"):
+    with pytest.raises(EngineError, match="backend tensorrt needs a CUDA GPU"):
         MuseTalkEngine(tiny_models_dir, backend="tensorrt")
+    with pytest.raises(EngineError, match="backend compiled needs a CUDA GPU"):
+        MuseTalkEngine(tiny_models_dir, backend="compiled")
+    assert MuseTalkEngine(tiny_models_dir, backend="auto").backend == "torch"  # auto on CPU
     with pytest.raises(EngineError, match="unknown backend"):
         MuseTalkEngine(tiny_models_dir, backend="onnx")
     with pytest.raises(EngineError, match="missing"):

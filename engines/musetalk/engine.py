@@ -4,6 +4,11 @@ Backend `torch` runs the models eagerly (fp32 on CPU, fp16 on CUDA by default). 
 UNet input latents live on the engine's device; frames, boxes and masks stay in CPU memory,
 where `avatars.blend.paste_back` blends each generated 256x256 face into its frame (RGB
 throughout: MuseTalk's BGR flips cancel out). Frames without a face are returned unchanged.
+
+Backends `compiled` and `tensorrt` need a CUDA device: `render` then goes through a
+`engines.gpu.pipeline.GpuPipeline` of that backend (built and warmed up on first use; GPU
+paste-back). `auto` is the best available one (`engines.gpu.tensorrt.select_backend`): torch
+on CPU. The server's GPU scheduler builds its own pipeline from the same engine.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +32,7 @@ from engines.musetalk.vae import decode_latents, encode_crops
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "compiled", "tensorrt")
-AVAILABLE_BACKENDS = ("torch",)
+BACKENDS = ("torch", "compiled", "tensorrt", "auto")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LATENT_SHAPE = (8, 32, 32)
 
@@ -49,8 +54,6 @@ class MuseTalkOptions:
             raise EngineError(
                 f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
             )
-        if self.backend not in AVAILABLE_BACKENDS:
-            raise EngineError(f"backend {self.backend} is not available yet (use torch)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.encoder_batch < 1:
@@ -60,6 +63,16 @@ class MuseTalkOptions:
             raise EngineError(f"device must be cpu or cuda, got {self.device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda asked for, but torch sees no CUDA GPU")
+        if dev.type != "cuda" and self.backend in ("compiled", "tensorrt"):
+            raise EngineError(
+                f"backend {self.backend} needs a CUDA GPU (device is {self.device}); "
+                "use --backend torch (or auto)"
+            )
+
+    def resolved_backend(self) -> str:
+        """The backend that runs: `auto` resolved, `tensorrt` checked (EngineError where it
+        cannot run, with the reason)."""
+        return resolve_backend(self.backend, self.device)
 
     @property
     def torch_device(self) -> torch.device:
@@ -70,6 +83,23 @@ class MuseTalkOptions:
         if self.dtype is not None:
             return DTYPES[self.dtype]
         return torch.float16 if self.torch_device.type == "cuda" else torch.float32
+
+
+def resolve_backend(requested: str, device: str | torch.device = "cpu") -> str:
+    """`requested` (torch, compiled, tensorrt, auto) for a model on `device`: auto -> the best
+    available (torch on CPU); compiled / tensorrt where they cannot run -> EngineError."""
+    if requested not in BACKENDS:
+        raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if torch.device(device).type != "cuda":
+        if requested in ("compiled", "tensorrt"):
+            raise EngineError(
+                f"backend {requested} needs a CUDA GPU (device is {device}); "
+                "use --backend torch (or auto)"
+            )
+        return "torch"
+    from engines.gpu.tensorrt import select_backend
+
+    return select_backend(requested)
 
 
 @dataclass
@@ -97,6 +127,7 @@ class MuseTalkEngine(Engine):
             device=device, backend=backend, dtype=dtype, batch_size=batch_size
         )
         self.files = weights.check_layout(models_dir)
+        self.backend = self.options.resolved_backend()
         dev, dt = self.options.torch_device, self.options.torch_dtype
         self.device, self.dtype = dev, dt
         self.unet = weights.load_unet(self.files.root, dev, dt)
@@ -108,10 +139,30 @@ class MuseTalkEngine(Engine):
         self.latents_key = weights.weights_key(self.files.vae_weights)
         self._avatars: dict[str, _Resident] = {}
         self._lock = threading.Lock()
+        self._pipeline: Any = None  # GpuPipeline for `render` with compiled / tensorrt
         logger.info(
             "musetalk engine ready",
-            extra={"device": str(dev), "dtype": str(dt), "backend": self.options.backend},
+            extra={"device": str(dev), "dtype": str(dt), "backend": self.backend},
         )
+
+    def gpu_pipeline(self) -> Any:
+        """The GpuPipeline `render` uses with the compiled / tensorrt backend (built and
+        warmed up on first call; its compile time is logged)."""
+        if self._pipeline is None:
+            if self.device.type != "cuda" or self.backend == "torch":
+                raise EngineError(f"no GPU pipeline for backend {self.backend} on {self.device}")
+            from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+            b = self.options.batch_size
+            buckets: tuple[int, ...] = (b,) if b == 1 else (1, b)
+            if self.backend == "tensorrt":
+                buckets = tuple(sorted({1, 16, max(16, b)}))
+            pipeline = GpuPipeline(
+                self, PipelineOptions(backend=self.backend, buckets=buckets, output="rgb")
+            )
+            pipeline.warm_up()
+            self._pipeline = pipeline
+        return self._pipeline
 
     # -- avatars ------------------------------------------------------------------------
     def encode_latents(self, crops: np.ndarray) -> np.ndarray:
@@ -154,6 +205,8 @@ class MuseTalkEngine(Engine):
     def unload_avatar(self, avatar_id: str) -> None:
         with self._lock:
             self._avatars.pop(avatar_id, None)
+        if self._pipeline is not None:
+            self._pipeline.unload(avatar_id)
 
     def _resident(self, avatar_id: str) -> _Resident:
         res = self._avatars.get(avatar_id)
@@ -190,6 +243,11 @@ class MuseTalkEngine(Engine):
         n = len(loop_positions)
         if len(features) != n:
             raise ValueError(f"{n} loop positions but {len(features)} feature rows")
+        if self.backend != "torch":
+            feats_t = torch.as_tensor(features).to(device=self.device)
+            frames = self.gpu_pipeline().render(avatar_id, list(loop_positions), feats_t)
+            h, w = avatar.size
+            return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
         h, w = avatar.size
         out = np.empty((n, h, w, 3), dtype=np.uint8)
         idx = np.array([avatar.loop_frame(int(p)) for p in loop_positions], dtype=np.int64)

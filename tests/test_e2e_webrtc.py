@@ -382,7 +382,7 @@ def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:
             await client.close()
 
     app = create_app(settings, engine=engine, reason=reason)
-    with ServerThread(app) as srv:
+    with ServerThread(app, start_timeout=400.0) as srv:  # compiled: warm-up compiles
         assert isinstance(app.state.worker, GpuWorker)
         deadline = time.monotonic() + 300
         while True:

@@ -27,7 +27,10 @@ def serve(
         None, help="Prepared avatars folder (env LIPSTREAM_AVATARS_DIR)"
     ),
     device: str = typer.Option(None, help="auto | cpu | cuda[:N]  (env LIPSTREAM_DEVICE)"),
-    backend: str = typer.Option(None, help="torch | compiled | tensorrt  (env LIPSTREAM_BACKEND)"),
+    backend: str = typer.Option(
+        None,
+        help="auto (default: compiled on a GPU, torch on CPU) | torch | compiled | tensorrt  (env LIPSTREAM_BACKEND)",
+    ),
     host: str = typer.Option(None, help="Address to bind (env LIPSTREAM_HOST; default 127.0.0.1)"),
     port: int = typer.Option(None, help="Port (env LIPSTREAM_PORT; default 8000)"),
     max_sessions: int = typer.Option(

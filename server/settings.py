@@ -32,7 +32,7 @@ class Settings:
     models_dir: Path | None = None  # None: lipstream.paths default
     avatars_dir: Path | None = None  # None: lipstream.paths default
     device: str = "auto"
-    backend: str = "torch"
+    backend: str = "auto"  # on a GPU: compiled (tensorrt where it imports); on CPU: torch
     demo_avatar: bool = False
     # sessions
     max_sessions: int = 8

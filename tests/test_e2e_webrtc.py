@@ -340,7 +340,7 @@ def test_a_silent_session_costs_no_engine_work(
 def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:
     """Full-size random weights, MuseTalk on CUDA behind the GPU scheduler: first audio byte
     in -> first lip-synced frame out to the track, p50 under 250 ms over several utterances.
-    LIPSTREAM_TEST_BACKEND picks the scheduler's backend (default torch: eager, no compile);
+    LIPSTREAM_TEST_BACKEND picks the scheduler's backend (default compiled; eager torch cannot keep up);
     LIPSTREAM_TEST_AVATARS_DIR, where set, is a store holding a prepared avatar (copied; used
     instead of registering the demo avatar, e.g. where OpenCV has no Haar cascades)."""
     import os
@@ -350,7 +350,7 @@ def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:
     from engines.musetalk.weights import make_random
     from server.gpu_worker import GpuWorker
 
-    backend = os.environ.get("LIPSTREAM_TEST_BACKEND", "torch")
+    backend = os.environ.get("LIPSTREAM_TEST_BACKEND", "compiled")
     made = os.environ.get("LIPSTREAM_TEST_AVATARS_DIR")
     if made:
         shutil.copytree(made, tmp_path / "avatars")

@@ -97,6 +97,11 @@ def bench_cmd(
     ),
     minutes: float = typer.Option(1.0, help="--soak: how long"),
     soak_out: Path = typer.Option(None, help="--soak: write the JSON result here"),
+    soak_url: str | None = typer.Option(
+        None,
+        "--soak-url",
+        help="--soak: use this running server (e.g. one already warmed up) instead of starting one",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON path (default bench/results/<gpu>_<date>.json)."
     ),
@@ -118,7 +123,7 @@ def bench_cmd(
     if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from server.soak import run_soak
 
-        run_soak(int(sessions or 2), minutes, soak_out)
+        run_soak(int(sessions or 2), minutes, soak_out, server_url=soak_url)
         return
     from engines.base import EngineError
     from engines.bench import BenchOptions, run_bench

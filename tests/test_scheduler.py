@@ -108,7 +108,14 @@ def test_load_makes_batches_grow(engine, preview_avatar) -> None:  # type: ignor
     s.start()
     try:
         # block the scheduler thread with a call while 12 sessions queue one frame each
-        s.call(gate.wait, 5)
+        blocked = threading.Event()
+
+        def hold() -> None:
+            blocked.set()
+            gate.wait(5)
+
+        s.call(hold)
+        assert blocked.wait(5)  # the thread is inside the call: nothing can be picked early
         for k in range(12):
             s.submit(
                 make_item(

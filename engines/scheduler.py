@@ -22,22 +22,19 @@ FrameWorker does, so the same scheduler serves tests and CPU machines.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import heapq
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from engines.base import Engine
+from engines.work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +68,11 @@ class SchedulerStopped(RuntimeError):
     """The scheduler was stopped; no more work is taken."""
 
 
-class GpuScheduler:
+class GpuScheduler(WorkQueue):
     """See the module docstring."""
+
+    stopped_error = SchedulerStopped
+    stopped_message = "the gpu scheduler is stopped"
 
     def __init__(
         self,
@@ -82,20 +82,14 @@ class GpuScheduler:
         name: str = "lipstream-gpu",
         metrics: Any | None = None,
     ) -> None:
+        super().__init__(name)
         self.engine = engine
         self.options = options or SchedulerOptions()
         self.pipeline = pipeline
         self.metrics = metrics
-        self._name = name
-        self._cond = threading.Condition()
-        self._queues: dict[str, deque[Any]] = {}
-        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._deliver_thread: threading.Thread | None = None
         self._deliveries: queue.Queue[Any] = queue.Queue()
         self._in_flight = threading.Semaphore(self.options.max_in_flight)
-        self._seq = itertools.count()
         self.history: deque[StepStats] = deque(maxlen=100_000)
         self.frames = 0
         self.steps = 0
@@ -117,10 +111,7 @@ class GpuScheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._queues.clear()
-            self._cond.notify_all()
+        self._set_stopping()
         self._in_flight.release()  # wake a thread waiting for a GPU slot
         if self._thread is not None:
             self._thread.join(timeout)
@@ -131,51 +122,7 @@ class GpuScheduler:
         if self._deliver_thread is not None:
             self._deliver_thread.join(timeout)
             self._deliver_thread = None
-        with self._cond:
-            while self._calls:
-                _, fut = self._calls.popleft()
-                fut.cancel()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    # -- input ---------------------------------------------------------------------------
-    def submit(self, item: Any) -> None:
-        item.seq = next(self._seq)
-        with self._cond:
-            if self._stopping:
-                raise SchedulerStopped("the gpu scheduler is stopped")
-            self._queues.setdefault(item.key, deque()).append(item)
-            self._cond.notify()
-
-    def cancel(self, key: str) -> int:
-        """Drop a session's queued (not yet launched) items; returns how many."""
-        with self._cond:
-            q = self._queues.pop(key, None)
-        return len(q) if q else 0
-
-    def queued(self, key: str | None = None) -> int:
-        with self._cond:
-            qs = (
-                [self._queues.get(key, deque())] if key is not None else list(self._queues.values())
-            )
-            return sum(len(item.jobs) for q in qs for item in q)
-
-    def call(
-        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> concurrent.futures.Future[Any]:
-        """Run `fn(*args, **kwargs)` on the scheduler thread between steps."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._cond:
-            if self._stopping:
-                raise SchedulerStopped("the gpu scheduler is stopped")
-            self._calls.append((lambda: fn(*args, **kwargs), fut))
-            self._cond.notify()
-        return fut
-
-    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+        self._cancel_calls()
 
     def load_avatar(self, avatar: Any) -> concurrent.futures.Future[Any]:
         """Make `avatar` resident (engine + GPU paste-back data, one warm frame), on the
@@ -201,29 +148,7 @@ class GpuScheduler:
         """Items to run next (call with the lock held): earliest deadline first across
         sessions, within `lookahead_s` of the earliest, up to `max_batch` frames (at least
         one item, whatever its size)."""
-        heap = [(q[0].deadline, q[0].seq, key) for key, q in self._queues.items() if q]
-        heapq.heapify(heap)
-        batch: list[Any] = []
-        frames = 0
-        horizon = None
-        while heap:
-            deadline, _, key = heapq.heappop(heap)
-            if horizon is None:
-                horizon = deadline + self.options.lookahead_s
-            elif deadline > horizon:
-                break
-            q = self._queues[key]
-            item = q[0]
-            if batch and frames + len(item.jobs) > self.options.max_batch:
-                break
-            q.popleft()
-            batch.append(item)
-            frames += len(item.jobs)
-            if q:
-                heapq.heappush(heap, (q[0].deadline, q[0].seq, key))
-            else:
-                del self._queues[key]
-        return batch
+        return self._pick_due(self.options.max_batch, self.options.lookahead_s)
 
     def _run(self) -> None:
         log.info(
@@ -233,20 +158,9 @@ class GpuScheduler:
         )
         while True:
             self._in_flight.acquire()  # at most max_in_flight batches on the GPU
-            with self._cond:
-                while not (self._stopping or self._calls or self._queues):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                calls = list(self._calls)
-                self._calls.clear()
-                batch = self.pick()
-            for fn, fut in calls:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:
-                        fut.set_exception(exc)
+            batch = self._next_step(self.pick)
+            if batch is None:
+                break
             if not batch:
                 self._in_flight.release()
                 continue

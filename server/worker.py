@@ -17,14 +17,10 @@ satisfy the `Worker` protocol that sessions and the avatar service use.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import heapq
-import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +29,7 @@ import numpy as np
 
 from avatars.avatar import Avatar
 from engines.base import Engine, FrameJob
+from engines.work_queue import WorkQueue
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -101,8 +98,11 @@ def _by_utterance(batch: list[WorkItem]) -> list[list[WorkItem]]:
     return list(groups.values())
 
 
-class FrameWorker:
+class FrameWorker(WorkQueue):
     """See the module docstring."""
+
+    stopped_error = WorkerStopped
+    stopped_message = "the frame worker is stopped"
 
     def __init__(
         self,
@@ -113,16 +113,10 @@ class FrameWorker:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        super().__init__(name)
         self.engine = engine
         self.max_batch = max_batch
         self.metrics = metrics
-        self._name = name
-        self._cond = threading.Condition()
-        self._queues: dict[str, deque[WorkItem]] = {}
-        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._seq = itertools.count()
         self.steps = 0
         self.frames = 0
         self.busy_s = 0.0
@@ -136,61 +130,13 @@ class FrameWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._queues.clear()
-            self._cond.notify_all()
+        self._set_stopping()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("frame worker did not stop in time", extra={"timeout_s": timeout})
             self._thread = None
-        with self._cond:
-            while self._calls:
-                _, fut = self._calls.popleft()
-                fut.cancel()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    # -- input ---------------------------------------------------------------------------
-    def submit(self, item: WorkItem) -> None:
-        item.seq = next(self._seq)
-        with self._cond:
-            if self._stopping:
-                raise WorkerStopped("the frame worker is stopped")
-            self._queues.setdefault(item.key, deque()).append(item)
-            self._cond.notify()
-
-    def cancel(self, key: str) -> int:
-        """Drop the queued (not yet started) items of one session; returns how many."""
-        with self._cond:
-            q = self._queues.pop(key, None)
-        return len(q) if q else 0
-
-    def queued(self, key: str | None = None) -> int:
-        """Frames waiting (for one session, or all)."""
-        with self._cond:
-            queues = (
-                [self._queues.get(key, deque())] if key is not None else list(self._queues.values())
-            )
-            return sum(len(item.jobs) for q in queues for item in q)
-
-    def call(
-        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> concurrent.futures.Future[Any]:
-        """Run `fn(*args, **kwargs)` on the worker thread between steps."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._cond:
-            if self._stopping:
-                raise WorkerStopped("the frame worker is stopped")
-            self._calls.append((lambda: fn(*args, **kwargs), fut))
-            self._cond.notify()
-        return fut
-
-    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+        self._cancel_calls()
 
     def load_avatar(self, avatar: Avatar) -> concurrent.futures.Future[Any]:
         """Make `avatar` resident in the engine, on the worker thread."""
@@ -205,45 +151,16 @@ class FrameWorker:
             "frame worker started", extra={"engine": self.engine.name, "max_batch": self.max_batch}
         )
         while True:
-            with self._cond:
-                while not (self._stopping or self._calls or self._queues):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                calls = list(self._calls)
-                self._calls.clear()
-                batch = self._pick()
-            for fn, fut in calls:
-                if not fut.set_running_or_notify_cancel():
-                    continue
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:
-                    fut.set_exception(exc)
+            batch = self._next_step(self._pick)
+            if batch is None:
+                break
             if batch:
                 self._process(batch)
         log.info("frame worker stopped", extra={"steps": self.steps, "frames": self.frames})
 
     def _pick(self) -> list[WorkItem]:
         """Items due first across sessions, up to max_batch frames (at least one item)."""
-        heap = [(q[0].deadline, q[0].seq, key) for key, q in self._queues.items() if q]
-        heapq.heapify(heap)
-        batch: list[WorkItem] = []
-        frames = 0
-        while heap:
-            _, _, key = heapq.heappop(heap)
-            q = self._queues[key]
-            item = q[0]
-            if batch and frames + len(item.jobs) > self.max_batch:
-                break
-            q.popleft()
-            batch.append(item)
-            frames += len(item.jobs)
-            if q:
-                heapq.heappush(heap, (q[0].deadline, q[0].seq, key))
-            else:
-                del self._queues[key]
-        return batch
+        return self._pick_due(self.max_batch)
 
     def _process(self, batch: list[WorkItem]) -> None:
         t0 = time.perf_counter()

@@ -80,6 +80,9 @@ def test_server_refuses_compiled_for_musetalk_on_cpu(
 
 
 @pytest.mark.gpu
+@pytest.mark.allow_leaks(
+    "CUDA's device files and torch.compile's worker pipes live as long as the process"
+)
 def test_musetalk_on_cuda_gets_the_gpu_scheduler(tiny_models_dir: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")

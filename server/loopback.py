@@ -94,6 +94,17 @@ class ServerThread:
         self.stop()
 
 
+def wait_first_avatar_ready(base_url: str, within: float = 60.0) -> str:
+    """Poll `GET /v1/avatars` until the first avatar (e.g. the demo one) is ready; its id."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        avatars = httpx.get(f"{base_url}/v1/avatars").json()["avatars"]
+        if avatars and avatars[0]["status"] == "ready":
+            return str(avatars[0]["id"])
+        time.sleep(0.05)
+    raise TimeoutError("the demo avatar did not become ready")
+
+
 @dataclass
 class Received:
     """What a `LoopbackClient` got."""

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import websockets
@@ -21,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread
+from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.settings import Settings
 
 WS_MAX = 64 * 1024
@@ -42,13 +40,7 @@ def serve(root: Path) -> ServerThread:
 
 
 def wait_ready(srv: ServerThread) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        avatars = httpx.get(f"{srv.base_url}/v1/avatars").json()["avatars"]
-        if avatars and avatars[0]["status"] == "ready":
-            return str(avatars[0]["id"])
-        time.sleep(0.05)
-    raise TimeoutError("the demo avatar did not become ready")
+    return wait_first_avatar_ready(srv.base_url)
 
 
 @pytest.fixture(scope="module")

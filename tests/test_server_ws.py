@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import websockets
@@ -16,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread
+from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.settings import Settings
 
 WS_MAX = 64 * 1024
@@ -36,13 +35,7 @@ def serve(root: Path, **overrides: object) -> ServerThread:
 
 
 def demo_avatar(srv: ServerThread) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        avatars = httpx.get(f"{srv.base_url}/v1/avatars").json()["avatars"]
-        if avatars and avatars[0]["status"] == "ready":
-            return str(avatars[0]["id"])
-        time.sleep(0.05)
-    raise TimeoutError("the demo avatar did not become ready")
+    return wait_first_avatar_ready(srv.base_url)
 
 
 @pytest.fixture(scope="module")

@@ -182,20 +182,12 @@ class Bench:
         self.save()
 
     def pipeline(self, name: str) -> Any:
-        """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`, ..."""
-        from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+        """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
+        `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper), ..."""
+        from engines.gpu.pipeline import GpuPipeline
 
-        backend, _, crop = name.partition("-crop")
         if name not in self.pipelines:
-            p = GpuPipeline(
-                self.engine,
-                PipelineOptions(
-                    backend=backend,
-                    buckets=self.o.buckets,
-                    output="i420",
-                    decode_from_row=int(crop or 0),
-                ),
-            )
+            p = GpuPipeline(self.engine, variant_options(name, self.o.buckets))
             t0 = time.perf_counter()
             warm = p.warm_up()
             self.res.setdefault("warmup", {})[name] = {
@@ -386,7 +378,7 @@ class Bench:
         res = self.engine._resident(av.id)
         for name in [b for b in self.o.backends if "-crop" in b]:
             crop = self.pipeline(name).step
-            rows = int(name.partition("-crop")[2]) * 8
+            rows = variant_options(name, self.o.buckets).decode_from_row * 8
             n = min(16, av.n_frames)
             idx = torch.arange(n, device=self.dev)
             lat = res.latents[:n]
@@ -627,6 +619,31 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
         "first_frame_ms_p99": _pct(lat, 99),
         "all_ms": lat,
     }
+
+
+def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
+    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc]`."""
+    from engines.gpu.pipeline import PipelineOptions
+
+    backend, *flags = name.split("-")
+    crop, fold, enc = 0, True, True
+    for flag in flags:
+        if flag.startswith("crop") and flag[4:].isdigit():
+            crop = int(flag[4:])
+        elif flag == "nofold":
+            fold = False
+        elif flag == "eagerenc":
+            enc = False
+        else:
+            raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
+    return PipelineOptions(
+        backend=backend,
+        buckets=buckets,
+        output="i420",
+        decode_from_row=crop,
+        fold_upsample=fold,
+        compile_encoder=enc,
+    )
 
 
 def build_backends(

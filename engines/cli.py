@@ -102,6 +102,9 @@ def bench_cmd(
         "--soak-url",
         help="--soak: use this running server (e.g. one already warmed up) instead of starting one",
     ),
+    soak_pid: int | None = typer.Option(
+        None, "--soak-pid", help="--soak-url: the server's pid, to sample its RSS and GPU memory"
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON path (default bench/results/<gpu>_<date>.json)."
     ),
@@ -123,7 +126,9 @@ def bench_cmd(
     if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from server.soak import run_soak
 
-        run_soak(int(sessions or 2), minutes, soak_out, server_url=soak_url)
+        if soak_pid is not None and soak_url is None:
+            raise typer.BadParameter("--soak-pid goes with --soak-url")
+        run_soak(int(sessions or 2), minutes, soak_out, server_url=soak_url, server_pid=soak_pid)
         return
     from engines.base import EngineError
     from engines.bench import BenchOptions, run_bench

@@ -228,7 +228,11 @@ def _pct(values: Any, q: float) -> float | None:
 
 
 async def soak(
-    sessions: int, minutes: float, engine: str | None = None, server_url: str | None = None
+    sessions: int,
+    minutes: float,
+    engine: str | None = None,
+    server_url: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     if sessions < 1 or minutes <= 0:
         raise ValueError("the soak needs sessions >= 1 and minutes > 0")
@@ -236,7 +240,9 @@ async def soak(
     warmup = min(60.0, 0.2 * duration)
     server = None if server_url else ServerProcess(sessions, engine)
     base = server_url or (server.base_url if server else "")
-    pid = server.proc.pid if server else None
+    pid = server.proc.pid if server else server_pid
+    if pid is not None and rss_bytes(pid) is None:
+        raise ValueError(f"no process {pid} to sample (--soak-pid: the server's pid)")
     clients: list[SoakClient] = []
     samples: list[dict[str, Any]] = []
     try:
@@ -372,12 +378,14 @@ def run_soak(
     out: Path | None = None,
     engine: str | None = None,
     server_url: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """The soak (see the module docstring); prints a summary and writes JSON to `out`."""
+    """The soak (see the module docstring); prints a summary and writes JSON to `out`.
+    With `server_url`, `server_pid` names that server's process for RSS / GPU samples."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
     for name in ("aioice", "aiortc", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    result = asyncio.run(soak(sessions, minutes, engine, server_url))
+    result = asyncio.run(soak(sessions, minutes, engine, server_url, server_pid))
     text = json.dumps(result, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

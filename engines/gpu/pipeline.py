@@ -30,7 +30,7 @@ import torch
 
 from engines.base import EngineError, FrameJob
 from engines.gpu import paste
-from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep
+from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ class PipelineOptions:
     buckets: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
     output: str = "i420"  # "i420" (what the video track sends) or "rgb"
     decode_from_row: int = 0  # > 0: opt-in partial VAE decode (see MuseTalkStep)
+    fold_upsample: bool = True  # compiled: folded VAE upsampling convolutions (engines.gpu.fold)
+    compile_encoder: bool = True  # compiled: whisper encoder compiled + one CUDA graph
     host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
 
     def __post_init__(self) -> None:
@@ -210,12 +212,24 @@ class GpuPipeline:
         self.device = engine.device
         self.features = GpuFeaturizer(engine.features)
         step = MuseTalkStep(
-            engine.unet, engine.vae, decode_from_row=self.options.decode_from_row
+            engine.unet,
+            engine.vae,
+            decode_from_row=self.options.decode_from_row,
+            fold_upsample=self.options.fold_upsample and self.options.backend == "compiled",
         ).to(self.device)
         self.step: Any = step
         self.build_report: dict[str, Any] = {}
+        self.encoder: CompiledEncoder | None = None
         if self.options.backend == "compiled":
             self.step = CompiledStep(step, CompiledOptions(buckets=self.options.buckets))
+            if self.options.compile_encoder:
+                self.encoder = CompiledEncoder(
+                    self.features.encoder,
+                    self.features.encoder_batch,
+                    int(self.features.mel_filters.shape[1]),
+                    2 * self.features.window_steps,
+                )
+                self.features.run_encoder = self.encoder
         elif self.options.backend == "tensorrt":
             from engines.gpu.tensorrt import Profile, load_or_build
 
@@ -239,6 +253,8 @@ class GpuPipeline:
         encoder kernels), so a session's first frame pays none of it."""
         from engines.base import ready_horizon
 
+        if self.encoder is not None:
+            self.encoder.warm_up()
         jobs = [FrameJob(0, ready_horizon(0), 0)]
         self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])
         torch.cuda.synchronize(self.device)

@@ -1,0 +1,6 @@
+# GPU soak, part 2: wait for /tmp/soak.json (part 1: soak_start.sh), copy it and the logs to $OUT.
+for _ in $(seq 1 560); do [ -f /tmp/soak.json ] && break; sleep 1; done
+cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null
+tail -c 200000 /tmp/serve.log >"$OUT"/serve.log
+python3 -c "import json; d=json.load(open('/tmp/soak.json')); print(json.dumps({k: v for k, v in d.items() if k not in ('per_session', 'samples')}, indent=1))"
+nvidia-smi --query-gpu=name,memory.used --format=csv

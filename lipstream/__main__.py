@@ -1,0 +1,5 @@
+"""`python -m lipstream`: the same CLI as the `lipstream` command."""
+
+from lipstream.cli import main
+
+main()

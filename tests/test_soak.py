@@ -1,0 +1,64 @@
+"""`lipstream bench --soak` against a running server (`--soak-url` + `--soak-pid`): a real
+uvicorn server on loopback (preview engine, CPU) and real aiortc clients speaking at real
+time; the soak's numbers come from what the clients received and the server reported."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import pytest
+
+from server.app import create_app
+from server.loopback import ServerThread
+from server.settings import Settings
+from server.soak import soak
+
+
+def _add_avatar(base_url: str) -> None:
+    from skimage.data import astronaut
+
+    ok, png = cv2.imencode(".png", cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    assert ok
+    r = httpx.post(
+        base_url + "/v1/avatars",
+        files={"file": ("astronaut.png", png.tobytes(), "image/png")},
+        data={"name": "astronaut"},
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base_url}/v1/avatars/{r.json()['id']}").json()["status"] != "ready":
+        assert time.monotonic() < deadline, "avatar not ready within 60 s"
+        time.sleep(0.1)
+
+
+def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
+    from engines.preview import PreviewEngine
+
+    settings = Settings(engine="preview", avatars_dir=tmp_path / "avatars", max_sessions=4)
+    app = create_app(settings, engine=PreviewEngine(), reason="soak test")
+    with ServerThread(app) as srv:
+        _add_avatar(srv.base_url)
+        # the server runs in this process: its pid is ours
+        result = asyncio.run(soak(2, 0.4, server_url=srv.base_url, server_pid=os.getpid()))
+    assert result["sessions"] == 2 and result["engine"] == "preview"
+    assert result["window_s"] >= 15
+    assert result["fps_min"] >= 23.0, result["per_session"]
+    assert result["frames_missing_at_client"] == 0
+    assert result["server_frames_dropped"] == 0
+    assert result["frame_interval_ms_p99"] is not None
+    assert result["frame_interval_ms_p99"] < 120.0
+    assert all(p["utterances"] >= 2 for p in result["per_session"])
+    # memory sampled every 5 s from the given pid, growth computed over the window
+    assert len([s for s in result["samples"] if s.get("rss")]) >= 4
+    assert result["rss_mb_after_warmup"] > 50
+    assert result["rss_growth_mb"] is not None and abs(result["rss_growth_mb"]) < 200
+
+
+def test_soak_refuses_a_pid_that_does_not_exist() -> None:
+    with pytest.raises(ValueError, match="no process"):
+        asyncio.run(soak(1, 0.1, server_url="http://127.0.0.1:9", server_pid=2**22 + 12345))

@@ -1,5 +1,6 @@
-# GPU soak, part 2: wait for /tmp/soak.json (part 1: soak_start.sh), copy it and the logs to $OUT.
-for _ in $(seq 1 560); do [ -f /tmp/soak.json ] && break; sleep 1; done
+# GPU soak, part 2: wait (at most $WAIT s) for /tmp/soak.json, copy it and the logs to $OUT.
+for _ in $(seq 1 "${WAIT:-540}"); do [ -f /tmp/soak.json ] && break; sleep 1; done
+cat /tmp/soak_run.log
 cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null
 tail -c 200000 /tmp/serve.log >"$OUT"/serve.log
 python3 -c "import json; d=json.load(open('/tmp/soak.json')); print(json.dumps({k: v for k, v in d.items() if k not in ('per_session', 'samples')}, indent=1))"

@@ -248,6 +248,9 @@ class AvatarService:
             self._live.pop(avatar_id, None)
         if self._loaded.pop(avatar_id, None) is not None:
             await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
+        from server.sessions import IDLE_FRAMES
+
+        IDLE_FRAMES.forget(avatar_id)
         self._load_locks.pop(avatar_id, None)
 
         def remove() -> None:

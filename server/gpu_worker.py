@@ -77,7 +77,8 @@ def create_worker(
     t0 = time.perf_counter()
     scheduler = create_scheduler(
         engine,
-        SchedulerOptions(max_batch=settings.max_batch),
+        # I420 straight from the GPU: half the host copy, no colour conversion on the CPU
+        SchedulerOptions(max_batch=settings.max_batch, output="i420"),
         backend=backend,
         metrics=metrics,
         warm_up=warm_up,

@@ -33,11 +33,22 @@ from server.liveness import PeerWatch
 from server.metrics import ServerMetrics, SessionStats
 from server.player import Made, Playout, Tick
 from server.settings import Settings
-from server.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
+from server.tracks import (
+    AUDIO_FRAMES_PER_TICK,
+    I420Cache,
+    QueueTrack,
+    audio_frames,
+    i420_image,
+    video_frame,
+)
 from server.webrtc import close_peer
 from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
+
+# I420 pictures of unchanged avatar frames, shared by all sessions (AvatarService.delete
+# forgets an avatar's)
+IDLE_FRAMES = I420Cache()
 
 FRAME_S = 1.0 / FPS
 EVENT_QUEUE = 256
@@ -267,14 +278,28 @@ class Session:
             )
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
             frames = [self._idle_image(j.loop_position) for j in item.jobs]
+        h, w = self.avatar.frames.shape[1:3]
         made = [
-            Made(item.utterance, j.index, j.loop_position, j.horizon, frames[i], item.pcm[i])
+            Made(
+                item.utterance,
+                j.index,
+                j.loop_position,
+                j.horizon,
+                i420_image(frames[i], h, w) if frames[i].ndim == 1 else frames[i],
+                item.pcm[i],
+            )
             for i, j in enumerate(item.jobs)
         ]
         self.playout.deliver(made)
 
     def _idle_image(self, loop_position: int) -> np.ndarray:
-        return self.engine.idle_frame(self.avatar, loop_position)
+        """The unchanged avatar frame, as I420 from the server-wide cache (no conversion
+        per idle tick)."""
+        return IDLE_FRAMES.get(
+            self.avatar.id,
+            self.avatar.loop_frame(loop_position),
+            self.engine.idle_frame(self.avatar, loop_position),
+        )
 
     # -- tracks and clock ----------------------------------------------------------------
     def _track_started(self, kind: str) -> None:

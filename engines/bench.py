@@ -183,7 +183,8 @@ class Bench:
 
     def pipeline(self, name: str) -> Any:
         """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
-        `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper), ..."""
+        `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
+        `compiled-tuned` (inductor kernel tuning), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -622,11 +623,11 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
-    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc]`."""
+    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned]`."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc = 0, True, True
+    crop, fold, enc, tune = 0, True, True, False
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
@@ -634,6 +635,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             fold = False
         elif flag == "eagerenc":
             enc = False
+        elif flag == "tuned":
+            tune = True
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(
@@ -643,6 +646,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         decode_from_row=crop,
         fold_upsample=fold,
         compile_encoder=enc,
+        tune=tune,
     )
 
 

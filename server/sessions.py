@@ -39,6 +39,7 @@ from server.tracks import (
     QueueTrack,
     audio_frames,
     i420_image,
+    to_i420,
     video_frame,
 )
 from server.webrtc import close_peer
@@ -262,7 +263,13 @@ class Session:
     def _work_done(
         self, item: WorkItem, frames: list[np.ndarray] | None, exc: BaseException | None
     ) -> None:
-        """Worker thread: hand the result to the event loop."""
+        """Worker thread: lay the frames out as I420 here, off the event loop (cv2 releases
+        the GIL; flat GPU buffers are only reshaped), then hand them to the event loop."""
+        if frames is not None:
+            try:
+                frames = [self._as_i420(f) for f in frames]
+            except Exception as err:  # a malformed frame: idle frames and an error event
+                frames, exc = None, err
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to feed
             self.loop.call_soon_threadsafe(self._made, item, frames, exc)
 
@@ -278,19 +285,18 @@ class Session:
             )
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
             frames = [self._idle_image(j.loop_position) for j in item.jobs]
-        h, w = self.avatar.frames.shape[1:3]
         made = [
-            Made(
-                item.utterance,
-                j.index,
-                j.loop_position,
-                j.horizon,
-                i420_image(frames[i], h, w) if frames[i].ndim == 1 else frames[i],
-                item.pcm[i],
-            )
+            Made(item.utterance, j.index, j.loop_position, j.horizon, frames[i], item.pcm[i])
             for i, j in enumerate(item.jobs)
         ]
         self.playout.deliver(made)
+
+    def _as_i420(self, frame: np.ndarray) -> np.ndarray:
+        """A worker's frame (RGB (H, W, 3), or the GPU's flat I420) in the track's layout."""
+        if frame.ndim == 1:
+            h, w = self.avatar.frames.shape[1:3]
+            return i420_image(frame, h, w)
+        return to_i420(frame)
 
     def _idle_image(self, loop_position: int) -> np.ndarray:
         """The unchanged avatar frame, as I420 from the server-wide cache (no conversion

@@ -151,6 +151,7 @@ class PipelineOptions:
     decode_from_row: int = 0  # > 0: opt-in partial VAE decode (see MuseTalkStep)
     fold_upsample: bool = True  # compiled: folded VAE upsampling convolutions (engines.gpu.fold)
     compile_encoder: bool = True  # compiled: whisper encoder compiled + one CUDA graph
+    tune: bool = False  # compiled: inductor kernel tuning at warm-up (CompiledOptions.tune)
     host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
 
     def __post_init__(self) -> None:
@@ -221,7 +222,9 @@ class GpuPipeline:
         self.build_report: dict[str, Any] = {}
         self.encoder: CompiledEncoder | None = None
         if self.options.backend == "compiled":
-            self.step = CompiledStep(step, CompiledOptions(buckets=self.options.buckets))
+            self.step = CompiledStep(
+                step, CompiledOptions(buckets=self.options.buckets, tune=self.options.tune)
+            )
             if self.options.compile_encoder:
                 self.encoder = CompiledEncoder(
                     self.features.encoder,

@@ -1,0 +1,30 @@
+"""`lipstream bench` variant names -> GPU pipeline options (parsed on any machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engines.bench import variant_options
+
+
+def test_plain_compiled_has_the_server_defaults() -> None:
+    o = variant_options("compiled", (2, 4))
+    assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
+    assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
+
+
+def test_flags_combine() -> None:
+    o = variant_options("compiled-crop8-nofold-eagerenc-tuned", (4,))
+    assert o.decode_from_row == 8
+    assert not o.fold_upsample and not o.compile_encoder and o.tune
+
+
+@pytest.mark.parametrize("name", ["compiled-fast", "compiled-cropX", "compiled-crop"])
+def test_unknown_flags_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown bench variant"):
+        variant_options(name, (4,))
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        variant_options("onnx", (4,))

@@ -67,3 +67,18 @@ def test_idle_cache_converts_once_and_stays_bounded() -> None:
     cache.get("av_b", 0, frames[0])
     cache.forget("av_a")
     assert len(cache) == 1
+
+
+def test_video_frames_wrap_the_picture_and_keep_it_alive() -> None:
+    import gc
+
+    def frame_of_a_temporary() -> object:
+        return video_frame(np.full((72, 64), 77, np.uint8), 5)
+
+    frame = frame_of_a_temporary()
+    gc.collect()
+    _ = [np.full((72, 64), 1, np.uint8) for _ in range(200)]  # reuse freed memory, if any
+    planes = frame.to_ndarray()  # type: ignore[attr-defined]
+    assert planes.shape == (72, 64) and planes.min() == planes.max() == 77
+    strided = np.full((72, 128), 9, np.uint8)[:, ::2]  # not contiguous: copied instead
+    assert video_frame(strided, 0).to_ndarray().max() == 9  # type: ignore[attr-defined]

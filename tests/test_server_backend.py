@@ -90,6 +90,8 @@ def test_musetalk_on_cuda_gets_the_gpu_scheduler(tiny_models_dir: Path) -> None:
     worker = create_worker(engine, Settings(engine="musetalk", backend="torch"))
     assert isinstance(worker, GpuWorker) and worker.pipeline is not None
     assert worker.pipeline.options.backend == "torch"
+    # frames leave the GPU as I420, the layout the video track sends (no CPU conversion)
+    assert worker.options.output == "i420" and worker.pipeline.options.output == "i420"
 
 
 def test_gpu_worker_serves_work_items_without_a_pipeline(preview_avatar: Any) -> None:

@@ -103,18 +103,23 @@ async def test_sigterm_drains_then_exits_within_the_grace_period(
         aid = await wait_ready(http, proc)
         client = LoopbackClient(base)
         client.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        late = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             session = await client.open(aid)
             await client.connect_audio()
             await client.wait_frames(10)
             # a second client has made its offer, and will ask after the signal
-            late = RTCPeerConnection(RTCConfiguration(iceServers=[]))
             late.addTransceiver("video", direction="recvonly")
             await late.setLocalDescription(await late.createOffer())
 
             proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()
+            # the signal reaches the server's loop asynchronously: a request already on its
+            # way may still see 200; "at once" = within a second
             ready = await http.get("/readyz")
+            while ready.status_code == 200 and time.monotonic() - t0 < 1.0:
+                await asyncio.sleep(0.01)
+                ready = await http.get("/readyz")
             assert ready.status_code == 503 and ready.json()["status"] == "draining"
             assert time.monotonic() - t0 < 1.0
             assert (await http.get("/healthz")).status_code == 200
@@ -142,6 +147,7 @@ async def test_sigterm_drains_then_exits_within_the_grace_period(
             code = await wait_exit(proc, GRACE_S + 3)
             exited_at = time.monotonic() - t0
         finally:
+            await late.close()
             await client.close(delete=False)
     print(
         f"\nsession ended {ended_at:.2f} s and the process exited {exited_at:.2f} s after SIGTERM"

@@ -378,8 +378,9 @@ class Bench:
         g = torch.Generator(device=self.dev).manual_seed(7)
         res = self.engine._resident(av.id)
         for name in [b for b in self.o.backends if "-crop" in b]:
-            crop = self.pipeline(name).step
-            rows = variant_options(name, self.o.buckets).decode_from_row * 8
+            pipe = self.pipeline(name)
+            crop = pipe.step
+            rows = pipe.options.decode_from_row * 8
             n = min(16, av.n_frames)
             idx = torch.arange(n, device=self.dev)
             lat = res.latents[:n]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import cv2
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.loopback import ServerThread
+from server.loopback import ServerThread, wait_first_avatar_ready
 from server.settings import Settings
 from server.soak import soak
 
@@ -30,10 +29,7 @@ def _add_avatar(base_url: str) -> None:
         data={"name": "astronaut"},
     )
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{base_url}/v1/avatars/{r.json()['id']}").json()["status"] != "ready":
-        assert time.monotonic() < deadline, "avatar not ready within 60 s"
-        time.sleep(0.1)
+    assert wait_first_avatar_ready(base_url, within=60) == r.json()["id"]
 
 
 def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:

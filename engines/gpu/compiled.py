@@ -103,7 +103,6 @@ class MuseTalkStep(nn.Module):
             if fold_upsamplers(vae) == 0:
                 raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
         self.vae = vae
-        self.folded = fold_upsample
         self.scaling = scaling
         self.decode_from_row = decode_from_row
         self.pe: torch.Tensor
@@ -145,6 +144,25 @@ class CompiledOptions:
             raise ValueError(f"unsupported compile mode {self.mode!r}")
 
 
+def warm_and_capture(
+    fn: Any, *args: torch.Tensor, warmups: int = 3, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run `fn(*args)` `warmups` times on a side stream (compiles, cuDNN plans, lazy
+    allocations), then capture one call as a CUDA graph. Returns (graph, its output)."""
+    device = args[0].device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*args)
+    return graph, out
+
+
 class _Graph:
     """One captured batch bucket: static input and output buffers plus its CUDA graph."""
 
@@ -152,9 +170,8 @@ class _Graph:
         self.bucket = bucket
         self.latents = torch.zeros((bucket, *LATENT_SHAPE), dtype=dtype, device=device)
         self.audio = torch.zeros((bucket, AUDIO_TOKENS, AUDIO_DIM), dtype=dtype, device=device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(self.latents, self.audio)
+        # warmed up by the caller (on random inputs, with a dynamic batch axis)
+        self.graph, self.out = warm_and_capture(fn, self.latents, self.audio, warmups=0, pool=pool)
 
 
 class CompiledStep:
@@ -285,24 +302,13 @@ class CompiledEncoder:
     def warm_up(self) -> float:
         t0 = time.perf_counter()
         mel = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._fn(mel)
+            self._graph, self._out = warm_and_capture(self._fn, mel)
         except Exception as exc:  # inductor failure: keep the eager encoder, still graphed
             log.warning("whisper encoder compile failed (%s); using it eagerly", exc)
             self._fn = self._eager
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._fn(mel)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+            self._graph, self._out = warm_and_capture(self._fn, mel)
         self._mel = mel
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._fn(self._mel)
         self._graph.replay()
         torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - t0

@@ -85,7 +85,6 @@ class FoldedUpsample(nn.Module):
             raise ValueError(f"cannot fold {type(up).__name__}: not nearest 2x + 3x3 conv")
         conv = _conv_of(up)
         assert conv is not None
-        self.channels = int(getattr(up, "channels"))  # noqa: B009
         self.out_channels = int(conv.out_channels)
         self.original = up  # for an explicit output_size other than 2x
         self.weight = nn.Parameter(folded_weight(conv.weight), requires_grad=False)
@@ -123,9 +122,6 @@ def fold_upsamplers(module: nn.Module) -> int:
         if can_fold(child)
     ]
     for parent, name, child in targets:
-        folded = FoldedUpsample(child)
-        p = next(child.parameters())
-        folded.to(device=p.device)
-        setattr(parent, name, folded)
+        setattr(parent, name, FoldedUpsample(child))
     log.info("folded %d upsampling convolutions", len(targets))
     return len(targets)

@@ -31,20 +31,6 @@ def _faces(image: torch.Tensor) -> torch.Tensor:
     return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
 
 
-def _graphed(fn, *args):  # type: ignore[no-untyped-def]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*args)
-    return graph, out
-
-
 def _diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     d = (a.int() - b.int()).abs()
     return {
@@ -57,7 +43,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def main(path: str) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     from engines.gpu import measure
-    from engines.gpu.compiled import CompiledEncoder, use_inductor_cache
+    from engines.gpu.compiled import CompiledEncoder, use_inductor_cache, warm_and_capture
     from engines.gpu.fold import fold_upsamplers
 
     use_inductor_cache()
@@ -97,7 +83,7 @@ def main(path: str) -> None:
         fn = torch.compile(lambda x, c: u(x, t0, encoder_hidden_states=c).sample)
         t = time.perf_counter()
         with torch.inference_mode():
-            graph, _ = _graphed(fn, lat, cond)
+            graph, _ = warm_and_capture(fn, lat, cond)
         compile_s = time.perf_counter() - t
         ms = measure.gpu_time_ms(graph.replay, reps=30)
         return {"compile_s": compile_s, **ms, "ms_per_frame": ms["median_ms"] / B}
@@ -122,7 +108,7 @@ def main(path: str) -> None:
                     torch._dynamo.mark_dynamic(x, 0)
                 t = time.perf_counter()
                 with torch.inference_mode():
-                    graph, out = _graphed(fn, x)
+                    graph, out = warm_and_capture(fn, x)
                     graph.replay()
                     torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t
@@ -155,7 +141,7 @@ def main(path: str) -> None:
         }
 
     def encoder() -> dict[str, Any]:
-        enc = whisper.encoder if hasattr(whisper, "encoder") else whisper
+        enc = whisper  # build_models gives the encoder itself
         mel = torch.randn((8, 80, 3000), device=dev, dtype=torch.float16)
         with torch.inference_mode():
             eager_fn = lambda: torch.stack(enc(mel, output_hidden_states=True).hidden_states, 2)  # noqa: E731

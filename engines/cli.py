@@ -105,6 +105,12 @@ def bench_cmd(
     soak_pid: int | None = typer.Option(
         None, "--soak-pid", help="--soak-url: the server's pid, to sample its RSS and GPU memory"
     ),
+    soak_clients: int = typer.Option(
+        1,
+        "--soak-clients",
+        help="--soak-url: client processes to spread the sessions over (one Python process "
+        "decoding a dozen 720p streams is itself the bottleneck)",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON path (default bench/results/<gpu>_<date>.json)."
     ),
@@ -128,7 +134,16 @@ def bench_cmd(
 
         if soak_pid is not None and soak_url is None:
             raise typer.BadParameter("--soak-pid goes with --soak-url")
-        run_soak(int(sessions or 2), minutes, soak_out, server_url=soak_url, server_pid=soak_pid)
+        if soak_clients > 1 and soak_url is None:
+            raise typer.BadParameter("--soak-clients goes with --soak-url")
+        run_soak(
+            int(sessions or 2),
+            minutes,
+            soak_out,
+            server_url=soak_url,
+            server_pid=soak_pid,
+            client_processes=soak_clients,
+        )
         return
     from engines.base import EngineError
     from engines.bench import BenchOptions, run_bench

@@ -29,6 +29,8 @@ from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
 from server.gpu_worker import create_worker
 from server.limits import decode_limits
+from server.media_link import LocalHost, MediaHost
+from server.media_pool import MediaPool
 from server.metrics import ServerMetrics
 from server.sessions import SessionManager
 from server.settings import Settings
@@ -108,6 +110,9 @@ async def _start_parts(
     avatars = AvatarService(store, engine, worker, metrics, settings.max_upload_bytes)
     avatars.limits = decode_limits(settings)
     await asyncio.to_thread(avatars.startup)
+    media = media_host(settings)
+    await media.start()  # media processes, where configured
+    app.state.media = media
     sessions = SessionManager(settings, metrics)
     sessions.start()
     app.state.metrics = metrics
@@ -121,8 +126,18 @@ async def _start_parts(
     app.state.ready = True
     log.info(
         "server ready",
-        extra={"avatars_dir": str(store.root), "max_sessions": settings.max_sessions},
+        extra={
+            "avatars_dir": str(store.root),
+            "max_sessions": settings.max_sessions,
+            **media.info(),
+        },
     )
+
+
+def media_host(settings: Settings) -> MediaHost:
+    """Where sessions' peer connections live: this process, or `media_processes` others."""
+    n = settings.media_process_count()
+    return MediaPool(settings, n) if n > 0 else LocalHost(settings)
 
 
 async def _stop(app: FastAPI) -> None:
@@ -132,6 +147,9 @@ async def _stop(app: FastAPI) -> None:
     if sessions is not None:
         sessions.draining = True
         await sessions.stop()
+    media: MediaHost | None = getattr(app.state, "media", None)
+    if media is not None:
+        await media.stop()
     avatars: AvatarService | None = getattr(app.state, "avatars", None)
     if avatars is not None:
         avatars.shutdown()

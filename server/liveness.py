@@ -10,6 +10,7 @@ been silent for `peer_silence_s` (reason `peer_silent`).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiortc import RTCPeerConnection
 
@@ -33,10 +34,11 @@ class PeerWatch:
         self.packets = -1
         self.last_heard: float | None = None
 
-    async def update(self, pc: RTCPeerConnection, now: float) -> float:
-        """Read the counters; returns seconds since the peer was last heard."""
+    async def update(self, media: Any, now: float) -> float:
+        """Read the counters of `media` (a `MediaLink`); returns seconds since the peer was
+        last heard."""
         try:
-            n = await packets_received(pc)
+            n = await media.packets_received()
         except Exception:  # a closing peer connection: the caller ends it anyway
             log.debug("peer stats unavailable", exc_info=True)
             n = self.packets

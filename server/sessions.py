@@ -19,30 +19,21 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import numpy as np
-from aiortc import RTCPeerConnection
 
 from avatars.avatar import Avatar
 from engines.base import FPS, Engine
 from engines.stream import pcm16_to_float
 from server.limits import AudioRateLimiter
 from server.liveness import PeerWatch
+from server.media_link import MediaEvents, MediaLink
 from server.metrics import ServerMetrics, SessionStats
 from server.player import Made, Playout, Tick
 from server.settings import Settings
-from server.tracks import (
-    AUDIO_FRAMES_PER_TICK,
-    I420Cache,
-    QueueTrack,
-    audio_frames,
-    i420_image,
-    to_i420,
-    video_frame,
-)
-from server.webrtc import close_peer
+from server.tracks import I420Cache, i420_image, to_i420
 from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
@@ -97,16 +88,7 @@ class Session:
             hold=settings.hold_frames,
             max_ahead=settings.max_ahead_frames,
         )
-        self.video = QueueTrack(
-            "video", settings.track_queue_frames, self._track_started, self._dropped
-        )
-        self.audio = QueueTrack(
-            "audio",
-            settings.track_queue_frames * AUDIO_FRAMES_PER_TICK,
-            self._track_started,
-            self._dropped,
-        )
-        self.pc: RTCPeerConnection | None = None
+        self.media: MediaLink | None = None  # the peer connection (here or in a media process)
         self.audio_limiter = AudioRateLimiter(settings.audio_burst_s, settings.audio_rate)
         self.peer_watch = PeerWatch()
         self.wanted: set[str] = {"video"}
@@ -135,7 +117,7 @@ class Session:
             "created": self.created_wall,
             "age_s": round(now - self.created, 3),
             "idle_s": round(now - self.last_activity, 3),
-            "peer": self.pc.connectionState if self.pc is not None else None,
+            "peer": self.media.state if self.media is not None else None,
             "audio_ws_connected": self.ws is not None,
             "speaking": self.playout.speaking,
             **self.stats.snapshot(),
@@ -165,8 +147,6 @@ class Session:
             self._clock = None
         self.worker.cancel(self.id)
         self.playout.clear()
-        self.video.stop()
-        self.audio.stop()
         if self.ws is not None:
             # the socket's sender passes this on and then closes the socket (1000)
             self.emit({"type": "session_ended", "reason": reason})
@@ -176,9 +156,9 @@ class Session:
             ws, self.ws = self.ws, None
             with contextlib.suppress(Exception):
                 await ws.close(code=1000, reason="session ended")
-        if self.pc is not None:
-            pc, self.pc = self.pc, None
-            await close_peer(pc)
+        if self.media is not None:
+            media, self.media = self.media, None
+            await media.close()
         log.info("session ended", extra={"session": self.id, "reason": reason})
 
     # -- websocket side ------------------------------------------------------------------
@@ -308,6 +288,15 @@ class Session:
         )
 
     # -- tracks and clock ----------------------------------------------------------------
+    def media_events(self, on_state: Callable[[str], None]) -> MediaEvents:
+        """The callbacks a media link reports through (`on_state`: the peer's state)."""
+        return MediaEvents(self._track_started, self._dropped, on_state)
+
+    def picture_shape(self) -> tuple[int, int]:
+        """(rows, columns) of this session's I420 pictures (sizes rounded up to even)."""
+        h, w = self.avatar.frames.shape[1:3]
+        return (h + h % 2) * 3 // 2, w + w % 2
+
     def _track_started(self, kind: str) -> None:
         self._started.add(kind)
         self._first_track.set()
@@ -350,10 +339,8 @@ class Session:
             self.emit({"type": "error", "code": "internal", "message": "session clock failed"})
 
     def _emit_tick(self, tick: Tick, k: int, now: float) -> None:
-        self.video.put(video_frame(tick.image, k))
-        if "audio" in self.wanted:
-            for frame in audio_frames(tick.pcm, k):
-                self.audio.put(frame)
+        if self.media is not None:
+            self.media.send(k, tick.image, tick.pcm if "audio" in self.wanted else None)
         self.stats.tick(tick.kind, now)
         self.metrics.frames_sent.labels(tick.kind).inc()
         for lat in tick.latencies:
@@ -469,8 +456,8 @@ class SessionManager:
                 reason = "idle_timeout"
             elif (
                 session.state == "connected"
-                and session.pc is not None
-                and await session.peer_watch.update(session.pc, now) > s.peer_silence_s
+                and session.media is not None
+                and await session.peer_watch.update(session.media, now) > s.peer_silence_s
             ):
                 reason = "peer_silent"  # the client vanished without closing (see liveness)
             else:

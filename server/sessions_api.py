@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from avatars.store import AvatarNotFoundError
 from server.auth import require_api_key
 from server.avatar_service import AvatarNotReady, AvatarService
+from server.media_pool import MediaProcessError
 from server.sessions import Session, SessionLimitError, SessionManager
-from server.webrtc import OfferError, check_offer, make_peer, negotiate
+from server.webrtc import OfferError, check_offer
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +93,24 @@ async def create_session(request: Request) -> Response:
                 settings=settings,
                 metrics=app.state.metrics,
             )
-            pc = make_peer(settings)
-            session.pc = pc
 
-            @pc.on("connectionstatechange")
-            async def on_state() -> None:
-                state = pc.connectionState
+            def on_state(state: str) -> None:
                 if state == "connected":
                     session.mark_connected()
                 elif state in ("failed", "closed"):
                     manager.end_soon(session.id, f"peer_{state}")
 
             try:
-                answer, sending = await negotiate(pc, sdp, session.video, session.audio)
+                session.media = app.state.media.link(
+                    session.media_events(on_state), session.picture_shape()
+                )
+                answer, sending = await session.media.negotiate(sdp)
             except OfferError as exc:
                 await session.close("bad_offer")
                 return _error(400, str(exc))
+            except MediaProcessError as exc:
+                await session.close("error")
+                return _error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
             except BaseException:
                 await session.close("error")
                 raise

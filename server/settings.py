@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class Settings:
     max_ahead_frames: int = 25  # frames made ahead of playback per session (memory bound)
     hold_frames: int = 3  # a late frame repeats the previous one this many times, then idle
     track_queue_frames: int = 10  # frames waiting for the encoder before the oldest is dropped
+    # WebRTC in media processes (0: in the server process; -1: auto, one per 6 sessions
+    # beyond 8, at most half the cores; README "Configuration")
+    media_processes: int = -1
     # worker
     max_batch: int = 16  # frames per engine step, across sessions
     # input limits
@@ -104,6 +108,10 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.media_processes < -1 or self.media_processes > 64:
+            raise SettingsError(
+                f"media_processes must be -1 (auto), 0 or up to 64, got {self.media_processes}"
+            )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -114,6 +122,14 @@ class Settings:
                 f"refusing to serve on {self.host!r} (not loopback) without an API key: set "
                 "--api-key / LIPSTREAM_API_KEY, or pass --insecure to serve unauthenticated"
             )
+
+    def media_process_count(self) -> int:
+        """`media_processes`, with auto (-1) resolved for this machine."""
+        if self.media_processes >= 0:
+            return self.media_processes
+        if self.max_sessions <= 8:
+            return 0
+        return max(1, min(math.ceil(self.max_sessions / 6), (os.cpu_count() or 2) // 2))
 
     @property
     def api_keys(self) -> tuple[str, ...]:

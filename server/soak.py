@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 FRAME_PTS = 3600  # 90 kHz / 25 fps
 SAMPLE_EVERY_S = 5.0
+CONNECT_SLACK_S = 15.0  # client processes: their start and connect, before their own warm-up
 
 
 @dataclass
@@ -122,6 +123,14 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int | None:
+    """Resident memory of `pid` and its descendants (the server's media processes)."""
+    own = _rss_one(pid)
+    if own is None:
+        return None
+    return own + sum(_rss_one(c) or 0 for c in _descendants(pid))
+
+
+def _rss_one(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
@@ -130,6 +139,26 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    kids = [int(x) for x in fh.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def gpu_bytes(pid: int) -> int | None:
@@ -335,11 +364,6 @@ def _report(
                 "first_frame_ms": info.get("first_frame_ms"),
             }
         )
-    after = [s for s in samples if s["t"] >= warmup]
-    at_warm = after[0] if after else (samples[-1] if samples else {})
-    last = samples[-1] if samples else {}
-    rss = [s["rss"] for s in after if s.get("rss")]
-    gpu = [s["gpu"] for s in after if s.get("gpu")]
     all_iv: list[float] = [x for c in clients for x in c.video.intervals]
     return {
         "sessions": sessions,
@@ -347,11 +371,30 @@ def _report(
         "engine": engine_name,
         "warmup_s": round(warmup, 1),
         "window_s": round(window, 1),
+        **_totals(per),
+        "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
+        **_memory(samples, warmup),
+        "per_session": per,
+        "samples": samples,
+    }
+
+
+def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "fps_min": min(float(p["fps"] or 0.0) for p in per),
         "fps_mean": round(float(np.mean([p["fps"] for p in per])), 2),
-        "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
         "frames_missing_at_client": sum(p["frames_missing_at_client"] for p in per),
         "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
+    }
+
+
+def _memory(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
+    after = [s for s in samples if s["t"] >= warmup]
+    at_warm = after[0] if after else (samples[-1] if samples else {})
+    last = samples[-1] if samples else {}
+    rss = [s["rss"] for s in after if s.get("rss")]
+    gpu = [s["gpu"] for s in after if s.get("gpu")]
+    return {
         "rss_mb_after_warmup": _mb(at_warm.get("rss")),
         "rss_mb_end": _mb(last.get("rss")),
         "rss_growth_mb": _mb(rss[-1] - rss[0]) if len(rss) >= 2 else None,
@@ -359,6 +402,76 @@ def _report(
         "gpu_mb_after_warmup": _mb(at_warm.get("gpu")),
         "gpu_mb_end": _mb(last.get("gpu")),
         "gpu_growth_pct": round(100.0 * (gpu[-1] - gpu[0]) / gpu[0], 3) if len(gpu) >= 2 else None,
+    }
+
+
+async def soak_with_client_processes(
+    sessions: int,
+    minutes: float,
+    processes: int,
+    server_url: str,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """The soak with its clients spread over `processes` child processes (one Python process
+    receiving and decoding a dozen 720p streams is itself GIL-bound): each child soaks its
+    share of the sessions against `server_url`; this process samples the server's memory and
+    merges the children's reports."""
+    if processes < 2 or sessions < processes:
+        raise ValueError("client processes need 2 <= processes <= sessions")
+    if server_pid is not None and rss_bytes(server_pid) is None:
+        raise ValueError(f"no process {server_pid} to sample (--soak-pid: the server's pid)")
+    shares = [sessions // processes + (i < sessions % processes) for i in range(processes)]
+    with tempfile.TemporaryDirectory(prefix="lipstream-soak-") as tmp:
+        outs = [Path(tmp) / f"part{i}.json" for i in range(processes)]
+        children = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from lipstream.cli import main; main()",
+                "bench",
+                "--soak",
+                "--sessions",
+                str(n),
+                "--minutes",
+                str(minutes),
+                "--soak-url",
+                server_url,
+                "--soak-out",
+                str(out),
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+            for n, out in zip(shares, outs, strict=True)
+        ]
+        samples: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        waiting = asyncio.gather(*(c.wait() for c in children))
+        while not waiting.done():
+            if server_pid is not None:
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - t0, 1),
+                        "rss": rss_bytes(server_pid),
+                        "gpu": await asyncio.to_thread(gpu_bytes, server_pid),
+                    }
+                )
+            await asyncio.wait({waiting}, timeout=SAMPLE_EVERY_S)
+        codes = await waiting
+        if any(codes):
+            raise RuntimeError(f"soak client processes failed: exit codes {codes}")
+        parts = [json.loads(out.read_text()) for out in outs]
+    per = [p for part in parts for p in part["per_session"]]
+    warmup = max(float(part["warmup_s"]) for part in parts) + CONNECT_SLACK_S
+    return {
+        "sessions": sessions,
+        "minutes": minutes,
+        "engine": parts[0]["engine"],
+        "client_processes": processes,
+        "warmup_s": round(warmup, 1),
+        "window_s": min(float(part["window_s"]) for part in parts),
+        **_totals(per),
+        # the worst of the processes' p99s (their intervals are not kept)
+        "frame_interval_ms_p99": max(float(part["frame_interval_ms_p99"] or 0) for part in parts),
+        **_memory(samples, warmup),
         "per_session": per,
         "samples": samples,
     }
@@ -379,13 +492,22 @@ def run_soak(
     engine: str | None = None,
     server_url: str | None = None,
     server_pid: int | None = None,
+    client_processes: int = 1,
 ) -> dict[str, Any]:
     """The soak (see the module docstring); prints a summary and writes JSON to `out`.
-    With `server_url`, `server_pid` names that server's process for RSS / GPU samples."""
+    With `server_url`, `server_pid` names that server's process for RSS / GPU samples;
+    `client_processes` > 1 (with `server_url`) spreads the clients over that many processes."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
     for name in ("aioice", "aiortc", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    result = asyncio.run(soak(sessions, minutes, engine, server_url, server_pid))
+    if client_processes > 1:
+        if server_url is None:
+            raise ValueError("client processes soak a running server: give its URL")
+        result = asyncio.run(
+            soak_with_client_processes(sessions, minutes, client_processes, server_url, server_pid)
+        )
+    else:
+        result = asyncio.run(soak(sessions, minutes, engine, server_url, server_pid))
     text = json.dumps(result, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from engines.preview import PreviewEngine
-from server import avatars_api, sessions_api
+from server import avatars_api, media_link, sessions_api
 from server.app import create_app
 from server.auth import key_matches, redact
 from server.loopback import LoopbackClient, ServerThread
@@ -112,7 +112,7 @@ def test_refused_before_any_body_read_or_engine_work(
 
     monkeypatch.setattr(avatars_api, "receive_upload", spy("upload", avatars_api.receive_upload))
     monkeypatch.setattr(sessions_api, "_read_json", spy("json", sessions_api._read_json))
-    monkeypatch.setattr(sessions_api, "make_peer", spy("peer", sessions_api.make_peer))
+    monkeypatch.setattr(media_link, "make_peer", spy("peer", media_link.make_peer))
     sent = [0]
 
     def body() -> Iterator[bytes]:

@@ -198,6 +198,7 @@ async def _fuzz(avatars_dir: Path, n: int, seed: int, with_crafted: bool) -> dic
         demo_avatar=True,
         max_sessions=CONCURRENCY * 2,
         connect_timeout_s=600.0,
+        media_processes=0,  # peers in this process (test_media_processes: in media processes)
     )
     app = create_app(settings, engine=PreviewEngine(), reason="test")
     rng = random.Random(seed)

@@ -65,6 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
         avatars_dir=tmp_path_factory.mktemp("leaks") / "avatars",
         demo_avatar=True,
         max_sessions=16,
+        media_processes=0,  # the peers in this process, where the footprint is measured
     )
     srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
     try:

@@ -340,7 +340,8 @@ async def test_deleting_a_session_frees_everything(
         )
         sid = r.json()["session_id"]
         session = server.app.state.sessions.get(sid)
-        server_pc = session.pc
+        media = session.media
+        server_pc = media.pc
         assert session is not None and session._clock is not None
         r = await client.delete(f"/v1/sessions/{sid}")
         assert r.status_code == 200 and r.json() == {"session_id": sid, "ended": True}
@@ -349,9 +350,9 @@ async def test_deleting_a_session_frees_everything(
     finally:
         await pc.close()
     assert session.closed and session.end_reason == "deleted"
-    assert session.pc is None and server_pc.connectionState == "closed"
+    assert session.media is None and server_pc.connectionState == "closed"
     assert session._clock is None
-    assert session.video.readyState == "ended" and session.audio.readyState == "ended"
+    assert media.video.readyState == "ended" and media.audio.readyState == "ended"
     assert not session.playout.speaking and session.ws is None
     assert server.app.state.worker.queued(sid) == 0
     assert server.app.state.sessions.sessions == {}

@@ -58,3 +58,35 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
 def test_soak_refuses_a_pid_that_does_not_exist() -> None:
     with pytest.raises(ValueError, match="no process"):
         asyncio.run(soak(1, 0.1, server_url="http://127.0.0.1:9", server_pid=2**22 + 12345))
+
+
+def test_soak_with_client_processes_and_media_processes(tmp_path: Path) -> None:
+    """The GPU soak's setup on the CPU: the server's WebRTC in a media process, the clients in
+    two processes of their own; memory sampled over the server and its media process."""
+    from engines.preview import PreviewEngine
+    from server.soak import soak_with_client_processes
+
+    settings = Settings(
+        engine="preview", avatars_dir=tmp_path / "avatars", max_sessions=4, media_processes=1
+    )
+    app = create_app(settings, engine=PreviewEngine(), reason="soak test")
+    with ServerThread(app) as srv:
+        _add_avatar(srv.base_url)
+        result = asyncio.run(
+            soak_with_client_processes(2, 0.4, 2, srv.base_url, server_pid=os.getpid())
+        )
+    assert result["client_processes"] == 2 and len(result["per_session"]) == 2
+    assert result["fps_min"] >= 23.0, result["per_session"]
+    assert result["server_frames_dropped"] == 0
+    assert result["frames_missing_at_client"] == 0
+    assert all(p["utterances"] >= 2 for p in result["per_session"])
+    assert len([s for s in result["samples"] if s.get("rss")]) >= 4
+    # this process plus its media process (~100 MB of its own)
+    assert result["rss_mb_after_warmup"] > 100
+
+
+def test_client_processes_need_a_share_each() -> None:
+    from server.soak import soak_with_client_processes
+
+    with pytest.raises(ValueError, match="client processes"):
+        asyncio.run(soak_with_client_processes(1, 0.1, 2, "http://127.0.0.1:9"))

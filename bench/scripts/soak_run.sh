@@ -1,7 +1,8 @@
 # GPU soak, the whole run (repo root, on the GPU machine; soak_start.sh runs it in its own
 # session so it outlives the device command): set up, start `lipstream serve` (compiled
 # backend), wait for /readyz (compile: ~3 min on a fresh machine), then soak N sessions for
-# MIN minutes against it, sampling its RSS and GPU memory by pid -> /tmp/soak.json.
+# MIN minutes against it from SOAK_CLIENTS client processes (default 3), sampling the RSS of
+# the server and its media processes (auto: 4 at --max-sessions 24) and its GPU memory -> /tmp/soak.json.
 # N: $SOAK_N, else the bench's max_sessions_realtime from /tmp/bench.json, else 12.
 set -u
 . bench/scripts/device_env.sh
@@ -9,11 +10,11 @@ N=${SOAK_N:-$(python3 -c "import json; print(json.load(open('/tmp/bench.json'))[
 MIN=${SOAK_MIN:-10}
 echo "soak: N=$N minutes=$MIN $(date +%T)"
 setsid nohup python3 -m lipstream serve --engine musetalk --backend compiled --device cuda \
-    --max-sessions 48 --port 8000 >/tmp/serve.log 2>&1 </dev/null &
+    --max-sessions 24 --port 8000 >/tmp/serve.log 2>&1 </dev/null &
 for _ in $(seq 1 900); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
 echo "ready: $(curl -s http://127.0.0.1:8000/readyz) $(date +%T)"
 PID=$(pgrep -f "lipstream serve" | head -1)
 echo "server pid $PID"
 python3 -m lipstream bench --soak --sessions "$N" --minutes "$MIN" \
-    --soak-url http://127.0.0.1:8000 --soak-pid "$PID" --soak-out /tmp/soak.json >/tmp/soak.log 2>&1
+    --soak-url http://127.0.0.1:8000 --soak-pid "$PID" --soak-clients "${SOAK_CLIENTS:-3}" --soak-out /tmp/soak.json >/tmp/soak.log 2>&1
 echo "soak finished: rc=$? $(date +%T)"

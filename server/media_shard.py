@@ -1,0 +1,216 @@
+"""A media process: hosts the aiortc peer connections of some of the server's sessions.
+
+Started by `server.media_pool` as `python -c "from server.media_shard import main; main()" FD`
+with FD one end of a Unix socket pair. It ignores SIGINT/SIGTERM (the server decides when it
+ends: op "quit", or the socket closing when the server dies) and runs one asyncio loop:
+
+- "open" {sid, sdp, ring, slots, shape, ice, queue}: a peer connection with a video track fed
+  from the session's `FrameRing` and an audio track -> reply {answer, sending} or {error};
+- "tick" {sid, k} + int16 PCM payload (empty: no audio): queue tick k's picture and audio;
+- "packets" {sid} -> reply {packets}; "close" {sid} -> reply once closed;
+- "count" -> reply {peers, tasks} (leak checks); "quit": close every peer and exit.
+Events back: "started" {sid, kind}, "dropped" {sid, kind, n}, "state" {sid, state}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from server.liveness import packets_received
+from server.media_wire import FrameRing, WireError, pack, read_message
+from server.settings import Settings
+from server.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
+from server.webrtc import OfferError, close_peer, make_peer, negotiate
+
+log = logging.getLogger(__name__)
+
+
+class RingVideoTrack(QueueTrack):
+    """A video track whose queue holds tick numbers; the picture is read from the ring when
+    the encoder asks for it (a slot overwritten meanwhile counts as a dropped frame)."""
+
+    def __init__(self, ring: FrameRing, maxsize: int, on_start: Any, on_drop: Any) -> None:
+        super().__init__("video", maxsize, on_start, on_drop)
+        self.ring = ring
+
+    async def recv(self) -> av.VideoFrame:  # type: ignore[override]
+        while True:
+            k = await super().recv()
+            picture = self.ring.read(int(k))  # type: ignore[call-overload]
+            if picture is not None:
+                return video_frame(picture, int(k))  # type: ignore[call-overload]
+            if self._on_drop is not None:
+                self._on_drop("video")
+
+
+class Peer:
+    def __init__(self, shard: Shard, sid: str, msg: dict[str, Any]) -> None:
+        self.sid = sid
+        self.ring = FrameRing(Path(msg["ring"]), int(msg["slots"]), tuple(msg["shape"]), False)
+        queue = int(msg["queue"])
+        self.video = RingVideoTrack(self.ring, queue, self._started, self._dropped)
+        self.audio = QueueTrack(
+            "audio", queue * AUDIO_FRAMES_PER_TICK, self._started, self._dropped
+        )
+        self.pc = make_peer(Settings(ice_servers=tuple(msg.get("ice", ()))))
+        self.shard = shard
+        pc = self.pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            shard.emit({"op": "state", "sid": sid, "state": pc.connectionState})
+
+    def _started(self, kind: str) -> None:
+        self.shard.emit({"op": "started", "sid": self.sid, "kind": kind})
+
+    def _dropped(self, kind: str) -> None:
+        self.shard.emit({"op": "dropped", "sid": self.sid, "kind": kind})
+
+    def tick(self, k: int, pcm: bytes) -> None:
+        self.video.put(k)  # type: ignore[arg-type]
+        if pcm:
+            for frame in audio_frames(np.frombuffer(pcm, np.int16), k):
+                self.audio.put(frame)
+
+    async def close(self) -> None:
+        self.video.stop()
+        self.audio.stop()
+        await close_peer(self.pc)
+        self.ring.close()
+
+
+class Shard:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peers: dict[str, Peer] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def emit(self, header: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(pack(header))
+
+    def reply(self, rid: int, **fields: Any) -> None:
+        self.emit({"op": "reply", "rid": rid, **fields})
+
+    async def run(self) -> None:
+        self.emit({"op": "hello", "pid": os.getpid()})
+        try:
+            while True:
+                try:
+                    msg, payload = await read_message(self.reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the server is gone
+                if msg["op"] == "quit":
+                    return
+                self.handle(msg, payload)
+        except WireError:
+            log.exception("bad message from the server")
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in self.peers.values()), return_exceptions=True)
+            self.peers.clear()
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    def handle(self, msg: dict[str, Any], payload: bytes) -> None:
+        op, sid = msg["op"], str(msg.get("sid", ""))
+        if op == "tick":
+            peer = self.peers.get(sid)
+            if peer is not None:
+                peer.tick(int(msg["k"]), payload)
+            return
+        rid = int(msg.get("rid", -1))
+        if op == "open":
+            self.spawn(self.open(rid, sid, msg))
+        elif op == "close":
+            self.spawn(self.close(rid, sid))
+        elif op == "packets":
+            self.spawn(self.packets(rid, sid))
+        elif op == "count":
+            self.reply(rid, peers=len(self.peers), tasks=len(asyncio.all_tasks()))
+        else:
+            self.reply(rid, error=f"unknown op {op!r}")
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("media task failed", exc_info=task.exception())
+
+    async def open(self, rid: int, sid: str, msg: dict[str, Any]) -> None:
+        try:
+            peer = Peer(self, sid, msg)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.reply(rid, error=f"media process could not open the session: {exc}")
+            return
+        self.peers[sid] = peer
+        try:
+            answer, sending = await negotiate(peer.pc, str(msg["sdp"]), peer.video, peer.audio)
+        except OfferError as exc:
+            self.peers.pop(sid, None)
+            await peer.close()
+            self.reply(rid, error=str(exc), offer=True)
+            return
+        except Exception as exc:
+            self.peers.pop(sid, None)
+            await peer.close()
+            self.reply(rid, error=f"media process failed: {type(exc).__name__}")
+            return
+        self.reply(rid, answer=answer, sending=sorted(sending))
+
+    async def close(self, rid: int, sid: str) -> None:
+        peer = self.peers.pop(sid, None)
+        if peer is not None:
+            await peer.close()
+        self.reply(rid, closed=peer is not None)
+
+    async def packets(self, rid: int, sid: str) -> None:
+        peer = self.peers.get(sid)
+        n = -1
+        if peer is not None:
+            with contextlib.suppress(Exception):
+                n = await packets_received(peer.pc)
+        self.reply(rid, packets=n)
+
+
+async def _serve(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    await Shard(reader, writer).run()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("LIPSTREAM_MEDIA_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s media[%(process)d] %(name)s: %(message)s",
+    )
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(_serve(int(sys.argv[1])))

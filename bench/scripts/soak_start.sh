@@ -4,3 +4,4 @@ setsid nohup bash bench/scripts/soak_run.sh >/tmp/soak_run.log 2>&1 </dev/null &
 sleep "${WAIT:-480}"
 cat /tmp/soak_run.log
 tail -3 /tmp/serve.log | cut -c1-300
+curl -s http://127.0.0.1:8000/metrics | grep -E "^lipstream_(frames_dropped|frames_sent|sessions_active)" | head

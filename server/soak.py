@@ -8,9 +8,11 @@ aiortc clients in this process, each pushing speech at real time over its websoc
 Measured after a warm-up (the first 20% of the run, at most 60 s):
 - delivered fps per session (video frames received / window), p50/p99 frame interval at the
   client, frames missing from the received RTP timestamps (gaps) and the server's own counts
-  (frames dropped before the encoder, late/held frames);
-- the server process's RSS (from /proc) and GPU memory (nvidia-smi, by pid, where present):
-  at the end of the warm-up, at the end, the growth between, sampled every 5 s.
+  over the same window (frames dropped before the encoder, late/held frames; `*_total`:
+  since the session opened);
+- the RSS of the server process and its children (media processes; from /proc) and its GPU
+  memory (nvidia-smi, by pid, where present): at the end of the warm-up, at the end, the
+  growth between; sampled every 5 s with the server's frame counters (sent, dropped, late).
 
 The result is a JSON document (printed, and written to `out` where given).
 """
@@ -120,6 +122,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+COUNTERS = {
+    "lipstream_frames_sent_total": "sent",
+    "lipstream_frames_dropped_total": "dropped",
+    "lipstream_late_frames_total": "late",
+}
+
+
+async def server_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    """Frames sent (all kinds), dropped before the encoder and late, from /metrics."""
+    out = dict.fromkeys(COUNTERS.values(), 0.0)
+    try:
+        text = (await http.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in COUNTERS:
+            out[COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -295,7 +318,8 @@ async def soak(
                     for c in clients:
                         c.video.measuring = True
                     window_start = time.monotonic()
-                sample: dict[str, Any] = {"t": round(now, 1)}
+                    at_start = [await _info(http, c) for c in clients]
+                sample: dict[str, Any] = {"t": round(now, 1), **await server_counters(http)}
                 if pid is not None:
                     sample["rss"] = rss_bytes(pid)
                     sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
@@ -305,9 +329,10 @@ async def soak(
                 c.video.measuring = False
             window = time.monotonic() - window_start
             utterances = await asyncio.gather(*speakers)
-            infos = [
-                (await http.get(f"/v1/sessions/{c.session['session_id']}")).json() for c in clients
-            ]
+            infos = [await _info(http, c) for c in clients]
+            for info, start in zip(infos, at_start, strict=True):
+                for key in ("frames_dropped", "held_frames", "audio_dropped"):
+                    info[key + "_in_window"] = int(info.get(key) or 0) - int(start.get(key) or 0)
             if pid is not None:
                 samples.append(
                     {
@@ -325,6 +350,10 @@ async def soak(
     return _report(
         sessions, minutes, warmup, window, engine_name, clients, infos, utterances, samples
     )
+
+
+async def _info(http: httpx.AsyncClient, client: SoakClient) -> dict[str, Any]:
+    return dict((await http.get(f"/v1/sessions/{client.session['session_id']}")).json())
 
 
 async def _first_ready(http: httpx.AsyncClient) -> str:
@@ -355,9 +384,11 @@ def _report(
                 "frame_interval_ms_p99": _ms(_pct(iv, 99)),
                 "frame_interval_ms_max": _ms(max(iv) if len(iv) else None),
                 "frames_missing_at_client": c.video.missing,
-                "server_frames_dropped": info.get("frames_dropped"),
-                "server_held_frames": info.get("held_frames"),
-                "server_audio_dropped": info.get("audio_dropped"),
+                # after the warm-up (the window); *_total: since the session opened
+                "server_frames_dropped": info.get("frames_dropped_in_window"),
+                "server_frames_dropped_total": info.get("frames_dropped"),
+                "server_held_frames": info.get("held_frames_in_window"),
+                "server_audio_dropped": info.get("audio_dropped_in_window"),
                 "speech_frames": info.get("speech_frames"),
                 "utterances": n,
                 "latency_ms": info.get("latency_ms"),
@@ -385,6 +416,8 @@ def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
         "fps_mean": round(float(np.mean([p["fps"] for p in per])), 2),
         "frames_missing_at_client": sum(p["frames_missing_at_client"] for p in per),
         "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
+        "server_frames_dropped_total": sum(int(p["server_frames_dropped_total"] or 0) for p in per),
+        "server_held_frames": sum(int(p["server_held_frames"] or 0) for p in per),
     }
 
 
@@ -445,16 +478,17 @@ async def soak_with_client_processes(
         samples: list[dict[str, Any]] = []
         t0 = time.monotonic()
         waiting = asyncio.gather(*(c.wait() for c in children))
-        while not waiting.done():
-            if server_pid is not None:
-                samples.append(
-                    {
-                        "t": round(time.monotonic() - t0, 1),
-                        "rss": rss_bytes(server_pid),
-                        "gpu": await asyncio.to_thread(gpu_bytes, server_pid),
-                    }
-                )
-            await asyncio.wait({waiting}, timeout=SAMPLE_EVERY_S)
+        async with httpx.AsyncClient(base_url=server_url, timeout=30) as http:
+            while not waiting.done():
+                sample: dict[str, Any] = {
+                    "t": round(time.monotonic() - t0, 1),
+                    **await server_counters(http),
+                }
+                if server_pid is not None:
+                    sample["rss"] = rss_bytes(server_pid)
+                    sample["gpu"] = await asyncio.to_thread(gpu_bytes, server_pid)
+                samples.append(sample)
+                await asyncio.wait({waiting}, timeout=SAMPLE_EVERY_S)
         codes = await waiting
         if any(codes):
             raise RuntimeError(f"soak client processes failed: exit codes {codes}")

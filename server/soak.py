@@ -146,11 +146,20 @@ async def server_counters(http: httpx.AsyncClient) -> dict[str, float]:
 
 
 def rss_bytes(pid: int) -> int | None:
-    """Resident memory of `pid` and its descendants (the server's media processes)."""
+    """Resident memory of `pid` and of its media processes (other children, such as
+    torch.compile's worker pool that goes away after the warm-up, are left out)."""
     own = _rss_one(pid)
     if own is None:
         return None
-    return own + sum(_rss_one(c) or 0 for c in _descendants(pid))
+    return own + sum(_rss_one(c) or 0 for c in _descendants(pid) if _is_media_process(c))
+
+
+def _is_media_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"server.media_shard" in fh.read()
+    except OSError:
+        return False
 
 
 def _rss_one(pid: int) -> int | None:

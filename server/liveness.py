@@ -10,7 +10,7 @@ been silent for `peer_silence_s` (reason `peer_silent`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Protocol
 
 from aiortc import RTCPeerConnection
 
@@ -27,6 +27,12 @@ async def packets_received(pc: RTCPeerConnection) -> int:
     )
 
 
+class PacketSource(Protocol):
+    """What PeerWatch reads: a session's media link (in process or in a media process)."""
+
+    async def packets_received(self) -> int: ...
+
+
 class PeerWatch:
     """When the peer last sent us anything (loop time), fed by `update`."""
 
@@ -34,7 +40,7 @@ class PeerWatch:
         self.packets = -1
         self.last_heard: float | None = None
 
-    async def update(self, media: Any, now: float) -> float:
+    async def update(self, media: PacketSource, now: float) -> float:
         """Read the counters of `media` (a `MediaLink`); returns seconds since the peer was
         last heard."""
         try:

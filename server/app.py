@@ -187,15 +187,17 @@ def _health_routes(app: FastAPI) -> None:
     async def readyz(request: Request) -> Response:
         state = request.app.state
         ok = bool(state.ready) and not state.draining and state.worker.alive
-        body: dict[str, Any] = {
-            "status": "ready" if ok else ("draining" if state.draining else "starting")
-        }
+        status = "ready" if ok else ("draining" if state.draining else "starting")
+        if ok and not state.media.available():
+            ok, status = False, "media_down"  # every media process is down (being restarted)
+        body: dict[str, Any] = {"status": status}
         if state.ready:
             body.update(
                 engine=state.engine.name,
                 engine_reason=state.engine_reason,
                 sessions=len(state.sessions.sessions),
                 max_sessions=state.settings.max_sessions,
+                **state.media.info(),
             )
         return JSONResponse(body, status_code=200 if ok else 503)
 

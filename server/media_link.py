@@ -127,6 +127,10 @@ class MediaHost(abc.ABC):
     def info(self) -> dict[str, object]:
         """A summary for logs and /readyz."""
 
+    def available(self) -> bool:
+        """Whether a new session could get a link now."""
+        return True
+
 
 class LocalHost(MediaHost):
     def __init__(self, settings: Settings) -> None:

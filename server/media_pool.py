@@ -4,7 +4,8 @@
 the least loaded one, and stops them with the server. A tick costs the server's event loop
 one picture copy into shared memory and one short message (instead of aiortc's ~2.5 ms of
 RTP/SRTP/encoder plumbing). A media process that dies takes its sessions' peers with it:
-those sessions see the state "failed" and end; the pool starts a fresh process in its place.
+those sessions see the state "failed" and end; the pool starts a fresh process in its place
+at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ REQUEST_TIMEOUT_S = 30.0
 QUIT_TIMEOUT_S = 10.0
 MAX_BACKLOG_BYTES = 4 << 20  # unsent ticks to one process beyond this are dropped
 RING_SPARE_SLOTS = 4  # beyond the encoder queue, so a queued tick's slot is not reused
+RESTART_DELAY_S = 0.5
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # the child imports `server` from here
 
 
@@ -45,8 +48,11 @@ class MediaProcessError(RuntimeError):
 class MediaShardProcess:
     """One media process and the socket to it."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(
+        self, index: int, on_gone: Callable[[MediaShardProcess], None] | None = None
+    ) -> None:
         self.index = index
+        self.on_gone = on_gone  # called once when the process ends without being asked to
         self.links: dict[str, ShardMedia] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -115,6 +121,8 @@ class MediaShardProcess:
         for link in list(self.links.values()):
             link.peer_state = "failed"
             link.events.state("failed")
+        if self.on_gone is not None:
+            self.on_gone(self)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> bool:
         """Write a message without waiting; False if the process is gone or far behind."""
@@ -254,7 +262,7 @@ class MediaPool(MediaHost):
         if count < 1:
             raise ValueError(f"a media pool needs >= 1 process, got {count}")
         self.settings = settings
-        self.shards = [MediaShardProcess(i) for i in range(count)]
+        self.shards = [MediaShardProcess(i, self._restart) for i in range(count)]
         self._sids = itertools.count()
         self._restarts: set[asyncio.Task[None]] = set()
 
@@ -270,8 +278,8 @@ class MediaPool(MediaHost):
     def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> MediaLink:
         live = [s for s in self.shards if s.alive]
         for s in self.shards:
-            if not s.alive and not s.links:
-                self._restart(s)
+            if not s.alive:
+                self._restart(s)  # where an earlier restart failed
         if not live:
             raise MediaProcessError("no media process is running (restarting)")
         shard = min(live, key=lambda s: len(s.links))
@@ -283,7 +291,8 @@ class MediaPool(MediaHost):
 
         async def restart() -> None:
             await old.stop()
-            fresh = MediaShardProcess(old.index)
+            await asyncio.sleep(RESTART_DELAY_S)  # no tight loop if it keeps dying
+            fresh = MediaShardProcess(old.index, self._restart)
             try:
                 await fresh.start()
             except MediaProcessError:
@@ -298,6 +307,9 @@ class MediaPool(MediaHost):
     async def counts(self) -> list[dict[str, Any]]:
         """Each live process's peers and asyncio tasks (for leak checks)."""
         return [await s.request({"op": "count"}) for s in self.shards if s.alive]
+
+    def available(self) -> bool:
+        return any(s.alive for s in self.shards)
 
     def info(self) -> dict[str, object]:
         return {

@@ -6,7 +6,8 @@ loopback (preview engine), real aiortc clients, real child processes.
   leave no peer connection, task or ring file behind once ended;
 - mutated SDP offers through a media process: only 4xx (or 201), nothing left behind;
 - a media process killed mid-session: its session ends, the server stays ready, the process is
-  replaced, and a new session streams again.
+  replaced at once, and a new session streams again; with every media process down /readyz
+  says 503 "media_down".
 """
 
 from __future__ import annotations
@@ -219,20 +220,45 @@ async def test_a_dead_media_process_ends_its_sessions_only(
             await asyncio.sleep(0.05)
         n = len(b.received.video)
         await b.wait_frames(n + 25, within=10)  # the other process's session streams on
-        assert (await b.http.get("/readyz")).status_code == 200
-        # the next session triggers the dead process's replacement and lands on a live one
+        ready = await b.http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["media_processes"] == 2
+        # the dead process is replaced at once, without waiting for a new session
+        deadline = time.monotonic() + 30
+        while not all(s.alive for s in pool_of(srv).shards):
+            assert time.monotonic() < deadline, "the media process was not replaced"
+            await asyncio.sleep(0.1)
+        assert pool_of(srv).shards[victim.index] is not victim
+        assert (await b.http.get("/readyz")).json()["media_alive"] == 2
         c = LoopbackClient(srv.base_url)
         try:
             await c.open(aid)
             await c.wait_frames(10)
         finally:
             await c.close()
-        deadline = time.monotonic() + 30
-        while not all(s.alive for s in pool_of(srv).shards):
-            assert time.monotonic() < deadline, "the media process was not replaced"
-            await asyncio.sleep(0.1)
-        assert pool_of(srv).shards[victim.index] is not victim
     finally:
         await a.close()
         await b.close()
     assert [c["peers"] for c in wait_idle(srv)] == [0, 0]
+
+
+async def test_readyz_is_503_while_every_media_process_is_down(tmp_path: Path) -> None:
+    settings = Settings(
+        engine="preview", avatars_dir=tmp_path / "avatars", max_sessions=4, media_processes=1
+    )
+    with ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")) as srv:
+        async with httpx.AsyncClient(base_url=srv.base_url) as http:
+            assert (await http.get("/readyz")).json()["media_alive"] == 1
+            pool = pool_of(srv)
+            victim = pool.shards[0]
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            seen: set[str] = set()
+            deadline = time.monotonic() + 30
+            while True:
+                r = await http.get("/readyz")
+                seen.add(r.json()["status"])
+                if r.status_code == 200 and pool.shards[0] is not victim:
+                    break
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.02)
+            # the restart waits RESTART_DELAY_S, so the down state was visible
+            assert "media_down" in seen, seen

@@ -318,7 +318,10 @@ async def soak(
             await asyncio.gather(*(c.first_frames(5, within=60) for c in clients))
             t0 = time.monotonic()
             stop_at = t0 + duration
-            speakers = [asyncio.create_task(_speak(c, stop_at, i)) for i, c in enumerate(clients)]
+            seed = int(os.environ.get("LIPSTREAM_SOAK_SEED", "0"))  # client processes differ
+            speakers = [
+                asyncio.create_task(_speak(c, stop_at, seed + i)) for i, c in enumerate(clients)
+            ]
             measuring = False
             while time.monotonic() < stop_at:
                 now = time.monotonic() - t0
@@ -481,8 +484,9 @@ async def soak_with_client_processes(
                 "--soak-out",
                 str(out),
                 stdout=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "LIPSTREAM_SOAK_SEED": str(1000 * (i + 1))},
             )
-            for n, out in zip(shares, outs, strict=True)
+            for i, (n, out) in enumerate(zip(shares, outs, strict=True))
         ]
         samples: list[dict[str, Any]] = []
         t0 = time.monotonic()

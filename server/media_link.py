@@ -63,10 +63,13 @@ class MediaLink(abc.ABC):
 
 
 class LocalMedia(MediaLink):
-    """The peer connection in this process."""
+    """The peer connection in this process (also what a media process runs per session, with
+    its own `video` track reading pictures from shared memory)."""
 
-    def __init__(self, settings: Settings, events: MediaEvents) -> None:
-        self.video = QueueTrack(
+    def __init__(
+        self, settings: Settings, events: MediaEvents, video: QueueTrack | None = None
+    ) -> None:
+        self.video = video or QueueTrack(
             "video", settings.track_queue_frames, events.started, events.dropped
         )
         self.audio = QueueTrack(
@@ -89,8 +92,12 @@ class LocalMedia(MediaLink):
     def send(self, k: int, picture: np.ndarray, pcm: np.ndarray | None) -> None:
         self.video.put(video_frame(picture, k))
         if pcm is not None:
-            for frame in audio_frames(pcm, k):
-                self.audio.put(frame)
+            self.put_audio(k, pcm)
+
+    def put_audio(self, k: int, pcm: np.ndarray) -> None:
+        """Tick k's 640 int16 samples, as the audio track's 20 ms frames."""
+        for frame in audio_frames(pcm, k):
+            self.audio.put(frame)
 
     @property
     def state(self) -> str | None:

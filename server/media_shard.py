@@ -27,11 +27,11 @@ from typing import Any
 import av
 import numpy as np
 
-from server.liveness import packets_received
+from server.media_link import LocalMedia, MediaEvents
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
-from server.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
-from server.webrtc import OfferError, close_peer, make_peer, negotiate
+from server.tracks import QueueTrack, video_frame
+from server.webrtc import OfferError
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +55,31 @@ class RingVideoTrack(QueueTrack):
 
 
 class Peer:
+    """One session's peer connection here: a `LocalMedia` whose video track reads the
+    session's ring, reporting its events back to the server."""
+
     def __init__(self, shard: Shard, sid: str, msg: dict[str, Any]) -> None:
-        self.sid = sid
         self.ring = FrameRing(Path(msg["ring"]), int(msg["slots"]), tuple(msg["shape"]), False)
-        queue = int(msg["queue"])
-        self.video = RingVideoTrack(self.ring, queue, self._started, self._dropped)
-        self.audio = QueueTrack(
-            "audio", queue * AUDIO_FRAMES_PER_TICK, self._started, self._dropped
+        settings = Settings(
+            ice_servers=tuple(msg.get("ice", ())), track_queue_frames=int(msg["queue"])
         )
-        self.pc = make_peer(Settings(ice_servers=tuple(msg.get("ice", ()))))
-        self.shard = shard
-        pc = self.pc
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            shard.emit({"op": "state", "sid": sid, "state": pc.connectionState})
-
-    def _started(self, kind: str) -> None:
-        self.shard.emit({"op": "started", "sid": self.sid, "kind": kind})
-
-    def _dropped(self, kind: str) -> None:
-        self.shard.emit({"op": "dropped", "sid": self.sid, "kind": kind})
+        events = MediaEvents(
+            started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),
+            dropped=lambda kind: shard.emit({"op": "dropped", "sid": sid, "kind": kind}),
+            state=lambda state: shard.emit({"op": "state", "sid": sid, "state": state}),
+        )
+        video = RingVideoTrack(
+            self.ring, settings.track_queue_frames, events.started, events.dropped
+        )
+        self.link = LocalMedia(settings, events, video)
 
     def tick(self, k: int, pcm: bytes) -> None:
-        self.video.put(k)  # type: ignore[arg-type]
+        self.link.video.put(k)  # type: ignore[arg-type]
         if pcm:
-            for frame in audio_frames(np.frombuffer(pcm, np.int16), k):
-                self.audio.put(frame)
+            self.link.put_audio(k, np.frombuffer(pcm, np.int16))
 
     async def close(self) -> None:
-        self.video.stop()
-        self.audio.stop()
-        await close_peer(self.pc)
+        await self.link.close()
         self.ring.close()
 
 
@@ -163,7 +156,7 @@ class Shard:
             return
         self.peers[sid] = peer
         try:
-            answer, sending = await negotiate(peer.pc, str(msg["sdp"]), peer.video, peer.audio)
+            answer, sending = await peer.link.negotiate(str(msg["sdp"]))
         except OfferError as exc:
             self.peers.pop(sid, None)
             await peer.close()
@@ -187,7 +180,7 @@ class Shard:
         n = -1
         if peer is not None:
             with contextlib.suppress(Exception):
-                n = await packets_received(peer.pc)
+                n = await peer.link.packets_received()
         self.reply(rid, packets=n)
 
 

@@ -33,7 +33,7 @@ from server.media_link import MediaEvents, MediaLink
 from server.metrics import ServerMetrics, SessionStats
 from server.player import Made, Playout, Tick
 from server.settings import Settings
-from server.tracks import I420Cache, i420_image, to_i420
+from server.tracks import I420Cache, i420_image, i420_shape, to_i420
 from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class Session:
     def picture_shape(self) -> tuple[int, int]:
         """(rows, columns) of this session's I420 pictures (sizes rounded up to even)."""
         h, w = self.avatar.frames.shape[1:3]
-        return (h + h % 2) * 3 // 2, w + w % 2
+        return i420_shape(h, w)
 
     def _track_started(self, kind: str) -> None:
         self._started.add(kind)

@@ -42,6 +42,12 @@ def to_i420(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pad_even(np.ascontiguousarray(image)), cv2.COLOR_RGB2YUV_I420)
 
 
+def i420_shape(height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of a (height, width) picture in `to_i420`'s layout (sizes rounded up
+    to even)."""
+    return 3 * ((height + 1) // 2), 2 * ((width + 1) // 2)
+
+
 def i420_image(flat: np.ndarray, height: int, width: int) -> np.ndarray:
     """A flat I420 buffer of a (height, width) picture as `to_i420` lays it out,
     (H'*3/2, W') with H', W' rounded up to even. Even sizes: a view, no copy. Odd: the Y
@@ -55,7 +61,7 @@ def i420_image(flat: np.ndarray, height: int, width: int) -> np.ndarray:
     if height % 2 == 0 and width % 2 == 0:
         return flat.reshape(height * 3 // 2, width)
     y = np.pad(flat[:n].reshape(height, width), ((0, height % 2), (0, width % 2)), mode="edge")
-    return np.concatenate([y.reshape(-1), flat[n:]]).reshape(3 * ch, 2 * cw)
+    return np.concatenate([y.reshape(-1), flat[n:]]).reshape(i420_shape(height, width))
 
 
 class I420Cache:

@@ -331,11 +331,7 @@ async def soak(
                         c.video.measuring = True
                     window_start = time.monotonic()
                     at_start = [await _info(http, c) for c in clients]
-                sample: dict[str, Any] = {"t": round(now, 1), **await server_counters(http)}
-                if pid is not None:
-                    sample["rss"] = rss_bytes(pid)
-                    sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
-                samples.append(sample)
+                samples.append(await _sample(http, now, pid))
                 await asyncio.sleep(min(SAMPLE_EVERY_S, max(0.1, stop_at - time.monotonic())))
             for c in clients:
                 c.video.measuring = False
@@ -346,13 +342,7 @@ async def soak(
                 for key in ("frames_dropped", "held_frames", "audio_dropped"):
                     info[key + "_in_window"] = int(info.get(key) or 0) - int(start.get(key) or 0)
             if pid is not None:
-                samples.append(
-                    {
-                        "t": round(time.monotonic() - t0, 1),
-                        "rss": rss_bytes(pid),
-                        "gpu": await asyncio.to_thread(gpu_bytes, pid),
-                    }
-                )
+                samples.append(await _sample(http, time.monotonic() - t0, pid))
     finally:
         for c in clients:
             with contextlib.suppress(Exception):
@@ -362,6 +352,15 @@ async def soak(
     return _report(
         sessions, minutes, warmup, window, engine_name, clients, infos, utterances, samples
     )
+
+
+async def _sample(http: httpx.AsyncClient, t: float, pid: int | None) -> dict[str, Any]:
+    """One sample: time, the server's frame counters, and (with its pid) RSS and GPU memory."""
+    sample: dict[str, Any] = {"t": round(t, 1), **await server_counters(http)}
+    if pid is not None:
+        sample["rss"] = rss_bytes(pid)
+        sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
+    return sample
 
 
 async def _info(http: httpx.AsyncClient, client: SoakClient) -> dict[str, Any]:
@@ -493,14 +492,7 @@ async def soak_with_client_processes(
         waiting = asyncio.gather(*(c.wait() for c in children))
         async with httpx.AsyncClient(base_url=server_url, timeout=30) as http:
             while not waiting.done():
-                sample: dict[str, Any] = {
-                    "t": round(time.monotonic() - t0, 1),
-                    **await server_counters(http),
-                }
-                if server_pid is not None:
-                    sample["rss"] = rss_bytes(server_pid)
-                    sample["gpu"] = await asyncio.to_thread(gpu_bytes, server_pid)
-                samples.append(sample)
+                samples.append(await _sample(http, time.monotonic() - t0, server_pid))
                 await asyncio.wait({waiting}, timeout=SAMPLE_EVERY_S)
         codes = await waiting
         if any(codes):

@@ -26,7 +26,7 @@ from leakcheck import open_fds
 
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread
+from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.sessions import Session
 from server.settings import Settings
 
@@ -69,14 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
     )
     srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            listed = httpx.get(f"{srv.base_url}/v1/avatars").json()["avatars"]
-            if listed and listed[0]["status"] == "ready":
-                break
-            assert time.monotonic() < deadline, "the demo avatar did not become ready"
-            time.sleep(0.05)
-        yield srv, str(listed[0]["id"])
+        yield srv, wait_first_avatar_ready(srv.base_url, within=60)
     finally:
         srv.stop()
 

@@ -180,6 +180,7 @@ class GpuScheduler(WorkQueue):
             self.frames += frames
             if self.metrics is not None:
                 self.metrics.worker_batch.observe(frames)
+                self.metrics.worker_launch.observe(self.history[-1].launch_s)
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
 

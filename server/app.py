@@ -103,6 +103,7 @@ async def _start_parts(
     # GPU: builds the pipeline and warms its backend up (compiled: compiles, minutes)
     worker = await asyncio.to_thread(create_worker, engine, settings, metrics)
     worker.start()
+    metrics.worker_queued.set_function(worker.queued)
     warmup = getattr(engine, "warmup", None)
     if callable(warmup):
         await worker.acall(warmup)
@@ -115,6 +116,7 @@ async def _start_parts(
     app.state.media = media
     sessions = SessionManager(settings, metrics)
     sessions.start()
+    metrics.speech_backlog.set_function(sessions.largest_backlog_s)
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.engine_reason = reason

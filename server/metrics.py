@@ -80,6 +80,20 @@ class ServerMetrics:
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0),
             registry=r,
         )
+        self.worker_launch = Histogram(
+            "lipstream_worker_launch_seconds",
+            "Time the scheduler thread spends launching one step (GPU: enqueueing its work)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0),
+            registry=r,
+        )
+        self.worker_queued = Gauge(
+            "lipstream_worker_queued_frames", "Frames waiting for the engine", registry=r
+        )
+        self.speech_backlog = Gauge(
+            "lipstream_speech_backlog_seconds",
+            "Speech received and not yet played, the largest over the sessions",
+            registry=r,
+        )
         self.avatars = Gauge(
             "lipstream_avatars", "Avatars on disk, by status", ["status"], registry=r
         )

@@ -171,6 +171,26 @@ class Playout:
         return bool(self.utterances)
 
     @property
+    def backlog_s(self) -> float:
+        """Speech received and not yet played, in seconds (grows when the engine or the
+        client's pace falls behind real time)."""
+        samples = sum(
+            max(0, u.stream.n_samples - u.played * SAMPLES_PER_FRAME) for u in self.utterances
+        )
+        return samples / (SAMPLES_PER_FRAME * FPS)
+
+    def state(self) -> dict[str, Any]:
+        """Where the playout stands (GET /v1/sessions/{id} shows it as `playout`)."""
+        return {
+            "loop_position": self.loop_position,
+            "utterances_queued": len(self.utterances),
+            "frames_outstanding": self.outstanding,
+            "frames_ready": len(self.ready),
+            "backlog_s": round(self.backlog_s, 3),
+            "lead_frames": self.lead,
+        }
+
+    @property
     def outstanding(self) -> int:
         """Frames taken (sent to the engine or made) but not yet played."""
         return sum(u.taken - u.played for u in self.utterances)

@@ -120,6 +120,7 @@ class Session:
             "peer": self.media.state if self.media is not None else None,
             "audio_ws_connected": self.ws is not None,
             "speaking": self.playout.speaking,
+            "playout": self.playout.state(),
             **self.stats.snapshot(),
         }
 
@@ -393,6 +394,10 @@ class SessionManager:
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.set(len(self.sessions))
         session.start()
+
+    def largest_backlog_s(self) -> float:
+        """The largest speech backlog over the sessions (the /metrics gauge)."""
+        return max((s.playout.backlog_s for s in list(self.sessions.values())), default=0.0)
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)

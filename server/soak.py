@@ -12,7 +12,9 @@ Measured after a warm-up (the first 20% of the run, at most 60 s):
   since the session opened);
 - the RSS of the server process and its children (media processes; from /proc) and its GPU
   memory (nvidia-smi, by pid, where present): at the end of the warm-up, at the end, the
-  growth between; sampled every 5 s with the server's frame counters (sent, dropped, late).
+  growth between; sampled every 5 s with the server's frame counters (sent, speech, dropped, late,
+  rendered), engine step times and the largest speech backlog (`rendered_fps`, `speech_fps`,
+  `worker_step_ms_mean`, `speech_backlog_s_max` over the window).
 
 The result is a JSON document (printed, and written to `out` where given).
 """
@@ -126,22 +128,34 @@ def free_port() -> int:
 
 COUNTERS = {
     "lipstream_frames_sent_total": "sent",
+    'lipstream_frames_sent_total{kind="speech"}': "speech",
     "lipstream_frames_dropped_total": "dropped",
     "lipstream_late_frames_total": "late",
+    "lipstream_frames_rendered_total": "rendered",
+    "lipstream_worker_step_seconds_count": "steps",
+    "lipstream_worker_step_seconds_sum": "step_s",
+    "lipstream_worker_launch_seconds_sum": "launch_s",
+    "lipstream_worker_queued_frames": "queued",
+    "lipstream_speech_backlog_seconds": "backlog_s",
 }
 
 
 async def server_counters(http: httpx.AsyncClient) -> dict[str, float]:
-    """Frames sent (all kinds), dropped before the encoder and late, from /metrics."""
+    """The server's frame counters (sent: all kinds; speech; dropped before the encoder;
+    late; rendered), engine step totals, queued frames and the largest speech backlog, from
+    /metrics (a series with labels counts under its name and, where listed, its own key)."""
     out = dict.fromkeys(COUNTERS.values(), 0.0)
     try:
         text = (await http.get("/metrics")).text
     except httpx.HTTPError:
         return {}
     for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in COUNTERS:
-            out[COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+        if line.startswith("#") or " " not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        for key in {series.split("{", 1)[0], series}:
+            if key in COUNTERS:
+                out[COUNTERS[key]] += float(value)
     return out
 
 
@@ -404,6 +418,7 @@ def _report(
                 "utterances": n,
                 "latency_ms": info.get("latency_ms"),
                 "first_frame_ms": info.get("first_frame_ms"),
+                "playout_at_end": info.get("playout"),
             }
         )
     all_iv: list[float] = [x for c in clients for x in c.video.intervals]
@@ -416,6 +431,7 @@ def _report(
         **_totals(per),
         "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
         **_memory(samples, warmup),
+        **_engine(samples, warmup),
         "per_session": per,
         "samples": samples,
     }
@@ -429,6 +445,33 @@ def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
         "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
         "server_frames_dropped_total": sum(int(p["server_frames_dropped_total"] or 0) for p in per),
         "server_held_frames": sum(int(p["server_held_frames"] or 0) for p in per),
+    }
+
+
+def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
+    """Over the window: frames the engine made and speech frames played per second, the mean
+    engine step and launch times, and the largest speech backlog (speech received and not
+    yet played; it grows without bound when the engine cannot keep up)."""
+    after = [s for s in samples if s["t"] >= warmup and "rendered" in s]
+    if len(after) < 2:
+        return {}
+    a, b = after[0], after[-1]
+    dt = max(b["t"] - a["t"], 1e-9)
+    steps = b["steps"] - a["steps"]
+    return {
+        "rendered_fps": round((b["rendered"] - a["rendered"]) / dt, 1),
+        "speech_fps": round((b["speech"] - a["speech"]) / dt, 1),
+        "worker_step_ms_mean": round(1e3 * (b["step_s"] - a["step_s"]) / steps, 2)
+        if steps
+        else None,
+        "worker_launch_ms_mean": round(1e3 * (b["launch_s"] - a["launch_s"]) / steps, 2)
+        if steps
+        else None,
+        "worker_frames_per_step": round((b["rendered"] - a["rendered"]) / steps, 2)
+        if steps
+        else None,
+        "speech_backlog_s_max": round(max(s["backlog_s"] for s in after), 2),
+        "speech_backlog_s_end": round(b["backlog_s"], 2),
     }
 
 
@@ -511,6 +554,7 @@ async def soak_with_client_processes(
         # the worst of the processes' p99s (their intervals are not kept)
         "frame_interval_ms_p99": max(float(part["frame_interval_ms_p99"] or 0) for part in parts),
         **_memory(samples, warmup),
+        **_engine(samples, warmup),
         "per_session": per,
         "samples": samples,
     }

@@ -49,6 +49,12 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert result["frame_interval_ms_p99"] is not None
     assert result["frame_interval_ms_p99"] < 120.0
     assert all(p["utterances"] >= 2 for p in result["per_session"])
+    # the engine kept up: speech played at the pace it was spoken, no backlog built up
+    assert result["speech_fps"] > 10, result["samples"]
+    assert result["rendered_fps"] >= result["speech_fps"] * 0.8
+    assert result["worker_step_ms_mean"] is not None and result["worker_frames_per_step"] >= 1
+    assert result["speech_backlog_s_max"] < 5.0, result["samples"]
+    assert all(p["playout_at_end"]["backlog_s"] < 5.0 for p in result["per_session"])
     # memory sampled every 5 s from the given pid, growth computed over the window
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
     assert result["rss_mb_after_warmup"] > 50

@@ -1,4 +1,7 @@
 # GPU soak, part 2: wait (at most $WAIT s) for /tmp/soak.json, copy it and the logs to $OUT.
+# A machine that is not the one part 1 ran on (it went back between the calls) has no
+# /tmp/soak_run.log: say so and stop at once rather than wait for nothing.
+if [ ! -f /tmp/soak_run.log ]; then echo "no soak here: the machine was replaced between the calls"; exit 3; fi
 for _ in $(seq 1 "${WAIT:-540}"); do [ -f /tmp/soak.json ] && break; sleep 1; done
 cat /tmp/soak_run.log
 cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null

@@ -170,17 +170,16 @@ class GpuScheduler(WorkQueue):
             except Exception as exc:
                 log.exception("batch failed: frames=%d", sum(len(i.jobs) for i in batch))
                 work = ("error", exc)
+            launch_s = time.perf_counter() - t0
             frames = sum(len(i.jobs) for i in batch)
             self.history.append(
-                StepStats(
-                    t0, frames, len(batch), len({i.key for i in batch}), time.perf_counter() - t0
-                )
+                StepStats(t0, frames, len(batch), len({i.key for i in batch}), launch_s)
             )
             self.steps += 1
             self.frames += frames
             if self.metrics is not None:
                 self.metrics.worker_batch.observe(frames)
-                self.metrics.worker_launch.observe(self.history[-1].launch_s)
+                self.metrics.worker_launch.observe(launch_s)
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
 

@@ -458,18 +458,16 @@ def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     a, b = after[0], after[-1]
     dt = max(b["t"] - a["t"], 1e-9)
     steps = b["steps"] - a["steps"]
+
+    def per_step(key: str, scale: float = 1.0) -> float | None:
+        return round(scale * (b[key] - a[key]) / steps, 2) if steps else None
+
     return {
         "rendered_fps": round((b["rendered"] - a["rendered"]) / dt, 1),
         "speech_fps": round((b["speech"] - a["speech"]) / dt, 1),
-        "worker_step_ms_mean": round(1e3 * (b["step_s"] - a["step_s"]) / steps, 2)
-        if steps
-        else None,
-        "worker_launch_ms_mean": round(1e3 * (b["launch_s"] - a["launch_s"]) / steps, 2)
-        if steps
-        else None,
-        "worker_frames_per_step": round((b["rendered"] - a["rendered"]) / steps, 2)
-        if steps
-        else None,
+        "worker_step_ms_mean": per_step("step_s", 1e3),
+        "worker_launch_ms_mean": per_step("launch_s", 1e3),
+        "worker_frames_per_step": per_step("rendered"),
         "speech_backlog_s_max": round(max(s["backlog_s"] for s in after), 2),
         "speech_backlog_s_end": round(b["backlog_s"], 2),
     }

@@ -82,7 +82,7 @@ class ServerMetrics:
         )
         self.worker_launch = Histogram(
             "lipstream_worker_launch_seconds",
-            "Time the scheduler thread spends launching one step (GPU: enqueueing its work)",
+            "Time the worker thread spends launching one step (GPU: enqueueing it; else: all of it)",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0),
             registry=r,
         )

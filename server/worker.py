@@ -193,6 +193,7 @@ class FrameWorker(WorkQueue):
         if self.metrics is not None:
             self.metrics.worker_batch.observe(n)
             self.metrics.worker_step.observe(dt)
+            self.metrics.worker_launch.observe(dt)  # synchronous: launching is the whole step
             self.metrics.frames_rendered.inc(n)
 
     def _render_group(self, avatar_id: str, members: list[tuple[WorkItem, Any]]) -> int:

@@ -53,6 +53,7 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert result["speech_fps"] > 10, result["samples"]
     assert result["rendered_fps"] >= result["speech_fps"] * 0.8
     assert result["worker_step_ms_mean"] is not None and result["worker_frames_per_step"] >= 1
+    assert result["worker_launch_ms_mean"] > 0  # the synchronous worker's launch is its step
     assert result["speech_backlog_s_max"] < 5.0, result["samples"]
     assert all(p["playout_at_end"]["backlog_s"] < 5.0 for p in result["per_session"])
     # memory sampled every 5 s from the given pid, growth computed over the window

@@ -93,6 +93,7 @@ class GpuScheduler(WorkQueue):
         self.history: deque[StepStats] = deque(maxlen=100_000)
         self.frames = 0
         self.steps = 0
+        self.failure: BaseException | None = None  # a device error that ended the scheduler
 
     @property
     def max_batch(self) -> int:
@@ -170,6 +171,7 @@ class GpuScheduler(WorkQueue):
             except Exception as exc:
                 log.exception("batch failed: frames=%d", sum(len(i.jobs) for i in batch))
                 work = ("error", exc)
+                self._check_device(exc)
             launch_s = time.perf_counter() - t0
             frames = sum(len(i.jobs) for i in batch)
             self.history.append(
@@ -182,6 +184,17 @@ class GpuScheduler(WorkQueue):
                 self.metrics.worker_launch.observe(launch_s)
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
+
+    def _check_device(self, exc: BaseException) -> None:
+        """A device error ends the scheduler (its thread stops, `alive` turns false and the
+        server's /readyz 503): the GPU context cannot be used again in this process, so the
+        server must be restarted. Any other error fails only its own batch."""
+        if self.failure is not None or not device_lost(exc):
+            return
+        self.failure = exc
+        log.critical("gpu scheduler stopping: the GPU failed, restart the server: error=%s", exc)
+        self._set_stopping()
+        self._in_flight.release()  # the scheduler thread may wait for a GPU slot
 
     def _launch(self, batch: list[Any]) -> Any:
         if self.pipeline is not None:
@@ -228,10 +241,17 @@ class GpuScheduler(WorkQueue):
                 for item in batch:
                     _call_done(item, None, exc)
                 self._in_flight.release()
+                self._check_device(exc)
                 continue
             self._in_flight.release()
             for item, frames in zip(batch, per_item, strict=True):
                 _call_done(item, frames, None)
+
+
+def device_lost(exc: BaseException) -> bool:
+    """True for a CUDA error: after one (an illegal address, a kernel fault) the CUDA context
+    is unusable, and every later call on it fails too."""
+    return type(exc).__name__ == "AcceleratorError" or "CUDA error" in str(exc)
 
 
 def _call_done(item: Any, frames: list[np.ndarray] | None, exc: BaseException | None) -> None:

@@ -192,6 +192,9 @@ def _health_routes(app: FastAPI) -> None:
         status = "ready" if ok else ("draining" if state.draining else "starting")
         if ok and not state.media.available():
             ok, status = False, "media_down"  # every media process is down (being restarted)
+        failure = getattr(state.worker, "failure", None)
+        if failure is not None:
+            ok, status = False, "engine_failed"  # a GPU error: the process must be restarted
         body: dict[str, Any] = {"status": status}
         if state.ready:
             body.update(
@@ -201,6 +204,8 @@ def _health_routes(app: FastAPI) -> None:
                 max_sessions=state.settings.max_sessions,
                 **state.media.info(),
             )
+        if failure is not None:
+            body["engine_error"] = str(failure).splitlines()[0][:300]
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)

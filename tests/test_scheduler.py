@@ -198,3 +198,73 @@ def test_load_and_unload_avatar_run_on_the_scheduler_thread(preview_avatar) -> N
             )
     finally:
         s.stop()
+
+
+class FailingPipeline:
+    """Stands in for the GPU pipeline (no GPU here): its launches raise `error` while
+    `failing`, else hand back the engine-independent frames of a `_Done` batch."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.failing = True
+        self.launches = 0
+
+    def launch(self, rows: list, parts: list) -> Any:
+        self.launches += 1
+        if self.failing:
+            raise self.error
+        return _Done([np.full((4,), len(rows), np.uint8) for _ in rows])
+
+
+@dataclass
+class _Done:
+    frames: list[np.ndarray]
+
+    def result(self) -> list[np.ndarray]:
+        return self.frames
+
+
+def _wait(pred: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_a_failed_batch_fails_only_itself(engine, preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    pipe = FailingPipeline(ValueError("bad batch"))
+    s = GpuScheduler(engine, SchedulerOptions(max_batch=4), pipeline=pipe)
+    sink: list = []
+    s.start()
+    try:
+        s.submit(make_item("a", preview_avatar.id, 0, 2, deadline=0.0, sink=sink))
+        assert _wait(lambda: len(sink) == 1)
+        assert isinstance(sink[0][3], ValueError) and sink[0][2] is None
+        pipe.failing = False
+        s.submit(make_item("a", preview_avatar.id, 2, 2, deadline=1.0, sink=sink))
+        assert _wait(lambda: len(sink) == 2)
+        assert sink[1][3] is None and len(sink[1][2]) == 2
+        assert s.alive and s.failure is None
+    finally:
+        s.stop()
+
+
+def test_a_cuda_error_stops_the_scheduler_and_is_reported(engine, preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    """A CUDA error leaves the GPU context unusable: the scheduler records it and stops (the
+    server's /readyz then answers 503 engine_failed) instead of failing batch after batch."""
+    err = RuntimeError("CUDA error: operation not supported on global/shared address space")
+    pipe = FailingPipeline(err)
+    s = GpuScheduler(engine, SchedulerOptions(max_batch=4), pipeline=pipe)
+    sink: list = []
+    s.start()
+    try:
+        s.submit(make_item("a", preview_avatar.id, 0, 1, deadline=0.0, sink=sink))
+        assert _wait(lambda: not s.alive)
+        assert s.failure is err and sink and sink[0][3] is err
+        assert pipe.launches == 1
+        with pytest.raises(SchedulerStopped):
+            s.submit(make_item("a", preview_avatar.id, 1, 1, deadline=1.0, sink=sink))
+    finally:
+        s.stop()

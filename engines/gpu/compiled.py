@@ -145,10 +145,22 @@ class CompiledOptions:
 
 
 def warm_and_capture(
-    fn: Any, *args: torch.Tensor, warmups: int = 3, pool: Any = None
+    fn: Any,
+    *args: torch.Tensor,
+    warmups: int = 3,
+    pool: Any = None,
+    stream: torch.cuda.Stream | None = None,
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run `fn(*args)` `warmups` times on a side stream (compiles, cuDNN plans, lazy
-    allocations), then capture one call as a CUDA graph. Returns (graph, its output)."""
+    allocations), then capture one call as a CUDA graph on `stream`. Returns (graph, its
+    output).
+
+    Graphs that may replay at the same time on different streams must be captured on
+    different `stream`s: torch keys its cuBLAS / cuBLASLt workspaces by (handle, stream), so
+    every graph captured on one stream (torch's shared default capture stream when `stream`
+    is None) bakes in the same workspace, and two of them replaying concurrently write it
+    at once (seen as a sticky `cudaErrorInvalidAddressSpace` after minutes of streaming,
+    with the encoder graph on stream A beside the UNet+VAE graph on stream B)."""
     device = args[0].device
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -158,7 +170,7 @@ def warm_and_capture(
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = fn(*args)
     return graph, out
 
@@ -166,12 +178,22 @@ def warm_and_capture(
 class _Graph:
     """One captured batch bucket: static input and output buffers plus its CUDA graph."""
 
-    def __init__(self, fn, bucket: int, dtype: torch.dtype, device: torch.device, pool) -> None:
+    def __init__(
+        self,
+        fn,
+        bucket: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pool,
+        stream: torch.cuda.Stream,
+    ) -> None:
         self.bucket = bucket
         self.latents = torch.zeros((bucket, *LATENT_SHAPE), dtype=dtype, device=device)
         self.audio = torch.zeros((bucket, AUDIO_TOKENS, AUDIO_DIM), dtype=dtype, device=device)
         # warmed up by the caller (on random inputs, with a dynamic batch axis)
-        self.graph, self.out = warm_and_capture(fn, self.latents, self.audio, warmups=0, pool=pool)
+        self.graph, self.out = warm_and_capture(
+            fn, self.latents, self.audio, warmups=0, pool=pool, stream=stream
+        )
 
 
 class CompiledStep:
@@ -198,6 +220,9 @@ class CompiledStep:
             self._fn = torch.compile(self.step, mode=self.options.mode, dynamic=None)
         self._graphs: dict[int, _Graph] = {}
         self._pool: Any = None
+        # this step's own capture stream (see warm_and_capture): its buckets never replay
+        # concurrently with each other, but they do beside the encoder's graph
+        self.capture_stream = torch.cuda.Stream(self.device)
         self.warmup_s: dict[int, float] = {}
 
     @property
@@ -241,7 +266,9 @@ class CompiledStep:
             if self.options.cuda_graphs:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                self._graphs[b] = _Graph(self._fn, b, self.dtype, self.device, self._pool)
+                self._graphs[b] = _Graph(
+                    self._fn, b, self.dtype, self.device, self._pool, self.capture_stream
+                )
                 self._graphs[b].graph.replay()
                 torch.cuda.synchronize(self.device)
             self.warmup_s[b] = time.perf_counter() - t0
@@ -296,6 +323,7 @@ class CompiledEncoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._mel: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
+        self.capture_stream = torch.cuda.Stream(self.device)  # its own: see warm_and_capture
         self.warmup_s = 0.0
 
     @torch.inference_mode()
@@ -303,11 +331,11 @@ class CompiledEncoder:
         t0 = time.perf_counter()
         mel = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         try:
-            self._graph, self._out = warm_and_capture(self._fn, mel)
+            self._graph, self._out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
         except Exception as exc:  # inductor failure: keep the eager encoder, still graphed
             log.warning("whisper encoder compile failed (%s); using it eagerly", exc)
             self._fn = self._eager
-            self._graph, self._out = warm_and_capture(self._fn, mel)
+            self._graph, self._out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
         self._mel = mel
         self._graph.replay()
         torch.cuda.synchronize(self.device)

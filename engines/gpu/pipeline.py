@@ -19,9 +19,10 @@ pass's result does not depend on which other passes shared its batch.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,23 +183,26 @@ class Pending:
     order: list[tuple[str, int]]  # per row: (avatar id, index in that avatar's block)
     sizes: dict[str, tuple[int, int]]
     output: str
-    slot: threading.Semaphore | None = None
+    give_back: Callable[[], None] | None = None  # frees this batch's host slot
     released: bool = field(default=False)
 
     def result(self) -> list[np.ndarray]:
-        """Block until the batch is on the host; frames copied out (I420 (bytes,) or RGB (H, W, 3))."""
-        self.done.synchronize()
-        frames = [self.host[a][i].numpy().copy() for a, i in self.order]
+        """Block until the batch is on the host; frames copied out (I420 (bytes,) or RGB (H, W, 3)).
+        The host slot is given back whether or not the batch succeeded."""
+        try:
+            self.done.synchronize()
+            frames = [self.host[a][i].numpy().copy() for a, i in self.order]
+        finally:
+            self.release()
         if self.output == "rgb":
             frames = [
                 f.reshape(*self.sizes[a], 3) for f, (a, _) in zip(frames, self.order, strict=True)
             ]
-        self.release()
         return frames
 
     def release(self) -> None:
-        if not self.released and self.slot is not None:
-            self.slot.release()
+        if not self.released and self.give_back is not None:
+            self.give_back()
         self.released = True
 
 
@@ -245,11 +249,14 @@ class GpuPipeline:
             self.features.run_encoder = trt_encoder
         self.streams = {k: torch.cuda.Stream(self.device) for k in "ABC"}
         self._avatars: dict[str, paste.GpuAvatar] = {}
-        self._slots = threading.Semaphore(self.options.host_slots)
+        # pinned output buffers by slot; a slot is taken by a launch and given back by its
+        # Pending (or by the launch itself if it fails), so a free slot is never in flight
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for k in range(self.options.host_slots):
+            self._free_slots.put(k)
         self._host: list[dict[tuple[str, int], torch.Tensor]] = [
             {} for _ in range(self.options.host_slots)
         ]
-        self._next_slot = 0
 
     def warm_up(self) -> dict[int, float]:
         """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
@@ -300,10 +307,23 @@ class GpuPipeline:
         features: torch.Tensor | None = None,
     ) -> Pending:
         """Enqueue one batch: `rows` in order, their features from `parts` (streaming: each
-        (utterance audio, jobs)) or given. Blocks only while all host slots are in flight."""
-        self._slots.acquire()
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % self.options.host_slots
+        (utterance audio, jobs)) or given. Blocks only while all host slots are in flight.
+        A launch that raises gives its host slot back (a leaked slot would block every later
+        launch: the server would stop rendering)."""
+        slot = self._free_slots.get()
+        try:
+            return self._launch(slot, rows, parts, features)
+        except BaseException:
+            self._free_slots.put(slot)
+            raise
+
+    def _launch(
+        self,
+        slot: int,
+        rows: Sequence[Row],
+        parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]] | None,
+        features: torch.Tensor | None,
+    ) -> Pending:
         sa, sb, sc = self.streams["A"], self.streams["B"], self.streams["C"]
         cur = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(sa):
@@ -375,7 +395,7 @@ class GpuPipeline:
             order=order,
             sizes=sizes,
             output=self.options.output,
-            slot=self._slots,
+            give_back=functools.partial(self._free_slots.put, slot),
         )
 
     def render(

@@ -36,10 +36,14 @@ from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep,
 log = logging.getLogger(__name__)
 
 ENCODER_BATCH = 8  # fixed encoder batch (padded): results independent of batch mates
+STAGING_SLOTS = 2  # host staging buffers of encoder audio in rotation (one may be uploading)
 
 
 class GpuFeaturizer:
-    """Batched streaming (and offline) features on the GPU from an `AudioFeaturizer`."""
+    """Batched streaming (and offline) features on the GPU from an `AudioFeaturizer`.
+
+    Only the segments' real samples cross to the device (one upload per `encode`); the
+    zero-padded windows are built there."""
 
     def __init__(self, featurizer: Any, encoder_batch: int = ENCODER_BATCH) -> None:
         from engines.musetalk import audio_features as af
@@ -62,6 +66,12 @@ class GpuFeaturizer:
         self.run_encoder: Any = lambda mel: torch.stack(
             self.encoder(mel, output_hidden_states=True).hidden_states, dim=2
         )
+        # the wave's host side: only the real samples, in pinned buffers in rotation, each
+        # written again only once its last upload has left it (its event)
+        self._staging: list[torch.Tensor | None] = [None] * STAGING_SLOTS
+        self._uploaded: list[torch.cuda.Event | None] = [None] * STAGING_SLOTS
+        self._next_staging = 0
+        self._staging_lock = threading.Lock()
 
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, window_samples) float32 -> (B, 80, 2 * window_steps): WhisperFeatureExtractor's
@@ -74,28 +84,79 @@ class GpuFeaturizer:
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0
 
+    def _staging_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        """Slot `slot`'s host buffer (>= nbytes; pinned on CUDA), free to write (call locked)."""
+        done = self._uploaded[slot]
+        if done is not None:
+            done.synchronize()  # its last upload may still be reading it
+        buf = self._staging[slot]
+        if buf is None or buf.numel() < nbytes:
+            size = max(1 << 20, 1 << (nbytes - 1).bit_length())
+            pin = self.device.type == "cuda"
+            buf = self._staging[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        return buf
+
+    def window_wave(self, segments: Sequence[np.ndarray], rows: int) -> torch.Tensor:
+        """(rows, window_samples) float32 on the device: row i = segments[i], then zeros.
+
+        One upload of [row shift, row end (int64, per row) | the samples back to back], then
+        on the device one zero fill and one scatter: sample k (in row r, the first row whose
+        end is > k) lands at r * window + k - (r's first sample) = k + shift[r]."""
+        if rows < max(1, len(segments)):
+            raise ValueError(f"{len(segments)} segments do not fit in {rows} rows")
+        arrays = [np.asarray(s, dtype=np.float32) for s in segments]
+        lengths = np.zeros(rows, dtype=np.int64)
+        for i, a in enumerate(arrays):
+            if a.ndim != 1 or a.size > self.window_samples:
+                raise ValueError(
+                    f"segment {i} has shape {a.shape}, wanted 1-D of <= {self.window_samples}"
+                )
+            lengths[i] = a.size
+        ends = np.cumsum(lengths)
+        total = int(ends[-1])
+        head = 16 * rows
+        nbytes = head + 4 * total
+        with self._staging_lock:
+            slot = self._next_staging
+            self._next_staging = (slot + 1) % STAGING_SLOTS
+            buf = self._staging_buffer(slot, nbytes)
+            host = buf.numpy()
+            meta = host[:head].view(np.int64)
+            meta[:rows] = np.arange(rows) * self.window_samples - (ends - lengths)
+            meta[rows:] = ends
+            np.concatenate(arrays, out=host[head:nbytes].view(np.float32))
+            dev = buf[:nbytes].to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                self._uploaded[slot] = done
+            ints = dev[:head].view(torch.int64)
+            k = torch.arange(total, device=self.device)
+            row = torch.searchsorted(ints[rows:], k, right=True)
+            wave = torch.zeros(rows * self.window_samples, dtype=torch.float32, device=self.device)
+            # on the CPU `dev` is the staging buffer itself: copied out before it is let go
+            wave.index_copy_(0, k + ints[:rows][row], dev[head:].view(torch.float32))
+        return wave.view(rows, self.window_samples)
+
     @torch.no_grad()
     def encode(self, segments: Sequence[np.ndarray]) -> torch.Tensor:
         """(len(segments), window_steps, 5, d) hidden states; segments zero-padded to the window."""
         n = len(segments)
         b = self.encoder_batch
         rows = -(-n // b) * b
-        pin = self.device.type == "cuda"
-        host = torch.zeros((rows, self.window_samples), dtype=torch.float32, pin_memory=pin)
-        for i, s in enumerate(segments):
-            host[i, : len(s)] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
-        wave = host.to(self.device, non_blocking=True)
         out = torch.empty(
             (n, self.window_steps, self.af.N_HIDDEN, self.d_model),
             dtype=self.dtype,
             device=self.device,
         )
+        if n == 0:
+            return out
+        wave = self.window_wave(segments, rows)
         for start in range(0, rows, b):
             mel = self.log_mel(wave[start : start + b]).to(self.dtype)
             hidden = self.run_encoder(mel)
             stop = min(start + b, n)
-            if stop > start:
-                out[start:stop] = hidden[: stop - start]
+            out[start:stop] = hidden[: stop - start]
         return out
 
     @torch.no_grad()

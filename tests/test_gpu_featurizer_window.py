@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engines.base import FrameJob, ready_horizon
-from engines.gpu.pipeline import STAGING_SLOTS, GpuFeaturizer
+from engines.gpu.features import STAGING_SLOTS, GpuFeaturizer
 from engines.musetalk.audio_features import AudioFeaturizer
 from engines.musetalk.weights import load_whisper
 

@@ -83,7 +83,7 @@ def test_pipeline_matches_engine_render(gpu_engine) -> None:  # type: ignore[no-
 @cuda
 @caches
 def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.pipeline import GpuFeaturizer
+    from engines.gpu.features import GpuFeaturizer
 
     eng, _ = gpu_engine
     audio = _speech(ready_horizon(30))
@@ -165,3 +165,44 @@ def test_scheduler_on_gpu_delivers_pipeline_frames(gpu_engine) -> None:  # type:
             assert a.shape == (240, 320, 3)
             d = np.abs(a.astype(int) - b.astype(int))  # batch size differs: fp16 kernels too
             assert d.max() <= 8 and d.mean() < 0.05
+
+
+@pytest.mark.gpu
+@cuda
+@caches
+def test_graph_families_have_their_own_capture_streams(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    """The encoder's graph (stream A) and the UNet+VAE graphs (stream B) replay at the same
+    time: captured on one stream they would share one cuBLAS workspace (see
+    `engines.gpu.compiled.warm_and_capture`)."""
+    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+
+    eng, _ = gpu_engine
+    pipe = GpuPipeline(eng, PipelineOptions(backend="compiled", buckets=(1, 2)))
+    assert pipe.encoder is not None
+    streams = {pipe.encoder.capture_stream, pipe.step.capture_stream, *pipe.streams.values()}
+    assert len(streams) == 5
+
+
+@pytest.mark.gpu
+@cuda
+@caches
+def test_prepared_pipeline_memory_stays_flat(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    """After prepare_avatar (its peak batches), streaming batches of any size up to the
+    largest bucket, at and away from 30 s window boundaries, reserve no more GPU memory."""
+    from engines.gpu.pipeline import GpuPipeline, PipelineOptions, Row
+
+    eng, av = gpu_engine
+    pipe = GpuPipeline(eng, PipelineOptions(backend="torch", buckets=(1, 2, 4, 8)))
+    pipe.warm_up()
+    pipe.prepare_avatar(av.id)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n = int(rng.integers(1, 9))
+        first = int(rng.choice([0, 100, 740, 746]))
+        jobs = [FrameJob(first + k, ready_horizon(first + k), k) for k in range(n)]
+        audio = _speech(jobs[-1].horizon)
+        pipe.launch([Row(av.id, k) for k in range(n)], [(audio, jobs)]).result()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() == reserved

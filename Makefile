@@ -38,6 +38,7 @@ check: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy lipstream server engines avatars
 	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
+	$(PY) .ci/audit.py  # the same from the registry alone, where pip-audit cannot query (see the file)
 
 bench: setup
 	$(VENV)/bin/lipstream bench

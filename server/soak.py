@@ -168,6 +168,24 @@ def rss_bytes(pid: int) -> int | None:
     return own + sum(_rss_one(c) or 0 for c in _descendants(pid) if _is_media_process(c))
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """Where `rss_bytes` goes: the server's anonymous, file-backed and shared-memory pages
+    (/proc status RssAnon / RssFile / RssShmem; pinned CUDA host memory is anonymous) and
+    its media processes' total; empty where /proc cannot be read."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out["server_" + key[3:].lower()] = int(rest.split()[0]) * 1024
+    except OSError:
+        return {}
+    media = [c for c in _descendants(pid) if _is_media_process(c)]
+    out["media"] = sum(_rss_one(c) or 0 for c in media)
+    return out
+
+
 def _is_media_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -373,6 +391,7 @@ async def _sample(http: httpx.AsyncClient, t: float, pid: int | None) -> dict[st
     sample: dict[str, Any] = {"t": round(t, 1), **await server_counters(http)}
     if pid is not None:
         sample["rss"] = rss_bytes(pid)
+        sample["rss_parts"] = rss_parts(pid)
         sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
     return sample
 
@@ -479,7 +498,14 @@ def _memory(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     last = samples[-1] if samples else {}
     rss = [s["rss"] for s in after if s.get("rss")]
     gpu = [s["gpu"] for s in after if s.get("gpu")]
+    parts = [s["rss_parts"] for s in after if s.get("rss_parts")]
     return {
+        # where the growth is: server anon / file / shmem pages, media processes
+        "rss_growth_parts_mb": (
+            {k: _mb(parts[-1].get(k, 0) - v) for k, v in parts[0].items()}
+            if len(parts) >= 2
+            else None
+        ),
         "rss_mb_after_warmup": _mb(at_warm.get("rss")),
         "rss_mb_end": _mb(last.get("rss")),
         "rss_growth_mb": _mb(rss[-1] - rss[0]) if len(rss) >= 2 else None,

@@ -60,6 +60,10 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
     assert result["rss_mb_after_warmup"] > 50
     assert result["rss_growth_mb"] is not None and abs(result["rss_growth_mb"]) < 200
+    parts = result["rss_growth_parts_mb"]  # where RSS goes, for a soak that grows
+    assert set(parts) == {"server_anon", "server_file", "server_shmem", "media"}
+    first = next(s for s in result["samples"] if s.get("rss_parts"))
+    assert 0 < first["rss_parts"]["server_anon"] <= first["rss"]
 
 
 def test_soak_refuses_a_pid_that_does_not_exist() -> None:

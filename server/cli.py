@@ -63,6 +63,7 @@ def serve(
     import uvicorn
 
     from engines.base import EngineError
+    from server import malloc_tuning
     from server.app import build_engine, create_app
     from server.drain import DrainingServer, reserve_s
     from server.settings import Settings, SettingsError, parse_assignments
@@ -88,6 +89,7 @@ def serve(
         settings = Settings.from_env(**overrides)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
+    malloc_tuning.apply(settings.malloc_mmap_threshold_kb)  # before the engine and children
     try:
         chosen, reason = build_engine(settings)
     except EngineError as exc:

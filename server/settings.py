@@ -69,6 +69,8 @@ class Settings:
     audio_rate: float = 1.1  # then at most this many seconds of audio per second
     peer_silence_s: float = 10.0  # a connected peer sending nothing this long has vanished
     drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
+    # glibc's mmap threshold, fixed (server.malloc_tuning; 0: glibc's dynamic default)
+    malloc_mmap_threshold_kb: int = 256
     # auth: None = no key asked for; several keys are separated by commas
     api_key: str | None = field(default=None, repr=False)
     insecure: bool = False  # allow a non-loopback host with no api_key
@@ -111,6 +113,11 @@ class Settings:
         if self.media_processes < -1 or self.media_processes > 64:
             raise SettingsError(
                 f"media_processes must be -1 (auto), 0 or up to 64, got {self.media_processes}"
+            )
+        if not 0 <= self.malloc_mmap_threshold_kb <= 32 * 1024:
+            raise SettingsError(
+                "malloc_mmap_threshold_kb must be in 0..32768 (0: glibc's default), "
+                f"got {self.malloc_mmap_threshold_kb}"
             )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:

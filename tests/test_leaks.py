@@ -25,6 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from leakcheck import open_fds
 
 from engines.preview import PreviewEngine
+from server import malloc_tuning
 from server.app import create_app
 from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.sessions import Session
@@ -67,6 +68,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
         max_sessions=16,
         media_processes=0,  # the peers in this process, where the footprint is measured
     )
+    # as `lipstream serve` does at start (process-wide: later tests in this process keep it)
+    malloc_tuning.apply(settings.malloc_mmap_threshold_kb)
     srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
     try:
         yield srv, wait_first_avatar_ready(srv.base_url, within=60)

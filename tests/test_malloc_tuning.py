@@ -3,6 +3,7 @@ kernel. Each case runs in a fresh interpreter (the tuning is process-wide)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -41,13 +42,18 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def _run(threshold_kb: int) -> tuple[str, float]:
+def _run(threshold_kb: int, glibc_env: dict[str, str] | None = None) -> tuple[str, float]:
+    # without glibc's malloc variables unless given: an earlier test may have tuned this
+    # process, and `apply` hands its threshold to children through MALLOC_MMAP_THRESHOLD_
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(glibc_env or {})
     out = subprocess.run(
         [sys.executable, "-c", PROGRAM, str(threshold_kb)],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
+        env=env,
     ).stdout.split()
     return out[0], float(out[1])
 
@@ -65,6 +71,12 @@ def test_glibc_default_keeps_the_burst_it_was_tuned_against() -> None:
     applied, kept_mb = _run(0)
     assert applied == "False"
     assert kept_mb > 100
+
+
+def test_children_inherit_the_threshold() -> None:
+    # what apply() leaves for child processes: glibc itself reads it at their start
+    applied, kept_mb = _run(0, {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)})
+    assert applied == "False" and kept_mb < 20
 
 
 def test_out_of_range_threshold_is_refused() -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.malloc_tuning import MAX_THRESHOLD_KB
+
 ENV_PREFIX = "LIPSTREAM_"
 ENGINE_KINDS = ("auto", "musetalk", "preview")
 
@@ -114,10 +116,10 @@ class Settings:
             raise SettingsError(
                 f"media_processes must be -1 (auto), 0 or up to 64, got {self.media_processes}"
             )
-        if not 0 <= self.malloc_mmap_threshold_kb <= 32 * 1024:
+        if not 0 <= self.malloc_mmap_threshold_kb <= MAX_THRESHOLD_KB:
             raise SettingsError(
-                "malloc_mmap_threshold_kb must be in 0..32768 (0: glibc's default), "
-                f"got {self.malloc_mmap_threshold_kb}"
+                f"malloc_mmap_threshold_kb must be in 0..{MAX_THRESHOLD_KB} (0: glibc's "
+                f"default), got {self.malloc_mmap_threshold_kb}"
             )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:

@@ -162,16 +162,14 @@ async def server_counters(http: httpx.AsyncClient) -> dict[str, float]:
 def rss_bytes(pid: int) -> int | None:
     """Resident memory of `pid` and of its media processes (other children, such as
     torch.compile's worker pool that goes away after the warm-up, are left out)."""
-    own = _rss_one(pid)
-    if own is None:
-        return None
-    return own + sum(_rss_one(c) or 0 for c in _descendants(pid) if _is_media_process(c))
+    parts = rss_parts(pid)
+    return sum(parts.values()) if parts else None
 
 
 def rss_parts(pid: int) -> dict[str, int]:
-    """Where `rss_bytes` goes: the server's anonymous, file-backed and shared-memory pages
-    (/proc status RssAnon / RssFile / RssShmem; pinned CUDA host memory is anonymous) and
-    its media processes' total; empty where /proc cannot be read."""
+    """`rss_bytes` by part: the server's anonymous, file-backed and shared-memory pages
+    (/proc status RssAnon / RssFile / RssShmem, which add up to its VmRSS; pinned CUDA host
+    memory is anonymous) and its media processes' total; empty where /proc cannot be read."""
     out: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -390,8 +388,9 @@ async def _sample(http: httpx.AsyncClient, t: float, pid: int | None) -> dict[st
     """One sample: time, the server's frame counters, and (with its pid) RSS and GPU memory."""
     sample: dict[str, Any] = {"t": round(t, 1), **await server_counters(http)}
     if pid is not None:
-        sample["rss"] = rss_bytes(pid)
-        sample["rss_parts"] = rss_parts(pid)
+        parts = rss_parts(pid)  # one read of /proc for both
+        sample["rss"] = sum(parts.values()) if parts else None
+        sample["rss_parts"] = parts
         sample["gpu"] = await asyncio.to_thread(gpu_bytes, pid)
     return sample
 

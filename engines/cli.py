@@ -91,6 +91,10 @@ def _load_avatar(name_or_id: str, root: Path) -> Avatar:
 
 def bench_cmd(
     soak: bool = typer.Option(False, "--soak", help="Soak over real WebRTC (server.soak)"),
+    malloc: bool = typer.Option(
+        False, "--malloc", help="Cost of the frame-buffer allocator strategies (CPU only)"
+    ),
+    malloc_frames: int = typer.Option(3000, "--malloc-frames", help="--malloc: frames per thread"),
     sessions: str | None = typer.Option(
         None,
         help="--soak: concurrent sessions (default 2); else session counts to sweep, e.g. 1,8,16,20",
@@ -128,7 +132,15 @@ def bench_cmd(
     sections: str = typer.Option("", "--sections", help="Comma list (default: all)."),
 ) -> None:
     """Measure throughput and streaming latency against MuseTalk's own way (needs a GPU);
-    with --soak, soak a real server over WebRTC instead."""
+    with --soak, soak a real server over WebRTC instead; with --malloc, measure the allocator."""
+    if malloc:
+        from server.malloc_bench import run_malloc_bench
+
+        try:
+            run_malloc_bench(malloc_frames, out)
+        except (RuntimeError, ValueError) as exc:
+            raise _fail(str(exc)) from exc
+        return
     if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from server.soak import run_soak
 

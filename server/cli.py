@@ -89,7 +89,7 @@ def serve(
         settings = Settings.from_env(**overrides)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
-    malloc_tuning.apply(settings.malloc_mmap_threshold_kb)  # before the engine and children
+    malloc_tuning.start(settings.malloc_trim_interval_s)  # before the media processes start
     try:
         chosen, reason = build_engine(settings)
     except EngineError as exc:

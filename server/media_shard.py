@@ -27,6 +27,7 @@ from typing import Any
 import av
 import numpy as np
 
+from server import malloc_tuning
 from server.media_link import LocalMedia, MediaEvents
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -200,6 +201,7 @@ def main() -> None:
     for name in ("aioice", "aiortc"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
+    malloc_tuning.start_from_env()  # the server's trimmer interval
     try:
         import uvloop
 

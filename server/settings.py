@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.malloc_tuning import MAX_THRESHOLD_KB
+from server.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
 ENGINE_KINDS = ("auto", "musetalk", "preview")
@@ -71,8 +71,8 @@ class Settings:
     audio_rate: float = 1.1  # then at most this many seconds of audio per second
     peer_silence_s: float = 10.0  # a connected peer sending nothing this long has vanished
     drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
-    # glibc's mmap threshold, fixed (server.malloc_tuning; 0: glibc's dynamic default)
-    malloc_mmap_threshold_kb: int = 256
+    # free heap pages go back to the kernel this often (server.malloc_tuning; 0: never)
+    malloc_trim_interval_s: float = 5.0
     # auth: None = no key asked for; several keys are separated by commas
     api_key: str | None = field(default=None, repr=False)
     insecure: bool = False  # allow a non-loopback host with no api_key
@@ -116,10 +116,10 @@ class Settings:
             raise SettingsError(
                 f"media_processes must be -1 (auto), 0 or up to 64, got {self.media_processes}"
             )
-        if not 0 <= self.malloc_mmap_threshold_kb <= MAX_THRESHOLD_KB:
+        if not 0 <= self.malloc_trim_interval_s <= MAX_INTERVAL_S:
             raise SettingsError(
-                f"malloc_mmap_threshold_kb must be in 0..{MAX_THRESHOLD_KB} (0: glibc's "
-                f"default), got {self.malloc_mmap_threshold_kb}"
+                f"malloc_trim_interval_s must be in 0..{MAX_INTERVAL_S:g} (0: off), "
+                f"got {self.malloc_trim_interval_s}"
             )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:

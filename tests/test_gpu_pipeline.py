@@ -196,7 +196,7 @@ def test_prepared_pipeline_memory_stays_flat(gpu_engine) -> None:  # type: ignor
     pipe.warm_up()
     pipe.prepare_avatar(av.id)
     torch.cuda.synchronize()
-    reserved = torch.cuda.memory_reserved()
+    reserved = _reserved_by_pool()
     rng = np.random.default_rng(1)
     for _ in range(30):
         n = int(rng.integers(1, 9))
@@ -205,4 +205,17 @@ def test_prepared_pipeline_memory_stays_flat(gpu_engine) -> None:  # type: ignor
         audio = _speech(jobs[-1].horizon)
         pipe.launch([Row(av.id, k) for k in range(n)], [(audio, jobs)]).result()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_reserved() == reserved
+    large, small = _reserved_by_pool()
+    assert large == reserved[0]  # the frames' tensors: not one more block
+    # small tensors (< 1 MiB) share 2 MiB segments with whatever earlier tests in this
+    # process left cached, so one more segment may appear (seen once on an H200)
+    assert small - reserved[1] <= 2 << 20
+
+
+def _reserved_by_pool() -> tuple[int, int]:
+    """Bytes torch's caching allocator holds in its large and small pools."""
+    stats = torch.cuda.memory_stats()
+    return (
+        int(stats.get("reserved_bytes.large_pool.current", 0)),
+        int(stats.get("reserved_bytes.small_pool.current", 0)),
+    )

@@ -69,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
         media_processes=0,  # the peers in this process, where the footprint is measured
     )
     # as `lipstream serve` does at start (process-wide: later tests in this process keep it)
-    malloc_tuning.apply(settings.malloc_mmap_threshold_kb)
+    malloc_tuning.start(settings.malloc_trim_interval_s)
     srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
     try:
         yield srv, wait_first_avatar_ready(srv.base_url, within=60)

@@ -1,5 +1,6 @@
-"""server.malloc_tuning: a fixed glibc mmap threshold gives freed frame buffers back to the
-kernel. Each case runs in a fresh interpreter (the tuning is process-wide)."""
+"""server.malloc_tuning: a trimmer thread gives the free heap pages a burst of frames left
+behind back to the kernel, in the server and in processes started from it. The memory cases
+run in fresh interpreters (the allocator's state is process-wide)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
 from server import malloc_tuning
+from server.settings import Settings, SettingsError
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc on Linux")
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc on Linux")
 
-# Frames of 720p I420 (1.4 MB): a steady few in flight, then a burst of 200 held at once and
-# let go; prints RSS (MB) after the burst is freed, and what apply() returned.
+# Frames of 720p I420 (1.4 MB): a steady few in flight (glibc raises its mmap threshold on the
+# first free, so later frames come from the arenas), then a burst of 200 held at once and let
+# go. argv[1]: "none" (no trimmer), "env" (start_from_env, as a media process does) or an
+# interval for start(). Prints the trimmer's state and RSS (MB) above the steady state, 1 s
+# after the burst was freed.
 PROGRAM = textwrap.dedent(
     """
-    import sys
+    import sys, time
     import numpy as np
     from server import malloc_tuning
 
@@ -27,28 +34,33 @@ PROGRAM = textwrap.dedent(
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
 
-    applied = malloc_tuning.apply(int(sys.argv[1]))
+    how = sys.argv[1]
+    trimmer = None
+    if how == "env":
+        trimmer = malloc_tuning.start_from_env()
+    elif how != "none":
+        trimmer = malloc_tuning.start(float(how))
     src = np.random.default_rng(0).integers(0, 255, 1382400, dtype=np.uint8)
     steady = []
-    for _ in range(50):  # frames come and go: glibc raises its threshold on the first free
+    for _ in range(50):
         steady.append(src.copy())
         if len(steady) > 4:
             steady.pop(0)
     base = rss_mb()
     burst = [src.copy() for _ in range(200)]
     del burst
-    print(applied, round(rss_mb() - base, 1))
+    time.sleep(1.0)
+    print(trimmer is not None and trimmer.trims > 0, round(rss_mb() - base, 1))
     """
 )
 
 
-def _run(threshold_kb: int, glibc_env: dict[str, str] | None = None) -> tuple[str, float]:
-    # without glibc's malloc variables unless given: an earlier test may have tuned this
-    # process, and `apply` hands its threshold to children through MALLOC_MMAP_THRESHOLD_
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(glibc_env or {})
+def _run(how: str, env_interval: str | None = None) -> tuple[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != malloc_tuning.ENV}
+    if env_interval is not None:
+        env[malloc_tuning.ENV] = env_interval
     out = subprocess.run(
-        [sys.executable, "-c", PROGRAM, str(threshold_kb)],
+        [sys.executable, "-c", PROGRAM, how],
         capture_output=True,
         text=True,
         timeout=60,
@@ -58,29 +70,74 @@ def _run(threshold_kb: int, glibc_env: dict[str, str] | None = None) -> tuple[st
     return out[0], float(out[1])
 
 
-def test_fixed_threshold_returns_a_burst_of_frames_to_the_kernel() -> None:
-    applied, kept_mb = _run(256)
-    assert applied == "True"
-    assert kept_mb < 20  # the 276 MB burst is gone once freed
-
-
-def test_glibc_default_keeps_the_burst_it_was_tuned_against() -> None:
-    """The behaviour the tuning exists for: with glibc's dynamic threshold the freed burst
-    stays resident (this documents the baseline; if a libc stops doing this, the tuning is
-    merely unneeded)."""
-    applied, kept_mb = _run(0)
-    assert applied == "False"
+@linux
+def test_glibc_default_keeps_a_freed_burst() -> None:
+    """The behaviour the trimmer exists for: without it the freed burst (276 MB) stays
+    resident (this documents the baseline; if a libc stops doing this, the trimmer is merely
+    unneeded)."""
+    trimmed, kept_mb = _run("none")
+    assert trimmed == "False"
     assert kept_mb > 100
 
 
-def test_children_inherit_the_threshold() -> None:
-    # what apply() leaves for child processes: glibc itself reads it at their start
-    applied, kept_mb = _run(0, {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)})
-    assert applied == "False" and kept_mb < 20
+@linux
+def test_trimmer_returns_a_freed_burst_to_the_kernel() -> None:
+    trimmed, kept_mb = _run("0.2")
+    assert trimmed == "True"
+    assert kept_mb < 20
 
 
-def test_out_of_range_threshold_is_refused() -> None:
-    with pytest.raises(ValueError, match="threshold_kb"):
-        malloc_tuning.apply(-1)
-    with pytest.raises(ValueError, match="threshold_kb"):
-        malloc_tuning.apply(malloc_tuning.MAX_THRESHOLD_KB + 1)
+@linux
+def test_a_child_process_starts_the_trimmer_its_parent_asked_for() -> None:
+    # what start() leaves for the media processes, which call start_from_env()
+    trimmed, kept_mb = _run("env", env_interval="0.2")
+    assert trimmed == "True" and kept_mb < 20
+    assert _run("env", env_interval="not-a-number")[0] == "False"  # logged, not fatal
+
+
+def test_trimmer_thread_trims_on_its_interval_and_stops() -> None:
+    calls: list[int] = []
+
+    def fake_trim(pad: int) -> int:
+        calls.append(pad)
+        return 1
+
+    trimmer = malloc_tuning.Trimmer(fake_trim, 0.01).start()
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trimmer.stop()
+    assert calls[:3] == [0, 0, 0] and trimmer.trims == len(calls)
+    assert not trimmer.alive
+    n = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == n  # stopped means no more trims
+
+
+def test_start_replaces_the_running_trimmer_and_zero_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(malloc_tuning, "libc_malloc_trim", lambda: lambda pad: 1)
+    monkeypatch.setenv(malloc_tuning.ENV, "5.0")  # restored (or removed) after the test
+    try:
+        first = malloc_tuning.start(30)
+        second = malloc_tuning.start(30)
+        assert first is not None and second is not None and first is not second
+        assert not first.alive and second.alive
+        assert os.environ[malloc_tuning.ENV] == "30.0"
+        assert malloc_tuning.start(0) is None
+        assert not second.alive
+        assert os.environ[malloc_tuning.ENV] == "0.0"  # children: no trimmer either
+        names = [t.name for t in threading.enumerate()]
+        assert "malloc-trim" not in names
+    finally:
+        malloc_tuning.stop()
+
+
+def test_out_of_range_intervals_are_refused() -> None:
+    for bad in (-1.0, malloc_tuning.MAX_INTERVAL_S + 1):
+        with pytest.raises(ValueError, match="trim interval"):
+            malloc_tuning.start(bad)
+        with pytest.raises(SettingsError, match="malloc_trim_interval_s"):
+            Settings(malloc_trim_interval_s=bad)
+    assert Settings().malloc_trim_interval_s == 5.0

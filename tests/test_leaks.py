@@ -159,9 +159,12 @@ async def test_connect_disconnect_cycles_return_to_the_starting_footprint(
     assert end["fds"] <= start["fds"], (start, end)
     assert end["live_sessions"] == 0 and end["open_peer_connections"] == 0, end
     # RSS shares this process with the clients' decoders and the allocator's arenas: a leak
-    # grows it cycle after cycle, fragmentation levels off; bound both halves
+    # grows it cycle after cycle, fragmentation levels off; bound the whole run, and the second
+    # half above the higher of the two earlier readings (RSS also dips and comes back: one CI
+    # run read 958 -> 905 -> 955 MB, -3 MB over the 200 cycles)
     assert end["rss_mb"] - start["rss_mb"] < RSS_SLACK_MB, (start, end)
-    assert end["rss_mb"] - middle["rss_mb"] < RSS_SLACK_MB / 2, (middle, end)
+    high = max(start["rss_mb"], middle["rss_mb"])
+    assert end["rss_mb"] - high < RSS_SLACK_MB / 2, (start, middle, end)
 
 
 CLIENT = """

@@ -94,6 +94,7 @@ class GpuScheduler(WorkQueue):
         self.frames = 0
         self.steps = 0
         self.failure: BaseException | None = None  # a device error that ended the scheduler
+        self._phases_counted: dict[str, float] = {}  # pipeline.launch_s already in the metrics
 
     @property
     def max_batch(self) -> int:
@@ -182,8 +183,20 @@ class GpuScheduler(WorkQueue):
             if self.metrics is not None:
                 self.metrics.worker_batch.observe(frames)
                 self.metrics.worker_launch.observe(launch_s)
+                self._count_launch_phases()
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
+
+    def _count_launch_phases(self) -> None:
+        """Add what the pipeline's launch phases took since the last step to the metrics."""
+        totals = getattr(self.pipeline, "launch_s", None)
+        if not totals:
+            return
+        for phase, total in totals.items():
+            delta = total - self._phases_counted.get(phase, 0.0)
+            if delta > 0:
+                self.metrics.worker_launch_phase.labels(phase).inc(delta)  # type: ignore[union-attr]
+                self._phases_counted[phase] = total
 
     def _check_device(self, exc: BaseException) -> None:
         """A device error ends the scheduler (its thread stops, `alive` turns false and the

@@ -86,6 +86,13 @@ class ServerMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 1.0),
             registry=r,
         )
+        self.worker_launch_phase = Counter(
+            "lipstream_worker_launch_phase_seconds",
+            "GPU pipeline: host seconds launching steps, by phase (slot_wait: waiting for a "
+            "free pinned-buffer slot; features, unet_vae, paste: enqueueing each stage)",
+            ["phase"],
+            registry=r,
+        )
         self.worker_queued = Gauge(
             "lipstream_worker_queued_frames", "Frames waiting for the engine", registry=r
         )

@@ -126,6 +126,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# engines.gpu.pipeline.LAUNCH_PHASES (not imported here: it needs torch)
+LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
+
 COUNTERS = {
     "lipstream_frames_sent_total": "sent",
     'lipstream_frames_sent_total{kind="speech"}': "speech",
@@ -136,6 +139,10 @@ COUNTERS = {
     "lipstream_worker_step_seconds_sum": "step_s",
     "lipstream_worker_launch_seconds_sum": "launch_s",
     "lipstream_worker_queued_frames": "queued",
+    **{
+        f'lipstream_worker_launch_phase_seconds_total{{phase="{phase}"}}': f"launch_{phase}_s"
+        for phase in LAUNCH_PHASES
+    },
     "lipstream_speech_backlog_seconds": "backlog_s",
 }
 
@@ -485,6 +492,9 @@ def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         "speech_fps": round((b["speech"] - a["speech"]) / dt, 1),
         "worker_step_ms_mean": per_step("step_s", 1e3),
         "worker_launch_ms_mean": per_step("launch_s", 1e3),
+        "worker_launch_phase_ms_mean": {
+            phase: per_step(f"launch_{phase}_s", 1e3) for phase in LAUNCH_PHASES
+        },
         "worker_frames_per_step": per_step("rendered"),
         "speech_backlog_s_max": round(max(s["backlog_s"] for s in after), 2),
         "speech_backlog_s_end": round(b["backlog_s"], 2),

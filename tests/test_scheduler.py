@@ -268,3 +268,45 @@ def test_a_cuda_error_stops_the_scheduler_and_is_reported(engine, preview_avatar
             s.submit(make_item("a", preview_avatar.id, 1, 1, deadline=1.0, sink=sink))
     finally:
         s.stop()
+
+
+class TimedPipeline(FailingPipeline):
+    """A stand-in pipeline (no GPU here) that reports host time per launch phase, as
+    `engines.gpu.pipeline.GpuPipeline.launch_s` does."""
+
+    def __init__(self) -> None:
+        super().__init__(ValueError("unused"))
+        self.failing = False
+        from engines.gpu.pipeline import LAUNCH_PHASES
+
+        self.launch_s = dict.fromkeys(LAUNCH_PHASES, 0.0)
+
+    def launch(self, rows: list, parts: list) -> Any:
+        for k, phase in enumerate(self.launch_s):
+            self.launch_s[phase] += 0.001 * (k + 1)
+        return super().launch(rows, parts)
+
+
+def test_launch_phases_reach_the_metrics(engine, preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    from server.metrics import ServerMetrics
+    from server.soak import LAUNCH_PHASES
+
+    pipe = TimedPipeline()
+    assert tuple(pipe.launch_s) == LAUNCH_PHASES  # the soak's copy of the names
+    metrics = ServerMetrics()
+    s = GpuScheduler(engine, SchedulerOptions(max_batch=4), pipeline=pipe, metrics=metrics)
+    sink: list = []
+    s.start()
+    try:
+        for n in range(3):
+            s.submit(make_item("a", preview_avatar.id, 2 * n, 2, deadline=float(n), sink=sink))
+            assert _wait(lambda n=n: len(sink) == n + 1)  # type: ignore[misc]
+    finally:
+        s.stop()
+    launches = pipe.launches
+    assert launches >= 3
+    for k, phase in enumerate(LAUNCH_PHASES):
+        got = metrics.registry.get_sample_value(
+            "lipstream_worker_launch_phase_seconds_total", {"phase": phase}
+        )
+        assert got == pytest.approx(0.001 * (k + 1) * launches)

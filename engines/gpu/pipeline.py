@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,12 @@ class PipelineOptions:
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
+
+
+# Host time inside `GpuPipeline.launch`, by phase (what the scheduler thread spends per step):
+# waiting for a free pinned-buffer slot, the featurizer (stream A), UNet+VAE (B), paste-back and
+# the copy to the host (C). Enqueueing only: the GPU's own time is not in these.
+LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
 
 
 @dataclass
@@ -149,6 +156,7 @@ class GpuPipeline:
             {} for _ in range(self.options.host_slots)
         ]
         self._peak_warmed = False  # warm_peak's batches have run
+        self.launch_s = dict.fromkeys(LAUNCH_PHASES, 0.0)  # host seconds in launch(), in all
 
     def warm_up(self) -> dict[int, float]:
         """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
@@ -238,7 +246,9 @@ class GpuPipeline:
         (utterance audio, jobs)) or given. Blocks only while all host slots are in flight.
         A launch that raises gives its host slot back (a leaked slot would block every later
         launch: the server would stop rendering)."""
+        t0 = time.perf_counter()
         slot = self._free_slots.get()
+        self.launch_s["slot_wait"] += time.perf_counter() - t0
         try:
             return self._launch(slot, rows, parts, features)
         except BaseException:
@@ -253,6 +263,7 @@ class GpuPipeline:
         features: torch.Tensor | None,
     ) -> Pending:
         sa, sb, sc = self.streams["A"], self.streams["B"], self.streams["C"]
+        t0 = time.perf_counter()
         cur = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(sa):
             sa.wait_stream(cur)
@@ -264,6 +275,8 @@ class GpuPipeline:
                 feats = features.to(self.device)
             ev_a = torch.cuda.Event()
             ev_a.record(sa)
+        t1 = time.perf_counter()
+        self.launch_s["features"] += t1 - t0
         if len(feats) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(feats)} feature rows")
         # group rows by avatar (their order inside each block is kept)
@@ -289,6 +302,8 @@ class GpuPipeline:
             ev_b = torch.cuda.Event()
             ev_b.record(sb)
         feats.record_stream(sb)
+        t2 = time.perf_counter()
+        self.launch_s["unet_vae"] += t2 - t1
         host: dict[str, torch.Tensor] = {}
         order: list[tuple[str, int]] = [("", 0)] * len(rows)
         sizes: dict[str, tuple[int, int]] = {}
@@ -317,6 +332,7 @@ class GpuPipeline:
         # keep the batch's tensors alive until stream C is done with them
         for t in (faces, *frame_idx.values()):
             t.record_stream(sc)
+        self.launch_s["paste"] += time.perf_counter() - t2
         return Pending(
             done=done,
             host=host,

@@ -25,28 +25,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 STRATEGIES = ("glibc-default", "mmap-threshold-256k", "trim-1s")
+FRAME_BYTES = 1382400  # a 720p I420 picture
 
-PROGRAM = textwrap.dedent(
-    """
-    import collections, ctypes, json, sys, threading, time
-    import numpy as np
-    from server import malloc_tuning
 
-    strategy, frames = sys.argv[1], int(sys.argv[2])
-    if strategy == "mmap-threshold-256k":
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-    trimmer = malloc_tuning.start(1.0) if strategy == "trim-1s" else None
-
-    def rss_mb():
-        for line in open("/proc/self/status"):
+def rss_mb() -> float:
+    """This process's resident memory (VmRSS), MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
-    src = np.random.default_rng(0).integers(0, 255, 1382400, dtype=np.uint8)
 
-    # retention first, in a process that has only seen steady frames (as in
-    # tests/test_malloc_tuning.py): a burst of 200 frames freed, RSS 2 s later
+def burst_kept_mb(wait_s: float) -> float:
+    """In this process: a steady few frame buffers come and go (glibc raises its mmap
+    threshold on the first free, so later ones come from the arenas), then a burst of 200 is
+    held at once and let go; the RSS (MB) above the steady state `wait_s` seconds later."""
+    src = np.random.default_rng(0).integers(0, 255, FRAME_BYTES, dtype=np.uint8)
     steady = []
     for _ in range(50):
         steady.append(src.copy())
@@ -55,8 +53,25 @@ PROGRAM = textwrap.dedent(
     base = rss_mb()
     burst = [src.copy() for _ in range(200)]
     del burst
-    time.sleep(2.0)
-    kept = rss_mb() - base
+    time.sleep(wait_s)
+    return rss_mb() - base
+
+
+PROGRAM = textwrap.dedent(
+    """
+    import collections, ctypes, json, sys, threading, time
+    import numpy as np
+    from server import malloc_tuning
+    from server.malloc_bench import FRAME_BYTES, burst_kept_mb
+
+    strategy, frames = sys.argv[1], int(sys.argv[2])
+    if strategy == "mmap-threshold-256k":
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    trimmer = malloc_tuning.start(1.0) if strategy == "trim-1s" else None
+
+    # retention first, in a process that has only seen steady frames
+    kept = burst_kept_mb(2.0)
+    src = np.random.default_rng(0).integers(0, 255, FRAME_BYTES, dtype=np.uint8)
 
     # then the cost per frame, with threads as in the server and a media process
     stop = threading.Event()
@@ -134,7 +149,7 @@ def run_malloc_bench(frames: int = 3000, out: Path | None = None) -> dict[str, A
         "cpus": _cpus(),
         "python": platform.python_version(),
         "libc": "-".join(platform.libc_ver()),
-        "frame_bytes": 1382400,
+        "frame_bytes": FRAME_BYTES,
         "frames_per_thread": frames,
         "strategies": results,
     }

@@ -18,21 +18,14 @@ from server.settings import Settings, SettingsError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc on Linux")
 
-# Frames of 720p I420 (1.4 MB): a steady few in flight (glibc raises its mmap threshold on the
-# first free, so later frames come from the arenas), then a burst of 200 held at once and let
-# go. argv[1]: "none" (no trimmer), "env" (start_from_env, as a media process does) or an
-# interval for start(). Prints the trimmer's state and RSS (MB) above the steady state, 1 s
-# after the burst was freed.
+# A burst of 200 720p frames freed after a steady few (`server.malloc_bench.burst_kept_mb`).
+# argv[1]: "none" (no trimmer), "env" (start_from_env, as a media process does) or an interval
+# for start(). Prints whether the trimmer ran and the RSS (MB) still held 1 s after the burst.
 PROGRAM = textwrap.dedent(
     """
-    import sys, time
-    import numpy as np
+    import sys
     from server import malloc_tuning
-
-    def rss_mb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+    from server.malloc_bench import burst_kept_mb
 
     how = sys.argv[1]
     trimmer = None
@@ -40,17 +33,8 @@ PROGRAM = textwrap.dedent(
         trimmer = malloc_tuning.start_from_env()
     elif how != "none":
         trimmer = malloc_tuning.start(float(how))
-    src = np.random.default_rng(0).integers(0, 255, 1382400, dtype=np.uint8)
-    steady = []
-    for _ in range(50):
-        steady.append(src.copy())
-        if len(steady) > 4:
-            steady.pop(0)
-    base = rss_mb()
-    burst = [src.copy() for _ in range(200)]
-    del burst
-    time.sleep(1.0)
-    print(trimmer is not None and trimmer.trims > 0, round(rss_mb() - base, 1))
+    kept = burst_kept_mb(1.0)
+    print(trimmer is not None and trimmer.trims > 0, round(kept, 1))
     """
 )
 

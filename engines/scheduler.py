@@ -55,6 +55,13 @@ class SchedulerOptions:
             raise ValueError(f"output must be rgb or i420, got {self.output!r}")
 
 
+# Host time inside `GpuPipeline.launch`, by phase (what the scheduler thread spends per step):
+# waiting for a free pinned-buffer slot, the featurizer (stream A), UNet+VAE (B), paste-back and
+# the copy to the host (C). Enqueueing only: the GPU's own time is not in these. Defined here,
+# not in engines.gpu.pipeline, so that readers of the metrics (server.soak) need no torch.
+LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
+
+
 @dataclass
 class StepStats:
     started: float

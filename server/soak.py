@@ -44,6 +44,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from engines.scheduler import LAUNCH_PHASES
 from server.loopback import LoopbackClient
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-# engines.gpu.pipeline.LAUNCH_PHASES (not imported here: it needs torch)
-LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
 
 COUNTERS = {
     "lipstream_frames_sent_total": "sent",

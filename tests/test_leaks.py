@@ -5,9 +5,6 @@ sessions reaped within 30 s."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -25,7 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from leakcheck import open_fds
 
 from engines.preview import PreviewEngine
-from server import malloc_tuning
+from server import malloc_bench, malloc_tuning
 from server.app import create_app
 from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.sessions import Session
@@ -48,13 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def rss_mb() -> float:
     """Resident memory after handing freed heap back to the system (glibc `malloc_trim`), so
     the figure follows live memory rather than the allocator's high-water mark."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    trim = malloc_tuning.libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+    return malloc_bench.rss_mb()
 
 
 def local_client(base_url: str) -> LoopbackClient:

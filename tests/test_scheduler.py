@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engines.base import SAMPLES_PER_FRAME, FrameJob, ready_horizon
-from engines.scheduler import GpuScheduler, SchedulerOptions, SchedulerStopped
+from engines.scheduler import LAUNCH_PHASES, GpuScheduler, SchedulerOptions, SchedulerStopped
 
 
 @dataclass
@@ -277,8 +277,6 @@ class TimedPipeline(FailingPipeline):
     def __init__(self) -> None:
         super().__init__(ValueError("unused"))
         self.failing = False
-        from engines.gpu.pipeline import LAUNCH_PHASES
-
         self.launch_s = dict.fromkeys(LAUNCH_PHASES, 0.0)
 
     def launch(self, rows: list, parts: list) -> Any:
@@ -289,10 +287,9 @@ class TimedPipeline(FailingPipeline):
 
 def test_launch_phases_reach_the_metrics(engine, preview_avatar) -> None:  # type: ignore[no-untyped-def]
     from server.metrics import ServerMetrics
-    from server.soak import LAUNCH_PHASES
 
     pipe = TimedPipeline()
-    assert tuple(pipe.launch_s) == LAUNCH_PHASES  # the soak's copy of the names
+    assert tuple(pipe.launch_s) == LAUNCH_PHASES
     metrics = ServerMetrics()
     s = GpuScheduler(engine, SchedulerOptions(max_batch=4), pipeline=pipe, metrics=metrics)
     sink: list = []

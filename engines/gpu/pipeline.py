@@ -32,6 +32,7 @@ from engines.base import EngineError, FrameJob
 from engines.gpu import paste
 from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 from engines.gpu.features import GpuFeaturizer
+from engines.scheduler import LAUNCH_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ class PipelineOptions:
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
-
-
-# Host time inside `GpuPipeline.launch`, by phase (what the scheduler thread spends per step):
-# waiting for a free pinned-buffer slot, the featurizer (stream A), UNet+VAE (B), paste-back and
-# the copy to the host (C). Enqueueing only: the GPU's own time is not in these.
-LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import client_demo
 from avatars.store import AvatarStore
 from engines.base import Engine
 from lipstream.paths import avatars_dir
-from server import audio_ws, avatars_api, sessions_api
+from server import audio_ws, avatars_api, malloc_tuning, sessions_api, stall_watch
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
 from server.gpu_worker import create_worker
@@ -125,6 +125,7 @@ async def _start_parts(
     app.state.sessions = sessions
     if settings.demo_avatar:
         await asyncio.to_thread(register_demo_avatar, avatars)
+    _watch_stalls(app, settings, metrics)
     app.state.ready = True
     log.info(
         "server ready",
@@ -134,6 +135,17 @@ async def _start_parts(
             **media.info(),
         },
     )
+
+
+def _watch_stalls(app: FastAPI, settings: Settings, metrics: ServerMetrics) -> None:
+    """Loop lag, collector pauses and trim times into /metrics; the startup heap frozen."""
+    if settings.gc_freeze:
+        frozen = stall_watch.freeze_heap()
+        log.info("startup heap frozen: objects=%d", frozen)
+    gc_pauses = stall_watch.GcPauses(metrics.gc_pause).install()
+    app.state.gc_pauses = gc_pauses
+    app.state.loop_lag = stall_watch.LoopLag(metrics.loop_lag, gc_pauses).start()
+    malloc_tuning.observe_with(metrics.malloc_trim.observe)
 
 
 def media_host(settings: Settings) -> MediaHost:
@@ -152,6 +164,12 @@ async def _stop(app: FastAPI) -> None:
     media: MediaHost | None = getattr(app.state, "media", None)
     if media is not None:
         await media.stop()
+    loop_lag: stall_watch.LoopLag | None = getattr(app.state, "loop_lag", None)
+    if loop_lag is not None:
+        await loop_lag.stop()
+    gc_pauses: stall_watch.GcPauses | None = getattr(app.state, "gc_pauses", None)
+    if gc_pauses is not None:
+        gc_pauses.uninstall()
     avatars: AvatarService | None = getattr(app.state, "avatars", None)
     if avatars is not None:
         avatars.shutdown()

@@ -46,12 +46,17 @@ TrimFn = Callable[[int], int]
 
 
 class Trimmer:
-    """A daemon thread calling `malloc_trim(0)` every `interval_s` seconds."""
+    """A daemon thread calling `malloc_trim(0)` every `interval_s` seconds. Each trim's time
+    goes to `observe` (a histogram's, in the server) and `last`; a slow one is logged."""
 
-    def __init__(self, trim: TrimFn, interval_s: float) -> None:
+    def __init__(
+        self, trim: TrimFn, interval_s: float, observe: Callable[[float], None] | None = None
+    ) -> None:
         self.interval_s = interval_s
+        self.observe = observe
         self.trims = 0
         self.slowest_s = 0.0
+        self.last: tuple[float, float] | None = None  # (monotonic end, seconds)
         self._trim = trim
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="malloc-trim", daemon=True)
@@ -66,10 +71,12 @@ class Trimmer:
         self._trim(0)
         took = time.perf_counter() - t0
         self.trims += 1
-        if took > self.slowest_s:
-            self.slowest_s = took
-            if took > SLOW_TRIM_S:
-                log.warning("malloc trim was slow: took_ms=%.1f", took * 1e3)
+        self.slowest_s = max(self.slowest_s, took)
+        self.last = (time.monotonic(), took)
+        if self.observe is not None:
+            self.observe(took)
+        if took > SLOW_TRIM_S:
+            log.warning("malloc trim was slow: took_ms=%.1f", took * 1e3)
         return took
 
     def _run(self) -> None:
@@ -131,6 +138,17 @@ def start(interval_s: float) -> Trimmer | None:
     _active = Trimmer(trim, interval_s).start()
     log.info("malloc trimmer started: interval_s=%g", interval_s)
     return _active
+
+
+def observe_with(observe: Callable[[float], None]) -> None:
+    """Send the running trimmer's trim times to `observe` from now on (none running: no-op)."""
+    if _active is not None:
+        _active.observe = observe
+
+
+def last_trim() -> tuple[float, float] | None:
+    """(monotonic end, seconds) of the running trimmer's last trim, or None."""
+    return _active.last if _active is not None else None
 
 
 def start_from_env() -> Trimmer | None:

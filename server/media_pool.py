@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from server import stall_watch
 from server.media_link import MediaEvents, MediaHost, MediaLink
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -49,9 +50,13 @@ class MediaShardProcess:
     """One media process and the socket to it."""
 
     def __init__(
-        self, index: int, on_gone: Callable[[MediaShardProcess], None] | None = None
+        self,
+        index: int,
+        on_gone: Callable[[MediaShardProcess], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.index = index
+        self.env = env or {}  # added to this process's environment for the child
         self.on_gone = on_gone  # called once when the process ends without being asked to
         self.links: dict[str, ShardMedia] = {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +69,7 @@ class MediaShardProcess:
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = await asyncio.to_thread(_spawn, theirs.fileno())
+            self.proc = await asyncio.to_thread(_spawn, theirs.fileno(), self.env)
         finally:
             theirs.close()
         reader, self.writer = await asyncio.open_unix_connection(sock=ours)
@@ -165,13 +170,13 @@ class MediaShardProcess:
         self.alive = False
 
 
-def _spawn(fd: int) -> subprocess.Popen[bytes]:
-    """`python -c ... main() FD` with this package importable and FD inherited."""
+def _spawn(fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`python -c ... main() FD` with this package importable, FD inherited and `env` added."""
     path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
         [sys.executable, "-c", "from server.media_shard import main; main()", str(fd)],
         pass_fds=(fd,),
-        env={**os.environ, "PYTHONPATH": path},
+        env={**os.environ, **env, "PYTHONPATH": path},
         stdin=subprocess.DEVNULL,
     )
 
@@ -262,7 +267,8 @@ class MediaPool(MediaHost):
         if count < 1:
             raise ValueError(f"a media pool needs >= 1 process, got {count}")
         self.settings = settings
-        self.shards = [MediaShardProcess(i, self._restart) for i in range(count)]
+        self._env = {stall_watch.GC_FREEZE_ENV: "1" if settings.gc_freeze else "0"}
+        self.shards = [MediaShardProcess(i, self._restart, self._env) for i in range(count)]
         self._sids = itertools.count()
         self._restarts: set[asyncio.Task[None]] = set()
 
@@ -292,7 +298,7 @@ class MediaPool(MediaHost):
         async def restart() -> None:
             await old.stop()
             await asyncio.sleep(RESTART_DELAY_S)  # no tight loop if it keeps dying
-            fresh = MediaShardProcess(old.index, self._restart)
+            fresh = MediaShardProcess(old.index, self._restart, self._env)
             try:
                 await fresh.start()
             except MediaProcessError:

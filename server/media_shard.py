@@ -27,7 +27,7 @@ from typing import Any
 import av
 import numpy as np
 
-from server import malloc_tuning
+from server import malloc_tuning, stall_watch
 from server.media_link import LocalMedia, MediaEvents
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -188,7 +188,12 @@ class Shard:
 async def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    await Shard(reader, writer).run()
+    # stalls here are logged (to the server's log) with the collector pause that caused them
+    lag = stall_watch.LoopLag(gc_pauses=stall_watch.GcPauses().install()).start()
+    try:
+        await Shard(reader, writer).run()
+    finally:
+        await lag.stop()
 
 
 def main() -> None:
@@ -202,6 +207,8 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
     malloc_tuning.start_from_env()  # the server's trimmer interval
+    if os.environ.get(stall_watch.GC_FREEZE_ENV, "1") != "0":
+        stall_watch.freeze_heap()  # aiortc, PyAV and numpy's modules: never walked again
     try:
         import uvloop
 

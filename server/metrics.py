@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_STALL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
@@ -112,6 +113,26 @@ class ServerMetrics:
         self.audio_refused = Counter(
             "lipstream_audio_refused_bytes_total",
             "Websocket audio dropped by the rate limit (bytes)",
+            registry=r,
+        )
+        # stalls of this process (server.stall_watch; the soak reads these)
+        self.loop_lag = Histogram(
+            "lipstream_event_loop_lag_seconds",
+            "How late the event loop woke a 20 ms timer (its lag for every callback then)",
+            buckets=_STALL_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "lipstream_gc_pause_seconds",
+            "Cyclic garbage-collector pauses, by generation",
+            ["generation"],
+            buckets=_STALL_BUCKETS,
+            registry=r,
+        )
+        self.malloc_trim = Histogram(
+            "lipstream_malloc_trim_seconds",
+            "malloc_trim calls of the trimmer thread (arena locks held meanwhile)",
+            buckets=_STALL_BUCKETS,
             registry=r,
         )
         self.uploads_refused = Counter(

@@ -142,6 +142,17 @@ COUNTERS = {
         for phase in LAUNCH_PHASES
     },
     "lipstream_speech_backlog_seconds": "backlog_s",
+    # the server's stalls (server.stall_watch): lag samples, those within 100 / 250 ms;
+    # full collections and their seconds; malloc trims, their seconds, those within 50 ms
+    "lipstream_event_loop_lag_seconds_count": "lag_n",
+    'lipstream_event_loop_lag_seconds_bucket{le="0.1"}': "lag_le_100ms",
+    'lipstream_event_loop_lag_seconds_bucket{le="0.25"}': "lag_le_250ms",
+    'lipstream_gc_pause_seconds_count{generation="2"}': "gc2_n",
+    'lipstream_gc_pause_seconds_sum{generation="2"}': "gc2_s",
+    'lipstream_gc_pause_seconds_bucket{generation="2",le="0.05"}': "gc2_le_50ms",
+    "lipstream_malloc_trim_seconds_count": "trim_n",
+    "lipstream_malloc_trim_seconds_sum": "trim_s",
+    'lipstream_malloc_trim_seconds_bucket{le="0.05"}': "trim_le_50ms",
 }
 
 
@@ -455,6 +466,7 @@ def _report(
         "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
         **_memory(samples, warmup),
         **_engine(samples, warmup),
+        **_stalls(samples, warmup),
         "per_session": per,
         "samples": samples,
     }
@@ -496,6 +508,35 @@ def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         "worker_frames_per_step": per_step("rendered"),
         "speech_backlog_s_max": round(max(s["backlog_s"] for s in after), 2),
         "speech_backlog_s_end": round(b["backlog_s"], 2),
+    }
+
+
+def _stalls(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
+    """Over the window, the server process's stalls: event-loop lags over 100 and 250 ms
+    (each over 250 ms can overrun the media queues), full collections (count, slowest bucket
+    passed: how many over 50 ms, mean ms) and malloc trims (count, over 50 ms, mean ms)."""
+    after = [s for s in samples if s["t"] >= warmup and "lag_n" in s]
+    if len(after) < 2:
+        return {}
+    a, b = after[0], after[-1]
+
+    def grew(key: str) -> float:
+        return b[key] - a[key]
+
+    def mean_ms(total: str, n: str) -> float | None:
+        return round(1e3 * grew(total) / grew(n), 2) if grew(n) else None
+
+    return {
+        "stalls": {
+            "loop_lags_over_100ms": int(grew("lag_n") - grew("lag_le_100ms")),
+            "loop_lags_over_250ms": int(grew("lag_n") - grew("lag_le_250ms")),
+            "gc_full_collections": int(grew("gc2_n")),
+            "gc_full_over_50ms": int(grew("gc2_n") - grew("gc2_le_50ms")),
+            "gc_full_ms_mean": mean_ms("gc2_s", "gc2_n"),
+            "malloc_trims": int(grew("trim_n")),
+            "malloc_trims_over_50ms": int(grew("trim_n") - grew("trim_le_50ms")),
+            "malloc_trim_ms_mean": mean_ms("trim_s", "trim_n"),
+        }
     }
 
 
@@ -586,6 +627,7 @@ async def soak_with_client_processes(
         "frame_interval_ms_p99": max(float(part["frame_interval_ms_p99"] or 0) for part in parts),
         **_memory(samples, warmup),
         **_engine(samples, warmup),
+        **_stalls(samples, warmup),
         "per_session": per,
         "samples": samples,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -443,6 +444,15 @@ def test_health_readiness_metrics_and_demo_page(server: ServerThread) -> None:
     assert ready.status_code == 200 and ready.json()["engine"] == "preview"
     metrics = httpx.get(f"{base}/metrics")
     assert metrics.status_code == 200 and "lipstream_sessions_active" in metrics.text
+    # the stall watch runs: loop lag sampled every 20 ms since the server was ready
+    lags = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.text.splitlines()
+        if line.startswith("lipstream_event_loop_lag_seconds_count")
+    ]
+    assert lags and lags[0] > 0
+    assert "lipstream_gc_pause_seconds" in metrics.text
+    assert server.app.state.gc_pauses._callback in gc.callbacks
     page = httpx.get(f"{base}/")
     assert page.status_code == 200 and "<html" in page.text.lower()
     js = httpx.get(f"{base}/app.js")

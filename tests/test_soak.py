@@ -60,6 +60,10 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
     assert result["rss_mb_after_warmup"] > 50
     assert result["rss_growth_mb"] is not None and abs(result["rss_growth_mb"]) < 200
+    # the server's stall counters were sampled (server.stall_watch's loop lag every 20 ms)
+    assert set(result["stalls"]) >= {"loop_lags_over_250ms", "gc_full_collections", "malloc_trims"}
+    lag_n = [s["lag_n"] for s in result["samples"] if "lag_n" in s]
+    assert lag_n[-1] > lag_n[0] + 100
     parts = result["rss_growth_parts_mb"]  # where RSS goes, for a soak that grows
     assert set(parts) == {"server_anon", "server_file", "server_shmem", "media"}
     first = next(s for s in result["samples"] if s.get("rss_parts"))

@@ -8,3 +8,6 @@ cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null
 tail -c 200000 /tmp/serve.log >"$OUT"/serve.log
 python3 -c "import json; d=json.load(open('/tmp/soak.json')); print(json.dumps({k: v for k, v in d.items() if k not in ('per_session', 'samples')}, indent=1))"
 nvidia-smi --query-gpu=name,memory.used --format=csv
+echo "loop stalls logged: $(grep -c 'event loop stalled' /tmp/serve.log) (media: $(grep 'event loop stalled' /tmp/serve.log | grep -c 'media\['))"
+echo "slow trims logged: $(grep -c 'trim was slow' /tmp/serve.log)"
+grep -E "event loop stalled|trim was slow|heap frozen" /tmp/serve.log | tail -25 | cut -c1-200

@@ -10,6 +10,9 @@ ends: op "quit", or the socket closing when the server dies) and runs one asynci
 - "packets" {sid} -> reply {packets}; "close" {sid} -> reply once closed;
 - "count" -> reply {peers, tasks} (leak checks); "quit": close every peer and exit.
 Events back: "started" {sid, kind}, "dropped" {sid, kind, n}, "state" {sid, state}.
+Every 10 s it logs a stats line (sessions, frames dropped, loop lag, encode times, codecs
+re-opened; `server.encoder_watch`, `server.stall_watch`): INFO, or WARNING when frames were
+dropped, the loop lagged over 100 ms or an encode took over a frame time.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import av
 import numpy as np
 
-from server import malloc_tuning, stall_watch
+from server import encoder_watch, malloc_tuning, stall_watch
 from server.media_link import LocalMedia, MediaEvents
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -35,6 +38,9 @@ from server.tracks import QueueTrack, video_frame
 from server.webrtc import OfferError
 
 log = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 10.0  # a stats line this often (INFO; WARNING when something went wrong)
+SLOW_ENCODE_S = 0.04  # one frame time
 
 
 class RingVideoTrack(QueueTrack):
@@ -66,7 +72,7 @@ class Peer:
         )
         events = MediaEvents(
             started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),
-            dropped=lambda kind: shard.emit({"op": "dropped", "sid": sid, "kind": kind}),
+            dropped=lambda kind: shard.note_drop(sid, kind),
             state=lambda state: shard.emit({"op": "state", "sid": sid, "state": state}),
         )
         video = RingVideoTrack(
@@ -85,21 +91,65 @@ class Peer:
 
 
 class Shard:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        lag: stall_watch.LoopLag | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.lag = lag
         self.peers: dict[str, Peer] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.dropped = 0  # video frames dropped before the encoder, all sessions
+
+    def stats_line(self, before: dict[str, float]) -> tuple[int, str, dict[str, float]]:
+        """(log level, message, encoder totals now) for the window since `before`: sessions,
+        frames dropped, loop lag, encodes and their times, codec re-openings. WARNING when
+        frames were dropped, the loop lagged over 100 ms or an encode took over 40 ms."""
+        now = encoder_watch.STATS.take()
+        lag_s, lags_over = self.lag.take_window() if self.lag is not None else (0.0, 0)
+        n = now["encodes"] - before["encodes"]
+        fields = {
+            "sessions": len(self.peers),
+            "dropped": self.dropped,
+            "lag_max_ms": round(lag_s * 1e3, 1),
+            "lags_over_100ms": lags_over,
+            "encodes": int(n),
+            "encode_ms_mean": round(1e3 * (now["encode_s"] - before["encode_s"]) / n, 2)
+            if n
+            else 0,
+            "encode_ms_max": round(now["slowest_s"] * 1e3, 1),
+            "codecs_reopened": int(now["reopened"] - before["reopened"]),
+        }
+        bad = self.dropped or lags_over or now["slowest_s"] > SLOW_ENCODE_S
+        self.dropped = 0
+        text = "media stats: " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return (logging.WARNING if bad else logging.INFO), text, now
+
+    async def report_stats(self, interval_s: float = STATS_INTERVAL_S) -> None:
+        before = encoder_watch.STATS.take()
+        while True:
+            await asyncio.sleep(interval_s)
+            level, text, before = self.stats_line(before)
+            log.log(level, text)
 
     def emit(self, header: dict[str, Any]) -> None:
         if not self.writer.is_closing():
             self.writer.write(pack(header))
+
+    def note_drop(self, sid: str, kind: str) -> None:
+        if kind == "video":
+            self.dropped += 1
+        self.emit({"op": "dropped", "sid": sid, "kind": kind})
 
     def reply(self, rid: int, **fields: Any) -> None:
         self.emit({"op": "reply", "rid": rid, **fields})
 
     async def run(self) -> None:
         self.emit({"op": "hello", "pid": os.getpid()})
+        self.spawn(self.report_stats())
         try:
             while True:
                 try:
@@ -191,7 +241,7 @@ async def _serve(fd: int) -> None:
     # stalls here are logged (to the server's log) with the collector pause that caused them
     lag = stall_watch.LoopLag(gc_pauses=stall_watch.GcPauses().install()).start()
     try:
-        await Shard(reader, writer).run()
+        await Shard(reader, writer, lag).run()
     finally:
         await lag.stop()
 

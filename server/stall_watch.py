@@ -101,6 +101,7 @@ class LoopLag:
         self.warn_s = warn_s
         self.longest_s = 0.0
         self.stalls = 0  # lags over warn_s
+        self._window = (0.0, 0)  # since the last take_window: longest lag, lags over 100 ms
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> LoopLag:
@@ -125,10 +126,16 @@ class LoopLag:
         if self.histogram is not None:
             self.histogram.observe(lag)
         self.longest_s = max(self.longest_s, lag)
+        self._window = (max(self._window[0], lag), self._window[1] + int(lag > 0.1))
         if lag > self.warn_s:
             self.stalls += 1
             recent = " ".join(f"{k}={v}" for k, v in self.recent().items()) or "no gc or trim"
             log.warning("event loop stalled: lag_ms=%.1f %s", lag * 1e3, recent)
+
+    def take_window(self) -> tuple[float, int]:
+        """(longest lag in s, lags over 100 ms) since the last call."""
+        out, self._window = self._window, (0.0, 0)
+        return out
 
     def recent(self) -> dict[str, Any]:
         """The collector pause and malloc trim of the last `RECENT_S` seconds, if any."""

@@ -22,6 +22,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from server import encoder_watch
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def check_offer(sdp: object, settings: Settings) -> str:
 
 def make_peer(settings: Settings) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
+    encoder_watch.install()  # steadier video bitrate, encodes timed (idempotent)
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 

@@ -11,3 +11,5 @@ nvidia-smi --query-gpu=name,memory.used --format=csv
 echo "loop stalls logged: $(grep -c 'event loop stalled' /tmp/serve.log) (media: $(grep 'event loop stalled' /tmp/serve.log | grep -c 'media\['))"
 echo "slow trims logged: $(grep -c 'trim was slow' /tmp/serve.log)"
 grep -E "event loop stalled|trim was slow|heap frozen" /tmp/serve.log | tail -25 | cut -c1-200
+echo "media stats lines: $(grep -c 'media stats' /tmp/serve.log), warnings: $(grep 'media stats' /tmp/serve.log | grep -c WARNING)"
+grep 'media stats' /tmp/serve.log | grep WARNING | tail -15 | cut -c1-260

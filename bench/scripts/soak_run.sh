@@ -9,7 +9,7 @@ set -u
 N=${SOAK_N:-$(python3 -c "import json; print(json.load(open('/tmp/bench.json'))['streaming']['compiled']['max_sessions_realtime'] or 12)" 2>/dev/null || echo 12)}
 MIN=${SOAK_MIN:-10}
 echo "soak: N=$N minutes=$MIN $(date +%T)"
-setsid nohup env TORCH_LOGS="${TORCH_LOGS:-recompiles}" python3 -m lipstream serve --engine musetalk --backend compiled --device cuda \
+setsid nohup env TORCH_LOGS="${TORCH_LOGS:-recompiles}" LIPSTREAM_MEDIA_LOG_LEVEL="${LIPSTREAM_MEDIA_LOG_LEVEL:-info}" python3 -m lipstream serve --engine musetalk --backend compiled --device cuda \
     --max-sessions 24 --port 8000 >/tmp/serve.log 2>&1 </dev/null &
 for _ in $(seq 1 900); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
 echo "ready: $(curl -s http://127.0.0.1:8000/readyz) $(date +%T)"

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from server.webrtc import OfferError
 
 log = logging.getLogger(__name__)
 
+MAX_PULLS = 1000  # per session and stats line (25 fps x 10 s = 250)
 STATS_INTERVAL_S = 10.0  # a stats line this often (INFO; WARNING when something went wrong)
 SLOW_ENCODE_S = 0.04  # one frame time
 
@@ -50,12 +53,16 @@ class RingVideoTrack(QueueTrack):
     def __init__(self, ring: FrameRing, maxsize: int, on_start: Any, on_drop: Any) -> None:
         super().__init__("video", maxsize, on_start, on_drop)
         self.ring = ring
+        self.pulls: list[float] = []  # when the encoder took each picture, since the stats line
+        self.deepest = 0  # the most frames waiting at a tick, since the stats line
 
     async def recv(self) -> av.VideoFrame:  # type: ignore[override]
         while True:
             k = await super().recv()
             picture = self.ring.read(int(k))  # type: ignore[call-overload]
             if picture is not None:
+                if len(self.pulls) < MAX_PULLS:
+                    self.pulls.append(time.monotonic())
                 return video_frame(picture, int(k))  # type: ignore[call-overload]
             if self._on_drop is not None:
                 self._on_drop("video")
@@ -81,7 +88,10 @@ class Peer:
         self.link = LocalMedia(settings, events, video)
 
     def tick(self, k: int, pcm: bytes) -> None:
-        self.link.video.put(k)  # type: ignore[arg-type]
+        video = self.link.video
+        video.put(k)  # type: ignore[arg-type]
+        if isinstance(video, RingVideoTrack):
+            video.deepest = max(video.deepest, video.depth)
         if pcm:
             self.link.put_audio(k, np.frombuffer(pcm, np.int16))
 
@@ -111,6 +121,7 @@ class Shard:
         now = encoder_watch.STATS.take()
         lag_s, lags_over = self.lag.take_window() if self.lag is not None else (0.0, 0)
         n = now["encodes"] - before["encodes"]
+        gaps, deepest = self._pull_gaps()
         fields = {
             "sessions": len(self.peers),
             "dropped": self.dropped,
@@ -122,11 +133,32 @@ class Shard:
             else 0,
             "encode_ms_max": round(now["slowest_s"] * 1e3, 1),
             "codecs_reopened": int(now["reopened"] - before["reopened"]),
+            # the encoders' pace: intervals between the pictures they took (40 ms when they
+            # keep up), and the deepest encoder queue any session had
+            "pull_ms_p99": round(float(np.percentile(gaps, 99)) * 1e3, 1) if gaps else 0,
+            "pull_ms_max": round(max(gaps) * 1e3, 1) if gaps else 0,
+            "queue_deepest": deepest,
         }
         bad = self.dropped or lags_over or now["slowest_s"] > SLOW_ENCODE_S
         self.dropped = 0
         text = "media stats: " + " ".join(f"{k}={v}" for k, v in fields.items())
         return (logging.WARNING if bad else logging.INFO), text, now
+
+    def _pull_gaps(self) -> tuple[list[float], int]:
+        """The intervals between pictures each session's encoder took, and the deepest queue,
+        since the last call (each track keeps its last pull, to measure from)."""
+        gaps: list[float] = []
+        deepest = 0
+        for peer in self.peers.values():
+            video = peer.link.video
+            if not isinstance(video, RingVideoTrack):
+                continue
+            pulls = video.pulls
+            gaps.extend(b - a for a, b in itertools.pairwise(pulls))
+            video.pulls = pulls[-1:]
+            deepest = max(deepest, video.deepest)
+            video.deepest = 0
+        return gaps, deepest
 
     async def report_stats(self, interval_s: float = STATS_INTERVAL_S) -> None:
         before = encoder_watch.STATS.take()

@@ -158,6 +158,11 @@ class QueueTrack(MediaStreamTrack):
         self.delivered += 1
         return frame
 
+    @property
+    def depth(self) -> int:
+        """Frames waiting for the encoder now."""
+        return self._queue.qsize()
+
     def put(self, frame: av.VideoFrame | av.AudioFrame) -> bool:
         """Queue a frame; False if the oldest had to be dropped to make room."""
         if self.readyState != "live":

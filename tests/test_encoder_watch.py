@@ -180,3 +180,28 @@ def test_media_stats_line_warns_only_when_something_went_wrong() -> None:
     lag.observe(0.12)
     level, text, _ = shard.stats_line(before)
     assert level == logging.WARNING and "lags_over_100ms=1" in text and "lag_max_ms=120.0" in text
+
+
+def test_media_stats_line_reports_the_encoders_pace_and_deepest_queue() -> None:
+    from types import SimpleNamespace
+
+    from server.media_shard import RingVideoTrack, Shard
+    from server.media_wire import FrameRing
+
+    ring = FrameRing.create(4, (24, 16))
+    try:
+        track = RingVideoTrack(ring, 10, None, None)
+        track.pulls = [10.0, 10.04, 10.08, 10.2]  # one 120 ms gap: the encoder fell behind
+        track.deepest = 3
+        shard = Shard(None, None)  # type: ignore[arg-type]
+        shard.peers["s"] = SimpleNamespace(link=SimpleNamespace(video=track))  # type: ignore[assignment]
+        _, text, before = shard.stats_line(encoder_watch.STATS.take())
+        assert "pull_ms_max=120.0" in text and "queue_deepest=3" in text
+        assert track.pulls == [10.2] and track.deepest == 0  # the next line measures from here
+        track.pulls.append(10.24)
+        _, text, _ = shard.stats_line(before)
+        assert "pull_ms_max=40.0" in text and "queue_deepest=0" in text
+        track.stop()
+    finally:
+        ring.unlink()
+        ring.close()

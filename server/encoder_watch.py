@@ -154,10 +154,10 @@ class WatchedEncoder:
     """An aiortc video encoder behind `BitratePolicy` (fed its own sending rate), its encodes
     timed into `STATS`."""
 
-    def __init__(self, inner: Any, stats: EncoderStats = STATS) -> None:
+    def __init__(self, inner: Any, stats: EncoderStats = STATS, steady: bool = True) -> None:
         self.inner = inner
         self.stats = stats
-        self.policy = BitratePolicy(int(inner.target_bitrate))
+        self.policy = BitratePolicy(int(inner.target_bitrate)) if steady else None
         self.rate = SendRate()
 
     def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
@@ -178,6 +178,9 @@ class WatchedEncoder:
 
     @target_bitrate.setter
     def target_bitrate(self, bitrate: int) -> None:
+        if self.policy is None:  # aiortc's own way: every estimate
+            self.inner.target_bitrate = bitrate
+            return
         new = self.policy.propose(int(bitrate), self.rate.bps())
         if new is not None:
             self.inner.target_bitrate = new  # the encoder clamps it to its codec's range
@@ -185,22 +188,25 @@ class WatchedEncoder:
 
 
 _installed: Callable[[Any], Any] | None = None
+_steady = True
 
 
-def install() -> None:
-    """Wrap the video encoders aiortc's senders make in this process from now on (idempotent;
-    audio encoders, which have no bitrate, are left as they are)."""
-    global _installed
+def install(steady: bool = True) -> None:
+    """Wrap the video encoders aiortc's senders make in this process from now on, behind the
+    bitrate policy if `steady` (the setting steady_bitrate: one value per process; idempotent).
+    Audio encoders, which have no bitrate, are left as they are."""
+    global _installed, _steady
     import aiortc.rtcrtpsender as sender
     from aiortc.codecs import get_encoder
 
+    _steady = steady
     if _installed is not None and sender.get_encoder is _installed:
         return
 
     def watched(codec: Any) -> Any:
         encoder = get_encoder(codec)
         if codec.mimeType.lower().startswith("video/") and hasattr(encoder, "target_bitrate"):
-            return WatchedEncoder(encoder)
+            return WatchedEncoder(encoder, steady=_steady)
         return encoder
 
     sender.get_encoder = watched  # type: ignore[assignment]

@@ -220,6 +220,7 @@ class ShardMedia(MediaLink):
                     "shape": list(self.picture_shape),
                     "ice": list(s.ice_servers),
                     "queue": s.track_queue_frames,
+                    "steady_bitrate": s.steady_bitrate,
                 }
             )
         except (MediaProcessError, TimeoutError) as exc:

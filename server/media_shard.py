@@ -75,7 +75,9 @@ class Peer:
     def __init__(self, shard: Shard, sid: str, msg: dict[str, Any]) -> None:
         self.ring = FrameRing(Path(msg["ring"]), int(msg["slots"]), tuple(msg["shape"]), False)
         settings = Settings(
-            ice_servers=tuple(msg.get("ice", ())), track_queue_frames=int(msg["queue"])
+            ice_servers=tuple(msg.get("ice", ())),
+            track_queue_frames=int(msg["queue"]),
+            steady_bitrate=bool(msg.get("steady_bitrate", True)),
         )
         events = MediaEvents(
             started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),

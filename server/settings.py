@@ -73,6 +73,9 @@ class Settings:
     drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
     # free heap pages go back to the kernel this often (server.malloc_tuning; 0: never)
     malloc_trim_interval_s: float = 5.0
+    # video encoders: only congestion or a limiting target move the bitrate (server.encoder_watch);
+    # off: every bandwidth estimate reaches aiortc's encoder as aiortc does it
+    steady_bitrate: bool = True
     # once ready, move the startup heap out of the garbage collector's walks (server.stall_watch)
     gc_freeze: bool = True
     # auth: None = no key asked for; several keys are separated by commas

@@ -55,7 +55,7 @@ def check_offer(sdp: object, settings: Settings) -> str:
 
 def make_peer(settings: Settings) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
-    encoder_watch.install()  # steadier video bitrate, encodes timed (idempotent)
+    encoder_watch.install(settings.steady_bitrate)  # encodes timed; the bitrate policy or not
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 

@@ -205,3 +205,21 @@ def test_media_stats_line_reports_the_encoders_pace_and_deepest_queue() -> None:
     finally:
         ring.unlink()
         ring.close()
+
+
+def test_without_the_policy_every_estimate_reaches_the_encoder() -> None:
+    import aiortc.rtcrtpsender as sender
+
+    enc = WatchedEncoder(_vp8(), EncoderStats(), steady=False)
+    assert enc.policy is None
+    enc.target_bitrate = 520_000  # a 4 % swing, taken at once
+    assert enc.target_bitrate == 520_000
+    video = next(c for c in get_capabilities("video").codecs if c.mimeType == "video/VP8")
+    try:
+        encoder_watch.install(steady=False)  # the setting steady_bitrate=false
+        made = sender.get_encoder(video)
+        assert isinstance(made, WatchedEncoder) and made.policy is None
+    finally:
+        encoder_watch.install()
+    made = sender.get_encoder(video)
+    assert isinstance(made, WatchedEncoder) and made.policy is not None

@@ -100,3 +100,17 @@ def test_rgb_to_i420_matches_cv2(device: str, size: tuple[int, int]) -> None:
             format="rgb24"
         )
         assert np.abs(rgb.astype(int) - frames[0].astype(int)).mean() < 6
+
+
+def test_upload_copies_read_only_frames_without_a_warning() -> None:
+    import warnings
+
+    av = synthetic_avatar(4, 64, 96)
+    original = av.frames.copy()
+    av.frames.flags.writeable = False  # as a memory-mapped avatar file is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gav = paste.upload_avatar(av, "cpu")
+    gav.frames[0] += 1  # a copy: the read-only frames are untouched
+    assert (av.frames == original).all()
+    assert not (gav.frames[0].numpy() == original[0]).all()

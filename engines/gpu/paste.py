@@ -18,6 +18,7 @@ gather, one blend, one scatter, whatever the boxes' sizes. No PIL/numpy on the h
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,16 +95,26 @@ def region_masks(avatar: Avatar) -> tuple[np.ndarray, np.ndarray, np.ndarray, tu
     return origin, box, masks, (rh, rw)
 
 
+def _resident(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A copy of `a` on `dev`, never a view of it: an avatar's frames may be a read-only
+    memory map of its file (torch warns about wrapping one; nothing writes through the
+    wrapper, which lives only until the copy is made)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(a))
+    return host.to(dev, copy=True)
+
+
 def upload_avatar(avatar: Avatar, device: torch.device | str) -> GpuAvatar:
     """Make the avatar's frames and paste-back geometry resident on `device`."""
     origin, box, masks, region = region_masks(avatar)
     dev = torch.device(device)
     gav = GpuAvatar(
         avatar_id=avatar.id,
-        frames=torch.from_numpy(np.ascontiguousarray(avatar.frames)).to(dev),
-        origin=torch.from_numpy(origin).to(dev),
-        box=torch.from_numpy(box).to(dev),
-        masks=torch.from_numpy(masks).to(dev),
+        frames=_resident(avatar.frames, dev),
+        origin=_resident(origin, dev),
+        box=_resident(box, dev),
+        masks=_resident(masks, dev),
         region=region,
     )
     log.info(

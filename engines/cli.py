@@ -115,6 +115,12 @@ def bench_cmd(
         help="--soak-url: client processes to spread the sessions over (one Python process "
         "decoding a dozen 720p streams is itself the bottleneck)",
     ),
+    soak_decode: bool = typer.Option(
+        True,
+        "--soak-decode/--soak-no-decode",
+        help="--soak: decode the video in the clients, or only time frames and their RTP "
+        "timestamps (the clients then leave the host's cores to the server)",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON path (default bench/results/<gpu>_<date>.json)."
     ),
@@ -155,6 +161,7 @@ def bench_cmd(
             server_url=soak_url,
             server_pid=soak_pid,
             client_processes=soak_clients,
+            decode=soak_decode,
         )
         return
     from engines.base import EngineError

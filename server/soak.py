@@ -42,7 +42,7 @@ import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, MediaStreamTrack
 
 from engines.scheduler import LAUNCH_PHASES
 from server.loopback import LoopbackClient
@@ -106,6 +106,33 @@ class SoakClient(LoopbackClient):
                 self.video.add(time.monotonic(), int(frame.pts or 0))
             else:
                 self.audio_frames += 1
+
+
+class TimestampDecoder:
+    """Stands in for a video decoder in a soak client: one tiny frame per received frame,
+    carrying its RTP timestamp. The soak only times frames and counts gaps in their
+    timestamps; decoding a dozen 720p streams costs the clients 1-2 cores of the host they
+    share with the server (a real viewer decodes on its own machine)."""
+
+    def decode(self, encoded: Any) -> list[av.VideoFrame]:
+        frame = av.VideoFrame(16, 16, "yuv420p")
+        frame.pts = encoded.timestamp
+        frame.time_base = VIDEO_TIME_BASE
+        return [frame]
+
+
+def skip_video_decoding() -> None:
+    """From now on this process's aiortc receivers hand on `TimestampDecoder` frames instead
+    of decoded video (audio is decoded as before). For soak client processes only."""
+    import aiortc.rtcrtpreceiver as receiver
+    from aiortc.codecs import get_decoder
+
+    def decoder(codec: Any) -> Any:
+        if codec.mimeType.lower().startswith("video/"):
+            return TimestampDecoder()
+        return get_decoder(codec)
+
+    receiver.get_decoder = decoder  # type: ignore[assignment]
 
 
 def speech(seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -570,11 +597,13 @@ async def soak_with_client_processes(
     processes: int,
     server_url: str,
     server_pid: int | None = None,
+    decode: bool = True,
 ) -> dict[str, Any]:
     """The soak with its clients spread over `processes` child processes (one Python process
     receiving and decoding a dozen 720p streams is itself GIL-bound): each child soaks its
     share of the sessions against `server_url`; this process samples the server's memory and
-    merges the children's reports."""
+    merges the children's reports. `decode=False`: the children skip video decoding
+    (`skip_video_decoding`)."""
     if processes < 2 or sessions < processes:
         raise ValueError("client processes need 2 <= processes <= sessions")
     if server_pid is not None and rss_bytes(server_pid) is None:
@@ -597,6 +626,7 @@ async def soak_with_client_processes(
                 server_url,
                 "--soak-out",
                 str(out),
+                *(() if decode else ("--soak-no-decode",)),
                 stdout=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "LIPSTREAM_SOAK_SEED": str(1000 * (i + 1))},
             )
@@ -620,6 +650,7 @@ async def soak_with_client_processes(
         "minutes": minutes,
         "engine": parts[0]["engine"],
         "client_processes": processes,
+        "client_decodes_video": decode,
         "warmup_s": round(warmup, 1),
         "window_s": min(float(part["window_s"]) for part in parts),
         **_totals(per),
@@ -649,10 +680,12 @@ def run_soak(
     server_url: str | None = None,
     server_pid: int | None = None,
     client_processes: int = 1,
+    decode: bool = True,
 ) -> dict[str, Any]:
     """The soak (see the module docstring); prints a summary and writes JSON to `out`.
     With `server_url`, `server_pid` names that server's process for RSS / GPU samples;
-    `client_processes` > 1 (with `server_url`) spreads the clients over that many processes."""
+    `client_processes` > 1 (with `server_url`) spreads the clients over that many processes.
+    `decode=False`: the clients time frames without decoding them (`skip_video_decoding`)."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
     for name in ("aioice", "aiortc", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -660,10 +693,15 @@ def run_soak(
         if server_url is None:
             raise ValueError("client processes soak a running server: give its URL")
         result = asyncio.run(
-            soak_with_client_processes(sessions, minutes, client_processes, server_url, server_pid)
+            soak_with_client_processes(
+                sessions, minutes, client_processes, server_url, server_pid, decode
+            )
         )
     else:
+        if not decode:
+            skip_video_decoding()  # this process is only the soak's clients
         result = asyncio.run(soak(sessions, minutes, engine, server_url, server_pid))
+        result["client_decodes_video"] = decode
     text = json.dumps(result, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

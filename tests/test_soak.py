@@ -87,10 +87,14 @@ def test_soak_with_client_processes_and_media_processes(tmp_path: Path) -> None:
     app = create_app(settings, engine=PreviewEngine(), reason="soak test")
     with ServerThread(app) as srv:
         _add_avatar(srv.base_url)
+        # as the GPU soak runs it: the clients time frames without decoding them
         result = asyncio.run(
-            soak_with_client_processes(2, 0.4, 2, srv.base_url, server_pid=os.getpid())
+            soak_with_client_processes(
+                2, 0.4, 2, srv.base_url, server_pid=os.getpid(), decode=False
+            )
         )
     assert result["client_processes"] == 2 and len(result["per_session"]) == 2
+    assert result["client_decodes_video"] is False
     assert result["fps_min"] >= 23.0, result["per_session"]
     assert result["server_frames_dropped"] == 0
     assert result["frames_missing_at_client"] == 0
@@ -105,3 +109,23 @@ def test_client_processes_need_a_share_each() -> None:
 
     with pytest.raises(ValueError, match="client processes"):
         asyncio.run(soak_with_client_processes(1, 0.1, 2, "http://127.0.0.1:9"))
+
+
+def test_timestamp_decoder_keeps_each_frames_rtp_timestamp() -> None:
+    import aiortc.rtcrtpreceiver as receiver
+    from aiortc.codecs import get_capabilities, get_decoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    from server.soak import TimestampDecoder, skip_video_decoding
+
+    frames = TimestampDecoder().decode(JitterFrame(b"not even vp8", 123_456))
+    assert len(frames) == 1 and frames[0].pts == 123_456 and frames[0].width == 16
+    original = receiver.get_decoder
+    try:
+        skip_video_decoding()
+        video = next(c for c in get_capabilities("video").codecs if c.mimeType == "video/VP8")
+        audio = next(c for c in get_capabilities("audio").codecs if c.mimeType == "audio/opus")
+        assert isinstance(receiver.get_decoder(video), TimestampDecoder)
+        assert type(receiver.get_decoder(audio)) is type(get_decoder(audio))
+    finally:
+        receiver.get_decoder = original

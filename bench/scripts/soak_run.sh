@@ -3,6 +3,7 @@
 # backend), wait for /readyz (compile: ~3 min on a fresh machine), then soak N sessions for
 # MIN minutes against it from SOAK_CLIENTS client processes (default 3), sampling the RSS of
 # the server and its media processes (auto: 4 at --max-sessions 24) and its GPU memory -> /tmp/soak.json.
+# The clients time frames without decoding them (SOAK_DECODE=1: decode, as runs 1-5 did).
 # N: $SOAK_N, else the bench's max_sessions_realtime from /tmp/bench.json, else 12.
 set -u
 . bench/scripts/device_env.sh
@@ -16,5 +17,6 @@ echo "ready: $(curl -s http://127.0.0.1:8000/readyz) $(date +%T)"
 PID=$(pgrep -f "lipstream serve" | head -1)
 echo "server pid $PID"
 python3 -m lipstream bench --soak --sessions "$N" --minutes "$MIN" \
-    --soak-url http://127.0.0.1:8000 --soak-pid "$PID" --soak-clients "${SOAK_CLIENTS:-3}" --soak-out /tmp/soak.json >/tmp/soak.log 2>&1
+    --soak-url http://127.0.0.1:8000 --soak-pid "$PID" --soak-clients "${SOAK_CLIENTS:-3}" \
+    $([ "${SOAK_DECODE:-0}" = 1 ] && echo --soak-decode || echo --soak-no-decode) --soak-out /tmp/soak.json >/tmp/soak.log 2>&1
 echo "soak finished: rc=$? $(date +%T)"

@@ -184,7 +184,8 @@ class Bench:
     def pipeline(self, name: str) -> Any:
         """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
-        `compiled-tuned` (inductor kernel tuning), ..."""
+        `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
+        ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -624,11 +625,11 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
-    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned]`."""
+    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste]`."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune = 0, True, True, False
+    crop, fold, enc, tune, cpaste = 0, True, True, False, False
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
@@ -638,6 +639,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             enc = False
         elif flag == "tuned":
             tune = True
+        elif flag == "cpaste":
+            cpaste = True
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(
@@ -648,6 +651,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         fold_upsample=fold,
         compile_encoder=enc,
         tune=tune,
+        compile_paste=cpaste,
     )
 
 

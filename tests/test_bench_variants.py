@@ -11,12 +11,13 @@ def test_plain_compiled_has_the_server_defaults() -> None:
     o = variant_options("compiled", (2, 4))
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
     assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
+    assert not o.compile_paste
 
 
 def test_flags_combine() -> None:
-    o = variant_options("compiled-crop8-nofold-eagerenc-tuned", (4,))
+    o = variant_options("compiled-crop8-nofold-eagerenc-tuned-cpaste", (4,))
     assert o.decode_from_row == 8
-    assert not o.fold_upsample and not o.compile_encoder and o.tune
+    assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
 
 
 @pytest.mark.parametrize("name", ["compiled-fast", "compiled-cropX", "compiled-crop"])

@@ -175,6 +175,15 @@ def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> 
     return out
 
 
+def paste_flat(
+    gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor, i420: bool = True
+) -> torch.Tensor:
+    """The pipeline's paste stage: `paste_back`, then each frame flat (B, bytes): I420
+    (`rgb_to_i420`) or RGB. One function, so that it can be compiled as one graph."""
+    pictures = paste_back(gav, frame_idx, faces)
+    return rgb_to_i420(pictures) if i420 else pictures.reshape(pictures.shape[0], -1)
+
+
 def i420_size(height: int, width: int) -> int:
     """Bytes of one I420 frame: Y plane, then U and V at half resolution (rounded up)."""
     return height * width + 2 * ((height + 1) // 2) * ((width + 1) // 2)

@@ -526,6 +526,7 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     mem0 = torch.cuda.memory_allocated() if cuda else 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     steps0 = sched.steps
+    phases0 = dict(getattr(getattr(sched, "pipeline", None), "launch_s", None) or {})
     t_start = time.perf_counter()
     chunks = int(seconds * SAMPLE_RATE) // CHUNK
     # sessions start 20 ms / n apart, as real ones would
@@ -593,6 +594,10 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         "batch_mean": statistics.mean([h.frames for h in hist]) if hist else 0,
         "batch_max": max([h.frames for h in hist]) if hist else 0,
         "steps": sched.steps - steps0,
+        # host time enqueueing a step, and (GPU pipeline) by phase: what the worker thread
+        # spends per step whatever the GPU does
+        "launch_ms_mean": 1e3 * statistics.mean([h.launch_s for h in hist]) if hist else None,
+        "launch_phase_ms_mean": _phase_means(sched, phases0, sched.steps - steps0),
         "gpu_mem_peak_over_idle_MiB": mem_peak / 2**20,
         "gpu_mem_per_session_MiB": mem_peak / 2**20 / n,
         "cpu_cores_used": ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime))
@@ -605,6 +610,14 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         and late_buffered == 0
     )
     return res
+
+
+def _phase_means(sched: Any, before: dict[str, float], steps: int) -> dict[str, float] | None:
+    """Mean ms per step of each launch phase since `before` (None without a GPU pipeline)."""
+    now = getattr(getattr(sched, "pipeline", None), "launch_s", None)
+    if not now or not steps:
+        return None
+    return {k: round(1e3 * (v - before.get(k, 0.0)) / steps, 3) for k, v in now.items()}
 
 
 def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:

@@ -29,3 +29,16 @@ def test_unknown_flags_are_refused(name: str) -> None:
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend"):
         variant_options("onnx", (4,))
+
+
+def test_launch_phase_means_per_step_since_the_start() -> None:
+    from types import SimpleNamespace
+
+    from engines.bench import _phase_means
+
+    pipeline = SimpleNamespace(launch_s={"features": 1.5, "paste": 0.9})
+    sched = SimpleNamespace(pipeline=pipeline)
+    before = {"features": 1.0, "paste": 0.5}
+    assert _phase_means(sched, before, 100) == {"features": 5.0, "paste": 4.0}
+    assert _phase_means(sched, before, 0) is None
+    assert _phase_means(SimpleNamespace(), {}, 10) is None  # no GPU pipeline

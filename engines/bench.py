@@ -526,7 +526,7 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     mem0 = torch.cuda.memory_allocated() if cuda else 0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     steps0 = sched.steps
-    phases0 = dict(getattr(getattr(sched, "pipeline", None), "launch_s", None) or {})
+    phases0 = _launch_totals(sched)
     t_start = time.perf_counter()
     chunks = int(seconds * SAMPLE_RATE) // CHUNK
     # sessions start 20 ms / n apart, as real ones would
@@ -612,9 +612,14 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     return res
 
 
+def _launch_totals(sched: Any) -> dict[str, float]:
+    """A copy of the GPU pipeline's host seconds per launch phase so far ({} without one)."""
+    return dict(getattr(getattr(sched, "pipeline", None), "launch_s", None) or {})
+
+
 def _phase_means(sched: Any, before: dict[str, float], steps: int) -> dict[str, float] | None:
     """Mean ms per step of each launch phase since `before` (None without a GPU pipeline)."""
-    now = getattr(getattr(sched, "pipeline", None), "launch_s", None)
+    now = _launch_totals(sched)
     if not now or not steps:
         return None
     return {k: round(1e3 * (v - before.get(k, 0.0)) / steps, 3) for k, v in now.items()}

@@ -84,16 +84,14 @@ class Peer:
             dropped=lambda kind: shard.note_drop(sid, kind),
             state=lambda state: shard.emit({"op": "state", "sid": sid, "state": state}),
         )
-        video = RingVideoTrack(
+        self.video = RingVideoTrack(
             self.ring, settings.track_queue_frames, events.started, events.dropped
         )
-        self.link = LocalMedia(settings, events, video)
+        self.link = LocalMedia(settings, events, self.video)
 
     def tick(self, k: int, pcm: bytes) -> None:
-        video = self.link.video
-        video.put(k)  # type: ignore[arg-type]
-        if isinstance(video, RingVideoTrack):
-            video.deepest = max(video.deepest, video.depth)
+        self.video.put(k)  # type: ignore[arg-type]
+        self.video.deepest = max(self.video.deepest, self.video.depth)
         if pcm:
             self.link.put_audio(k, np.frombuffer(pcm, np.int16))
 
@@ -152,9 +150,7 @@ class Shard:
         gaps: list[float] = []
         deepest = 0
         for peer in self.peers.values():
-            video = peer.link.video
-            if not isinstance(video, RingVideoTrack):
-                continue
+            video = peer.video
             pulls = video.pulls
             gaps.extend(b - a for a, b in itertools.pairwise(pulls))
             video.pulls = pulls[-1:]

@@ -194,7 +194,7 @@ def test_media_stats_line_reports_the_encoders_pace_and_deepest_queue() -> None:
         track.pulls = [10.0, 10.04, 10.08, 10.2]  # one 120 ms gap: the encoder fell behind
         track.deepest = 3
         shard = Shard(None, None)  # type: ignore[arg-type]
-        shard.peers["s"] = SimpleNamespace(link=SimpleNamespace(video=track))  # type: ignore[assignment]
+        shard.peers["s"] = SimpleNamespace(video=track)  # type: ignore[assignment]
         _, text, before = shard.stats_line(encoder_watch.STATS.take())
         assert "pull_ms_max=120.0" in text and "queue_deepest=3" in text
         assert track.pulls == [10.2] and track.deepest == 0  # the next line measures from here

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_PULLS = 1000  # per session and stats line (25 fps x 10 s = 250)
 STATS_INTERVAL_S = 10.0  # a stats line this often (INFO; WARNING when something went wrong)
-SLOW_ENCODE_S = 0.04  # one frame time
+SLOW_ENCODE_S = 0.08  # two frame times: one encode this slow puts its queue a frame behind
 
 
 class RingVideoTrack(QueueTrack):
@@ -117,7 +117,7 @@ class Shard:
     def stats_line(self, before: dict[str, float]) -> tuple[int, str, dict[str, float]]:
         """(log level, message, encoder totals now) for the window since `before`: sessions,
         frames dropped, loop lag, encodes and their times, codec re-openings. WARNING when
-        frames were dropped, the loop lagged over 100 ms or an encode took over 40 ms."""
+        frames were dropped, the loop lagged over 100 ms or an encode took over 80 ms."""
         now = encoder_watch.STATS.take()
         lag_s, lags_over = self.lag.take_window() if self.lag is not None else (0.0, 0)
         n = now["encodes"] - before["encodes"]

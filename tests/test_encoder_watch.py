@@ -178,8 +178,14 @@ def test_media_stats_line_warns_only_when_something_went_wrong() -> None:
     assert level == logging.WARNING and "dropped=3" in text
     assert shard.dropped == 0  # counted per line
     lag.observe(0.12)
-    level, text, _ = shard.stats_line(before)
+    level, text, before = shard.stats_line(before)
     assert level == logging.WARNING and "lags_over_100ms=1" in text and "lag_max_ms=120.0" in text
+    encoder_watch.STATS.encoded(0.06, reopened=False)  # over one frame time: common, no alarm
+    level, text, before = shard.stats_line(before)
+    assert level == logging.INFO and "encode_ms_max=60.0" in text
+    encoder_watch.STATS.encoded(0.09, reopened=False)  # over two: the queue falls behind
+    level, text, _ = shard.stats_line(before)
+    assert level == logging.WARNING and "encode_ms_max=90.0" in text
 
 
 def test_media_stats_line_reports_the_encoders_pace_and_deepest_queue() -> None:

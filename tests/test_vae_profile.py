@@ -1,0 +1,37 @@
+"""The VAE profile's bookkeeping on the CPU (its kernel trace needs a GPU: the device runs it)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from engines.gpu import measure
+from engines.gpu.vae_profile import conv_flops, kernel_kind, summarise
+
+
+def test_conv_flops_match_torchs_own_flop_counter() -> None:
+    _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
+    z = torch.randn(1, 4, 8, 8)
+    ours = conv_flops(lambda: vae.decode(z), vae)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        vae.decode(z)
+    theirs = counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution, 0)
+    assert ours["convs"] > 5
+    assert ours["total"] == theirs
+    assert sum(ours["by_height"].values()) == ours["total"]
+    assert max(ours["by_height"]) > 8  # the decoder upsamples past the latent's size
+
+
+def test_kernels_are_sorted_into_kinds() -> None:
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_nhwckrsc_nhwc") == "conv_gemm"
+    assert (
+        kernel_kind("void at::native::(anonymous)::RowwiseMomentsCUDAKernel group_norm") == "norm"
+    )
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert kernel_kind("triton_poi_fused_add_silu_3") == "other"
+    table = [("cudnn_conv_a", 3000.0), ("triton_poi_fused_silu", 1000.0)]
+    out = summarise(table, frames=2, flops_per_frame=3e9)
+    assert out["ms_per_frame"] == {"conv_gemm": 1.5, "other": 0.5}
+    assert out["total_ms_per_frame"] == 2.0
+    assert out["conv_tflops"] == 3e9 / 1.5e-3 / 1e12

@@ -40,6 +40,18 @@ log = logging.getLogger(__name__)
 CHUNK = 320  # 20 ms of audio per push, as a browser / TTS sends it
 
 
+SECTIONS = (  # in the order they run
+    "reference",
+    "offline",
+    "accuracy",
+    "vae_crop",
+    "pipeline",
+    "render",
+    "streaming",
+    "encoders",
+)
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     models_dir: str | None = None  # None: random full-size weights in a temp dir
@@ -58,16 +70,7 @@ class BenchOptions:
     stream_backends: tuple[str, ...] = ("compiled",)  # the first gets the long run too
     batches: tuple[int, ...] = (1, 4, 8, 16, 20, 32, 48)
     buckets: tuple[int, ...] = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
-    sections: tuple[str, ...] = (
-        "reference",
-        "offline",
-        "accuracy",
-        "vae_crop",
-        "pipeline",
-        "render",
-        "streaming",
-        "encoders",
-    )
+    sections: tuple[str, ...] = SECTIONS
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.sessions) or self.long_s < 0 or self.sweep_s <= 0:
@@ -79,6 +82,9 @@ class BenchOptions:
         }
         if unknown:
             raise ValueError(f"unknown backends {sorted(unknown)}")
+        bad = set(self.sections) - set(SECTIONS)
+        if bad:
+            raise ValueError(f"unknown sections {sorted(bad)}")
 
 
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
@@ -185,7 +191,7 @@ class Bench:
         """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
         `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
-        ..."""
+        `compiled-nhwcnorm` (channels-last GroupNorm), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -274,6 +280,15 @@ class Bench:
             "eager_vs_fp32": [],
             "compiled_vs_fp32": [],
         }
+        # the other compiled variants asked for (`--backends compiled,compiled-nhwcnorm`)
+        extra = {
+            name: self.pipeline(name).step
+            for name in self.o.backends
+            if name.startswith("compiled-") and "crop" not in name
+        }
+        for name in extra:
+            diffs[f"{name}_vs_eager"] = []
+            diffs[f"{name}_vs_fp32"] = []
         stats: dict[str, Any] = {}
         with torch.inference_mode():
             for b in (1, 5, 16):
@@ -282,11 +297,15 @@ class Bench:
                 c = p.step(lat.half(), aud.half()).int()
                 e = eager(lat.half(), aud.half()).int()
                 r = ref32(lat, aud).int()
-                for name, d in (
+                pairs = [
                     ("compiled_vs_eager", c - e),
                     ("eager_vs_fp32", e - r),
                     ("compiled_vs_fp32", c - r),
-                ):
+                ]
+                for vname, vstep in extra.items():
+                    v = vstep(lat.half(), aud.half()).int()
+                    pairs += [(f"{vname}_vs_eager", v - e), (f"{vname}_vs_fp32", v - r)]
+                for name, d in pairs:
                     d = d.abs()
                     diffs[name].append(float(d.max()))
                     s = stats.setdefault(name, {"pixels": 0, "over2": 0, "over1": 0, "sum": 0.0})
@@ -643,11 +662,12 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
-    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste]`."""
+    """PipelineOptions for
+    `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste][-nhwcnorm]`."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste = 0, True, True, False, False
+    crop, fold, enc, tune, cpaste, nhwc = 0, True, True, False, False, False
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
@@ -659,6 +679,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             tune = True
         elif flag == "cpaste":
             cpaste = True
+        elif flag == "nhwcnorm":
+            nhwc = True
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(
@@ -670,6 +692,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         compile_encoder=enc,
         tune=tune,
         compile_paste=cpaste,
+        nhwc_norm=nhwc,
     )
 
 

@@ -11,13 +11,14 @@ def test_plain_compiled_has_the_server_defaults() -> None:
     o = variant_options("compiled", (2, 4))
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
     assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
-    assert not o.compile_paste
+    assert not o.compile_paste and not o.nhwc_norm
 
 
 def test_flags_combine() -> None:
-    o = variant_options("compiled-crop8-nofold-eagerenc-tuned-cpaste", (4,))
+    o = variant_options("compiled-crop8-nofold-eagerenc-tuned-cpaste-nhwcnorm", (4,))
     assert o.decode_from_row == 8
     assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
+    assert o.nhwc_norm
 
 
 @pytest.mark.parametrize("name", ["compiled-fast", "compiled-cropX", "compiled-crop"])
@@ -42,3 +43,11 @@ def test_launch_phase_means_per_step_since_the_start() -> None:
     assert _phase_means(sched, before, 100) == {"features": 5.0, "paste": 4.0}
     assert _phase_means(sched, before, 0) is None
     assert _phase_means(SimpleNamespace(), {}, 10) is None  # no GPU pipeline
+
+
+def test_unknown_sections_are_refused() -> None:
+    from engines.bench import BenchOptions
+
+    assert BenchOptions(sections=("pipeline", "accuracy")).sections == ("pipeline", "accuracy")
+    with pytest.raises(ValueError, match="unknown sections \\['full_pipeline'\\]"):
+        BenchOptions(sections=("full_pipeline",))

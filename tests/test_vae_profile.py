@@ -35,3 +35,33 @@ def test_kernels_are_sorted_into_kinds() -> None:
     assert out["ms_per_frame"] == {"conv_gemm": 1.5, "other": 0.5}
     assert out["total_ms_per_frame"] == 2.0
     assert out["conv_tflops"] == 3e9 / 1.5e-3 / 1e12
+
+
+def test_smoke_run_on_the_cpu_writes_every_section(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from engines.gpu.vae_profile import main
+
+    out = tmp_path / "vp.json"
+    main(
+        [
+            str(out),
+            "--device",
+            "cpu",
+            "--size",
+            "tiny",
+            "--batch",
+            "2",
+            "--reps",
+            "1",
+            "--nhwc-norm",
+            "--budget-s",
+            "0",
+        ]
+    )
+    res = json.loads(out.read_text())
+    assert res["nhwc_norm"] and res["fold"] and res["gpu"] == "cpu"
+    eager = res["eager"]
+    assert eager["ms_per_frame"]["conv_gemm"] > 0 and eager["ms_per_frame"]["norm"] > 0
+    assert eager["max_diff_vs_stock"] <= 1  # swapped norms and folded upsampling, fp32
+    assert res["compiled"] == {"skipped": "budget"}

@@ -77,7 +77,11 @@ class MuseTalkStep(nn.Module):
 
     `fold_upsample` runs the VAE decoder's upsampling convolutions in their folded 2x2 form
     (`engines.gpu.fold`: the same sums, 2.25x fewer multiply-adds there) on a private copy
-    of the decoder (~100 MB in fp16), so the eager model stays MuseTalk's."""
+    of the decoder (~100 MB in fp16), so the eager model stays MuseTalk's.
+
+    `nhwc_norm` swaps the decoder's GroupNorms for their channels-last form
+    (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order), on
+    the same private copy."""
 
     unet: Any
     vae: Any
@@ -89,6 +93,7 @@ class MuseTalkStep(nn.Module):
         scaling: float = VAE_SCALING,
         decode_from_row: int = 0,
         fold_upsample: bool = False,
+        nhwc_norm: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= decode_from_row < LATENT_SHAPE[1]:
@@ -96,12 +101,18 @@ class MuseTalkStep(nn.Module):
                 f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
             )
         self.unet = unet
+        if fold_upsample or nhwc_norm:
+            vae = copy.deepcopy(vae)
         if fold_upsample:
             from engines.gpu.fold import fold_upsamplers
 
-            vae = copy.deepcopy(vae)
             if fold_upsamplers(vae) == 0:
                 raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
+        if nhwc_norm:
+            from engines.gpu.nhwc_norm import swap_group_norms
+
+            if swap_group_norms(getattr(vae, "decoder", vae)) == 0:
+                raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae
         self.scaling = scaling
         self.decode_from_row = decode_from_row

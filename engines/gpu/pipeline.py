@@ -51,6 +51,9 @@ class PipelineOptions:
     # as one torch.compile graph. A bench variant (`compiled-cpaste`), not a server default:
     # it compiles again for each avatar's region size, on the worker thread
     compile_paste: bool = False
+    # compiled: the VAE decoder's GroupNorms in channels-last form (engines.gpu.nhwc_norm);
+    # opt-in until measured end to end (a bench variant: `compiled-nhwcnorm`)
+    nhwc_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -118,6 +121,7 @@ class GpuPipeline:
             engine.vae,
             decode_from_row=self.options.decode_from_row,
             fold_upsample=self.options.fold_upsample and self.options.backend == "compiled",
+            nhwc_norm=self.options.nhwc_norm and self.options.backend == "compiled",
         ).to(self.device)
         self.step: Any = step
         self.paste_stage: Any = paste.paste_flat

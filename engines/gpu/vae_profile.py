@@ -9,7 +9,9 @@ from a kernel trace, where its time goes (one device call; full-size random weig
   frame by kind (convolution/GEMM, normalisation, attention, other), the top kernels, and
   the convolutions' achieved TFLOP/s;
 - `compiled`: the same decoder under torch.compile (as the server runs it, without the CUDA
-  graph, so that each kernel is traced), if the budget leaves time for its compile.
+  graph, so that each kernel is traced), if the budget leaves time for its compile;
+- each with its largest uint8 distance from the stock eager fp16 decoder.
+Flags: `--no-fold`, `--nchw`, `--nhwc-norm` (channels-last GroupNorms).
 Each section lands in the JSON as soon as it is done.
 """
 
@@ -27,7 +29,10 @@ import torch
 
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "softmax", "sdpa")),
-    ("norm", ("group_norm", "groupnorm", "layer_norm", "welford", "reduction")),
+    (
+        "norm",
+        ("group_norm", "groupnorm", "layer_norm", "welford", "reduction", "var_mean", "rsqrt"),
+    ),
     ("conv_gemm", ("conv", "xmma", "gemm", "cutlass", "implicit", "cudnn", "nhwc", "sm90", "sm80")),
 )
 
@@ -69,21 +74,38 @@ def conv_flops(decode: Callable[[], Any], model: torch.nn.Module) -> dict[str, A
     }
 
 
-def kernel_table(fn: Callable[[], Any], reps: int) -> list[tuple[str, float]]:
-    """(kernel name, total CUDA microseconds) over `reps` calls of `fn`, from torch.profiler."""
+def kernel_table(fn: Callable[[], Any], reps: int, device: torch.device) -> list[tuple[str, float]]:
+    """(kernel name, total microseconds) over `reps` calls of `fn`, from torch.profiler: CUDA
+    kernels on a GPU, aten ops' own CPU time on the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device.type == "cuda"
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        _sync(device)
     totals: dict[str, float] = defaultdict(float)
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        if cuda and ev.device_type == torch.autograd.DeviceType.CUDA:
             totals[ev.name] += ev.device_time_total
+        elif not cuda and ev.name.startswith("aten::"):
+            totals[ev.name] += ev.self_cpu_time_total
     return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    from engines.gpu import measure
+
+    if device.type == "cuda":
+        return float(measure.gpu_time_ms(fn, reps=10)["median_ms"])
+    return measure.cpu_time_ms(fn, reps=3, warmup=1)
 
 
 def summarise(
@@ -103,14 +125,26 @@ def summarise(
     }
 
 
+def faces(image: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] -> uint8 pixels, as the pipeline makes them."""
+    return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((a.int() - b.int()).abs().max())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m engines.gpu.vae_profile")
     ap.add_argument("out")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument(
-        "--budget-s", type=float, default=150.0, help="skip the compiled section past this"
-    )
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip `compiled` past this")
+    ap.add_argument("--no-fold", action="store_true", help="keep the VAE's own upsampling")
+    ap.add_argument("--nchw", action="store_true", help="NCHW instead of channels-last")
+    ap.add_argument("--nhwc-norm", action="store_true", help="channels-last GroupNorms")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
+    ap.add_argument("--size", default="full", choices=["full", "tiny"])
     args = ap.parse_args(argv)
     from engines.gpu import measure
     from engines.gpu.compiled import use_inductor_cache
@@ -118,18 +152,33 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     use_inductor_cache()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     torch.backends.cudnn.benchmark = True
-    _, vae, _ = measure.build_models("full", dev, torch.float16)
-    fold_upsamplers(vae)
-    vae = vae.to(memory_format=torch.channels_last)
+    _, vae, _ = measure.build_models(args.size, dev, dtype)
     g = torch.Generator(device=dev).manual_seed(5)
-    z = torch.randn((args.batch, 4, 32, 32), device=dev, generator=g, dtype=torch.float16)
+    side = 32 if args.size == "full" else 8
+    z = torch.randn((args.batch, 4, side, side), device=dev, generator=g, dtype=dtype)
+    with torch.inference_mode():
+        reference = faces(vae.decode(z).sample)  # the stock eager decoder
+    if args.nhwc_norm:
+        from engines.gpu.nhwc_norm import swap_group_norms
+
+        swap_group_norms(vae.decoder)
+    if not args.no_fold:
+        fold_upsamplers(vae)
+    if not args.nchw:
+        vae = vae.to(memory_format=torch.channels_last)
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "torch": torch.__version__,
+        "size": args.size,
         "batch": args.batch,
+        "fold": not args.no_fold,
+        "layout": "nchw" if args.nchw else "channels_last",
+        "nhwc_norm": args.nhwc_norm,
     }
 
     def save(name: str, value: Any) -> None:
@@ -138,27 +187,25 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(res, fh, indent=1)
         print(f"[vae_profile] {name} {json.dumps(value)[:400]}", file=sys.stderr, flush=True)
 
+    def profile_of(fn: Callable[[], Any]) -> dict[str, Any]:
+        out = summarise(kernel_table(fn, args.reps, dev), args.reps * args.batch, flops["total"])
+        out["event_ms_per_frame"] = _median_ms(fn, dev) / args.batch
+        out["max_diff_vs_stock"] = max_diff(faces(fn()), reference)
+        return out
+
     flops = conv_flops(lambda: vae.decode(z[:1]), vae)
     save("conv_flops", flops)
     with torch.inference_mode():
-        eager = lambda: vae.decode(z).sample  # noqa: E731
-        timed = measure.gpu_time_ms(eager, reps=10)
-        out = summarise(kernel_table(eager, args.reps), args.reps * args.batch, flops["total"])
-        out["event_ms_per_frame"] = timed["median_ms"] / args.batch
-        save("eager", out)
+        save("eager", profile_of(lambda: vae.decode(z).sample))
         if time.perf_counter() - t_start > args.budget_s:
             save("compiled", {"skipped": "budget"})
             return
         compiled = torch.compile(lambda x: vae.decode(x).sample)
         t = time.perf_counter()
         compiled(z)
-        torch.cuda.synchronize()
+        _sync(dev)
         compile_s = time.perf_counter() - t
-        timed = measure.gpu_time_ms(lambda: compiled(z), reps=10)
-        out = summarise(
-            kernel_table(lambda: compiled(z), args.reps), args.reps * args.batch, flops["total"]
-        )
-        out["event_ms_per_frame"] = timed["median_ms"] / args.batch
+        out = profile_of(lambda: compiled(z))
         out["compile_s"] = compile_s
         save("compiled", out)
 

@@ -97,12 +97,15 @@ def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[n
 @pytest.mark.gpu
 @cuda
 @caches
-def test_compiled_matches_eager(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("nhwc_norm", [False, True])
+def test_compiled_matches_eager(gpu_engine, nhwc_norm: bool) -> None:  # type: ignore[no-untyped-def]
     from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep
 
     eng, _ = gpu_engine
     step = MuseTalkStep(eng.unet, eng.vae).to(eng.device)
-    comp = CompiledStep(step, CompiledOptions(buckets=(2, 4)))
+    # nhwc_norm: channels-last GroupNorms in the compiled copy, the eager step stays stock
+    compiled_step = MuseTalkStep(eng.unet, eng.vae, nhwc_norm=nhwc_norm).to(eng.device)
+    comp = CompiledStep(compiled_step, CompiledOptions(buckets=(2, 4)))
     comp.warm_up()
     g = torch.Generator(device=eng.device).manual_seed(0)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engines.gpu import measure
-from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, swap_group_norms
+from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, swap_group_norms, swapped_copy
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 7, 5), (3, 64, 9), (2, 16, 4, 4, 3)])
@@ -87,9 +87,27 @@ def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
     assert swapped.vae is not vae
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in vae.modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in swapped.vae.decoder.modules())
+    assert swapped.unet is not plain.unet  # a twin sharing the UNet's weights
     g = torch.Generator().manual_seed(2)
     lat, aud = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 50, 384, generator=g)
     with torch.no_grad():
         a, b = plain(lat, aud), swapped(lat, aud)
     assert a.dtype == torch.uint8 and a.shape == b.shape
     assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_swapped_copy_shares_the_weights_and_leaves_the_original() -> None:
+    unet, _, _ = measure.build_models("tiny", "cpu", torch.float32)
+    twin = swapped_copy(unet)
+    assert any(isinstance(m, ChannelsLastGroupNorm) for m in twin.modules())
+    assert not any(isinstance(m, ChannelsLastGroupNorm) for m in unet.modules())
+    mine, theirs = dict(unet.named_parameters()), dict(twin.named_parameters())
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k] is theirs[k] for k in mine)  # no second copy of the weights
+    g = torch.Generator().manual_seed(4)
+    lat, cond = torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 50, 384, generator=g)
+    t0 = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        want = unet(lat, t0, encoder_hidden_states=cond).sample
+        got = twin(lat, t0, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
-# Issue 4, the VAE decoder's GroupNorms (39 % of its compiled GPU time on the H200): stock vs
+# Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200): stock vs
 # channels-last GroupNorm (engines/gpu/nhwc_norm.py), on the GPU machine (repo root).
-#   PART=profile  (~2.5 min): vae_profile.py both ways -> $OUT/vp_stock.json, $OUT/vp_nhwc.json
+#   PART=profile  (~5 min): kernel_profile.py, VAE and UNet, both ways -> $OUT/kp_*.json
 #   PART=pipeline (~8 min):   the bench's MuseTalk reference, full pipeline and accuracy
 #                             for compiled vs compiled-nhwcnorm -> $OUT/bench_nhwcnorm.json
 OUT="${OUT:-/tmp}"
@@ -8,18 +8,20 @@ if [ "${PART:-profile}" = profile ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | grep -v -i "warning" | tail -3
     export PYTHONPATH=/tmp/site:$PWD
-    for v in stock nhwc; do
-        flag=""; [ $v = nhwc ] && flag=--nhwc-norm
-        timeout "${LIMIT:-110}" python3 -m engines.gpu.vae_profile "$OUT/vp_$v.json" $flag \
-            --budget-s 60 >"$OUT/vp_$v.log" 2>&1
-        echo "$v rc=$?"
-        python3 - "$OUT/vp_$v.json" <<'PY'
+    for m in vae unet; do
+        for v in stock nhwc; do
+            flag=""; [ $v = nhwc ] && flag=--nhwc-norm
+            timeout "${LIMIT:-120}" python3 -m engines.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
+                --model $m $flag --budget-s 60 >"$OUT/kp_${m}_$v.log" 2>&1
+            echo "$m $v rc=$?"
+            python3 - "$OUT/kp_${m}_$v.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 for s in ("eager", "compiled"):
     x = d.get(s) or {}
-    print(s, x.get("event_ms_per_frame"), x.get("ms_per_frame"), x.get("max_diff_vs_stock"))
+    print(" ", s, x.get("event_ms_per_frame"), x.get("ms_per_frame"), x.get("max_diff_vs_stock"))
 PY
+        done
     done
 else
     . bench/scripts/device_env.sh

@@ -79,9 +79,9 @@ class MuseTalkStep(nn.Module):
     (`engines.gpu.fold`: the same sums, 2.25x fewer multiply-adds there) on a private copy
     of the decoder (~100 MB in fp16), so the eager model stays MuseTalk's.
 
-    `nhwc_norm` swaps the decoder's GroupNorms for their channels-last form
-    (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order), on
-    the same private copy."""
+    `nhwc_norm` swaps the GroupNorms of the UNet and the decoder for their channels-last form
+    (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order): the
+    decoder's on the same private copy, the UNet's on a copy that shares its weights."""
 
     unet: Any
     vae: Any
@@ -100,6 +100,10 @@ class MuseTalkStep(nn.Module):
             raise ValueError(
                 f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
             )
+        if nhwc_norm:
+            from engines.gpu.nhwc_norm import swapped_copy
+
+            unet = swapped_copy(unet)  # the same weights, its GroupNorms swapped
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)

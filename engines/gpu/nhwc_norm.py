@@ -13,12 +13,14 @@ last (a view of an NHWC tensor), split as (N, positions, groups, channels per gr
 and variance over positions and channels per group in float32, then scale and shift per
 channel. Output has the input's dtype and, for an NHWC input, is NHWC again. Same arithmetic
 as `torch.nn.GroupNorm` up to the order of float32 summation. `swap_group_norms` swaps every
-GroupNorm inside a module (in place: swap a copy to keep the original); the parameters are
-the same tensors, so state dicts are unchanged.
+GroupNorm inside a module (in place; `swapped_copy` swaps in a copy that shares the
+original's weights); the parameters are the same tensors, so state dicts are unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 
 import torch
@@ -68,3 +70,12 @@ def swap_group_norms(module: nn.Module) -> int:
         setattr(parent, name, ChannelsLastGroupNorm(child))
     log.info("swapped %d group norms for their channels-last form", len(targets))
     return len(targets)
+
+
+def swapped_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s structure with its GroupNorms swapped; parameters and buffers are
+    the same tensors as the original's (no memory), whose own modules are left alone."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    twin = copy.deepcopy(module, memo=shared)
+    swap_group_norms(twin)
+    return twin

@@ -1,17 +1,20 @@
-"""How close the VAE decoder runs to the GPU's limit: its convolution FLOPs per frame and,
-from a kernel trace, where its time goes (one device call; full-size random weights, fp16):
+"""How close the VAE decoder (or the UNet) runs to the GPU's limit: its convolution FLOPs per
+frame and, from a kernel trace, where its time goes (one device call; full-size random
+weights, fp16):
 
-    python -m engines.gpu.vae_profile OUT.json [--batch 16] [--budget-s 150]
+    python -m engines.gpu.kernel_profile OUT.json [--model vae|unet] [--batch 16]
 
-- `conv_flops`: FLOPs of every Conv2d of one decode (counted from the real shapes by hooks),
+- `conv_flops`: FLOPs of every Conv2d of one frame (counted from the real shapes by hooks),
   per output resolution;
-- `eager`: the folded, channels-last fp16 decoder, cuDNN autotuned: CUDA kernel time per
-  frame by kind (convolution/GEMM, normalisation, attention, other), the top kernels, and
-  the convolutions' achieved TFLOP/s;
-- `compiled`: the same decoder under torch.compile (as the server runs it, without the CUDA
-  graph, so that each kernel is traced), if the budget leaves time for its compile;
-- each with its largest uint8 distance from the stock eager fp16 decoder.
-Flags: `--no-fold`, `--nchw`, `--nhwc-norm` (channels-last GroupNorms).
+- `eager`: the channels-last fp16 model (the VAE with folded upsampling), cuDNN autotuned:
+  CUDA kernel time per frame by kind (convolution/GEMM, normalisation, attention, other),
+  the top kernels, and the convolutions' achieved TFLOP/s;
+- `compiled`: the same under torch.compile (as the server runs it, without the CUDA graph,
+  so that each kernel is traced), if `--budget-s` leaves time for its compile;
+- each with its largest distance from the stock eager model (uint8 faces for the VAE, the
+  raw output for the UNet).
+Flags: `--no-fold`, `--nchw`, `--nhwc-norm` (channels-last GroupNorms, engines.gpu.nhwc_norm);
+`--device cpu --size tiny` for a smoke run (aten ops' CPU time instead of kernels).
 Each section lands in the JSON as soon as it is done.
 """
 
@@ -33,7 +36,10 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "norm",
         ("group_norm", "groupnorm", "layer_norm", "welford", "reduction", "var_mean", "rsqrt"),
     ),
-    ("conv_gemm", ("conv", "xmma", "gemm", "cutlass", "implicit", "cudnn", "nhwc", "sm90", "sm80")),
+    (
+        "conv_gemm",
+        ("conv", "xmma", "gemm", "cutlass", "implicit", "cudnn", "nhwc", "sm90", "sm80", "nvjet"),
+    ),
 )
 
 
@@ -46,9 +52,11 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def conv_flops(decode: Callable[[], Any], model: torch.nn.Module) -> dict[str, Any]:
-    """FLOPs (2 per multiply-add) of each Conv2d that `decode()` runs, summed per output
-    height, from the shapes seen by forward hooks."""
+def conv_flops(
+    decode: Callable[[], Any], model: torch.nn.Module, frames: int = 1
+) -> dict[str, Any]:
+    """FLOPs (2 per multiply-add) per frame of each Conv2d that `decode()` runs (over
+    `frames` frames), summed per output height, from the shapes seen by forward hooks."""
     per_res: dict[int, float] = defaultdict(float)
     calls = 0
 
@@ -68,8 +76,8 @@ def conv_flops(decode: Callable[[], Any], model: torch.nn.Module) -> dict[str, A
         for h in handles:
             h.remove()
     return {
-        "total": sum(per_res.values()),
-        "by_height": dict(sorted(per_res.items())),
+        "total": sum(per_res.values()) / frames,
+        "by_height": {h: f / frames for h, f in sorted(per_res.items())},
         "convs": calls,
     }
 
@@ -130,13 +138,26 @@ def faces(image: torch.Tensor) -> torch.Tensor:
     return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((a.int() - b.int()).abs().max())
+def _model(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> Any:
+    """(module to hook, make(module) -> the call to profile, compare(output) -> tensor)."""
+    from engines.gpu import measure
+
+    unet, vae, _ = measure.build_models(args.size, dev, dtype)
+    g = torch.Generator(device=dev).manual_seed(5)
+    side = 32 if args.size == "full" else 8
+    if args.model == "vae":
+        z = torch.randn((args.batch, 4, side, side), device=dev, generator=g, dtype=dtype)
+        return vae, (lambda m: lambda: m.decode(z).sample), faces
+    lat = torch.randn((args.batch, 8, side, side), device=dev, generator=g, dtype=dtype)
+    cond = torch.randn((args.batch, 50, 384), device=dev, generator=g, dtype=dtype)
+    t0 = torch.zeros(1, dtype=torch.long, device=dev)
+    return unet, (lambda m: lambda: m(lat, t0, encoder_hidden_states=cond).sample), None
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m engines.gpu.vae_profile")
+    ap = argparse.ArgumentParser(prog="python -m engines.gpu.kernel_profile")
     ap.add_argument("out")
+    ap.add_argument("--model", default="vae", choices=["vae", "unet"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=150.0, help="skip `compiled` past this")
@@ -146,7 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     args = ap.parse_args(argv)
-    from engines.gpu import measure
     from engines.gpu.compiled import use_inductor_cache
     from engines.gpu.fold import fold_upsamplers
 
@@ -156,27 +176,31 @@ def main(argv: list[str] | None = None) -> None:
     cuda = dev.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     torch.backends.cudnn.benchmark = True
-    _, vae, _ = measure.build_models(args.size, dev, dtype)
-    g = torch.Generator(device=dev).manual_seed(5)
-    side = 32 if args.size == "full" else 8
-    z = torch.randn((args.batch, 4, side, side), device=dev, generator=g, dtype=dtype)
+    model, make, compare = _model(args, dev, dtype)
+    fold = args.model == "vae" and not args.no_fold
+
+    def comparable(out: torch.Tensor) -> torch.Tensor:
+        return compare(out) if compare is not None else out.float()
+
     with torch.inference_mode():
-        reference = faces(vae.decode(z).sample)  # the stock eager decoder
+        reference = comparable(make(model)())  # the stock eager model
     if args.nhwc_norm:
         from engines.gpu.nhwc_norm import swap_group_norms
 
-        swap_group_norms(vae.decoder)
-    if not args.no_fold:
-        fold_upsamplers(vae)
+        swap_group_norms(getattr(model, "decoder", model))
+    if fold:
+        fold_upsamplers(model)
     if not args.nchw:
-        vae = vae.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+    call = make(model)
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "gpu": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "torch": torch.__version__,
+        "model": args.model,
         "size": args.size,
         "batch": args.batch,
-        "fold": not args.no_fold,
+        "fold": fold,
         "layout": "nchw" if args.nchw else "channels_last",
         "nhwc_norm": args.nhwc_norm,
     }
@@ -185,27 +209,28 @@ def main(argv: list[str] | None = None) -> None:
         res[name] = value
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
-        print(f"[vae_profile] {name} {json.dumps(value)[:400]}", file=sys.stderr, flush=True)
+        print(f"[kernel_profile] {name} {json.dumps(value)[:400]}", file=sys.stderr, flush=True)
 
     def profile_of(fn: Callable[[], Any]) -> dict[str, Any]:
         out = summarise(kernel_table(fn, args.reps, dev), args.reps * args.batch, flops["total"])
         out["event_ms_per_frame"] = _median_ms(fn, dev) / args.batch
-        out["max_diff_vs_stock"] = max_diff(faces(fn()), reference)
+        d = (comparable(fn()) - reference).abs().max()
+        out["max_diff_vs_stock"] = int(d) if compare is not None else float(d)
         return out
 
-    flops = conv_flops(lambda: vae.decode(z[:1]), vae)
+    flops = conv_flops(call, model, args.batch)
     save("conv_flops", flops)
     with torch.inference_mode():
-        save("eager", profile_of(lambda: vae.decode(z).sample))
+        save("eager", profile_of(call))
         if time.perf_counter() - t_start > args.budget_s:
             save("compiled", {"skipped": "budget"})
             return
-        compiled = torch.compile(lambda x: vae.decode(x).sample)
+        compiled = torch.compile(call)
         t = time.perf_counter()
-        compiled(z)
+        compiled()
         _sync(dev)
         compile_s = time.perf_counter() - t
-        out = profile_of(lambda: compiled(z))
+        out = profile_of(compiled)
         out["compile_s"] = compile_s
         save("compiled", out)
 

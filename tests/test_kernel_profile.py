@@ -1,4 +1,4 @@
-"""The VAE profile's bookkeeping on the CPU (its kernel trace needs a GPU: the device runs it)."""
+"""The kernel profile's bookkeeping on the CPU (its kernel trace needs a GPU: the device runs it)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engines.gpu import measure
-from engines.gpu.vae_profile import conv_flops, kernel_kind, summarise
+from engines.gpu.kernel_profile import conv_flops, kernel_kind, summarise
 
 
 def test_conv_flops_match_torchs_own_flop_counter() -> None:
@@ -37,31 +37,29 @@ def test_kernels_are_sorted_into_kinds() -> None:
     assert out["conv_tflops"] == 3e9 / 1.5e-3 / 1e12
 
 
-def test_smoke_run_on_the_cpu_writes_every_section(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _smoke(tmp_path, *flags: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
     import json
 
-    from engines.gpu.vae_profile import main
+    from engines.gpu.kernel_profile import main
 
-    out = tmp_path / "vp.json"
-    main(
-        [
-            str(out),
-            "--device",
-            "cpu",
-            "--size",
-            "tiny",
-            "--batch",
-            "2",
-            "--reps",
-            "1",
-            "--nhwc-norm",
-            "--budget-s",
-            "0",
-        ]
-    )
-    res = json.loads(out.read_text())
-    assert res["nhwc_norm"] and res["fold"] and res["gpu"] == "cpu"
+    out = tmp_path / "profile.json"
+    main([str(out), "--device", "cpu", "--size", "tiny", "--batch", "2", "--reps", "1", *flags])
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_smoke_run_of_the_vae_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    res = _smoke(tmp_path, "--nhwc-norm", "--budget-s", "0")
+    assert res["model"] == "vae" and res["nhwc_norm"] and res["fold"] and res["gpu"] == "cpu"
     eager = res["eager"]
     assert eager["ms_per_frame"]["conv_gemm"] > 0 and eager["ms_per_frame"]["norm"] > 0
     assert eager["max_diff_vs_stock"] <= 1  # swapped norms and folded upsampling, fp32
     assert res["compiled"] == {"skipped": "budget"}
+
+
+def test_smoke_run_of_the_unet_compiled_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    res = _smoke(tmp_path, "--model", "unet", "--nhwc-norm")
+    assert res["model"] == "unet" and not res["fold"]
+    assert res["conv_flops"]["total"] > 0
+    for section in ("eager", "compiled"):
+        assert res[section]["max_diff_vs_stock"] < 1e-3  # raw UNet output, fp32
+        assert res[section]["total_ms_per_frame"] > 0

@@ -191,7 +191,8 @@ class Bench:
         """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
         `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
-        `compiled-nhwcnorm` (channels-last GroupNorm), ..."""
+        `compiled-nhwcnorm` / `compiled-nhwcgnorm` (channels-last GroupNorm, statistics per
+        channel / per group), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -663,11 +664,11 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for
-    `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste][-nhwcnorm]`."""
+    `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste][-nhwcnorm|-nhwcgnorm]`."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste, nhwc = 0, True, True, False, False, False
+    crop, fold, enc, tune, cpaste, nhwc = 0, True, True, False, False, ""
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
@@ -680,7 +681,9 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         elif flag == "cpaste":
             cpaste = True
         elif flag == "nhwcnorm":
-            nhwc = True
+            nhwc = "channel"
+        elif flag == "nhwcgnorm":
+            nhwc = "group"
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(

@@ -18,7 +18,8 @@ def test_flags_combine() -> None:
     o = variant_options("compiled-crop8-nofold-eagerenc-tuned-cpaste-nhwcnorm", (4,))
     assert o.decode_from_row == 8
     assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
-    assert o.nhwc_norm
+    assert o.nhwc_norm == "channel"
+    assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
 
 
 @pytest.mark.parametrize("name", ["compiled-fast", "compiled-cropX", "compiled-crop"])

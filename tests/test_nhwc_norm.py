@@ -14,15 +14,18 @@ from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, swap_group_norms, swapp
 
 @pytest.mark.parametrize("shape", [(2, 32, 7, 5), (3, 64, 9), (2, 16, 4, 4, 3)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_matches_torchs_group_norm(shape: tuple[int, ...], affine: bool) -> None:
+@pytest.mark.parametrize("stats", ["channel", "group"])
+def test_matches_torchs_group_norm(shape: tuple[int, ...], affine: bool, stats: str) -> None:
     g = torch.Generator().manual_seed(len(shape))
     ref = nn.GroupNorm(8, shape[1], eps=1e-6, affine=affine)
     if affine:
         with torch.no_grad():
             ref.weight.copy_(torch.randn(shape[1], generator=g))
             ref.bias.copy_(torch.randn(shape[1], generator=g))
-    ours = ChannelsLastGroupNorm(ref)
-    x = 3 * torch.randn(shape, generator=g) + 1.5
+    ours = ChannelsLastGroupNorm(ref, stats)
+    # channels with their own offsets and spreads: the per-channel statistics must combine
+    x = torch.randn(shape, generator=g) * torch.rand(shape[1], *[1] * (len(shape) - 2), generator=g)
+    x = 3 * x + torch.randn(shape[1], *[1] * (len(shape) - 2), generator=g)
     inputs = [x]
     if len(shape) == 4:
         inputs.append(x.contiguous(memory_format=torch.channels_last))
@@ -41,9 +44,11 @@ def test_keeps_channels_last_and_half_precision() -> None:
     torch.testing.assert_close(got.float(), ref(x.float()), rtol=0, atol=2e-3)
 
 
-def test_refuses_the_wrong_channel_count() -> None:
+def test_refuses_the_wrong_channel_count_and_unknown_stats() -> None:
     with pytest.raises(ValueError, match="expected \\(N, 16"):
         ChannelsLastGroupNorm(nn.GroupNorm(4, 16))(torch.randn(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="stats must be one of"):
+        ChannelsLastGroupNorm(nn.GroupNorm(4, 16), stats="welford")
 
 
 def test_swapped_vae_decoder_decodes_the_same() -> None:
@@ -83,7 +88,7 @@ def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
 
     _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
     plain = MuseTalkStep(_Unet(), vae).eval()
-    swapped = MuseTalkStep(_Unet(), vae, fold_upsample=fold, nhwc_norm=True).eval()
+    swapped = MuseTalkStep(_Unet(), vae, fold_upsample=fold, nhwc_norm="channel").eval()
     assert swapped.vae is not vae
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in vae.modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in swapped.vae.decoder.modules())

@@ -1,16 +1,19 @@
 # Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200): stock vs
 # channels-last GroupNorm (engines/gpu/nhwc_norm.py), on the GPU machine (repo root).
-#   PART=profile  (~5 min): kernel_profile.py, VAE and UNet, both ways -> $OUT/kp_*.json
-#   PART=pipeline (~8 min):   the bench's MuseTalk reference, full pipeline and accuracy
-#                             for compiled vs compiled-nhwcnorm -> $OUT/bench_nhwcnorm.json
+#   PART=profile  (~5 min): kernel_profile.py: the VAE stock / channel / group statistics, the
+#                           UNet stock / channel -> $OUT/kp_<model>_<stats>.json
+#   PART=pipeline (~8 min): the bench's MuseTalk reference, full pipeline and accuracy for
+#                           VARIANTS (default compiled,compiled-nhwcnorm; -nhwcgnorm: per-group
+#                           statistics) -> $OUT/bench_nhwcnorm.json
 OUT="${OUT:-/tmp}"
 if [ "${PART:-profile}" = profile ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | grep -v -i "warning" | tail -3
     export PYTHONPATH=/tmp/site:$PWD
-    for m in vae unet; do
-        for v in stock nhwc; do
-            flag=""; [ $v = nhwc ] && flag=--nhwc-norm
+    for mv in vae:stock vae:channel vae:group unet:stock unet:channel; do
+        m=${mv%%:*}; v=${mv##*:}
+        flag=""; [ $v != stock ] && flag="--nhwc-norm $v"
+        {
             timeout "${LIMIT:-120}" python3 -m engines.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
                 --model $m $flag --budget-s 60 >"$OUT/kp_${m}_$v.log" 2>&1
             echo "$m $v rc=$?"
@@ -21,12 +24,12 @@ for s in ("eager", "compiled"):
     x = d.get(s) or {}
     print(" ", s, x.get("event_ms_per_frame"), x.get("ms_per_frame"), x.get("max_diff_vs_stock"))
 PY
-        done
+        }
     done
 else
     . bench/scripts/device_env.sh
     timeout "${LIMIT:-560}" python3 -m engines.bench --sections reference,pipeline,accuracy \
-        --backends torch,compiled,compiled-nhwcnorm --out "$OUT/bench_nhwcnorm.json" \
+        --backends "torch,${VARIANTS:-compiled,compiled-nhwcnorm}" --out "$OUT/bench_nhwcnorm.json" \
         >"$OUT/bench_nhwcnorm.log" 2>&1
     echo "bench rc=$?"
     python3 - "$OUT/bench_nhwcnorm.json" <<'PY'

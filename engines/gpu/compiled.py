@@ -79,7 +79,8 @@ class MuseTalkStep(nn.Module):
     (`engines.gpu.fold`: the same sums, 2.25x fewer multiply-adds there) on a private copy
     of the decoder (~100 MB in fp16), so the eager model stays MuseTalk's.
 
-    `nhwc_norm` swaps the GroupNorms of the UNet and the decoder for their channels-last form
+    `nhwc_norm` ("channel" or "group": how the statistics are taken; "" for off) swaps the
+    GroupNorms of the UNet and the decoder for their channels-last form
     (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order): the
     decoder's on the same private copy, the UNet's on a copy that shares its weights."""
 
@@ -93,7 +94,7 @@ class MuseTalkStep(nn.Module):
         scaling: float = VAE_SCALING,
         decode_from_row: int = 0,
         fold_upsample: bool = False,
-        nhwc_norm: bool = False,
+        nhwc_norm: str = "",
     ) -> None:
         super().__init__()
         if not 0 <= decode_from_row < LATENT_SHAPE[1]:
@@ -103,7 +104,7 @@ class MuseTalkStep(nn.Module):
         if nhwc_norm:
             from engines.gpu.nhwc_norm import swapped_copy
 
-            unet = swapped_copy(unet)  # the same weights, its GroupNorms swapped
+            unet = swapped_copy(unet, nhwc_norm)  # the same weights, its GroupNorms swapped
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)
@@ -115,7 +116,7 @@ class MuseTalkStep(nn.Module):
         if nhwc_norm:
             from engines.gpu.nhwc_norm import swap_group_norms
 
-            if swap_group_norms(getattr(vae, "decoder", vae)) == 0:
+            if swap_group_norms(getattr(vae, "decoder", vae), nhwc_norm) == 0:
                 raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae
         self.scaling = scaling

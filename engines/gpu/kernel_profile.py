@@ -163,7 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=150.0, help="skip `compiled` past this")
     ap.add_argument("--no-fold", action="store_true", help="keep the VAE's own upsampling")
     ap.add_argument("--nchw", action="store_true", help="NCHW instead of channels-last")
-    ap.add_argument("--nhwc-norm", action="store_true", help="channels-last GroupNorms")
+    ap.add_argument(
+        "--nhwc-norm",
+        nargs="?",
+        const="channel",
+        default="",
+        choices=["channel", "group"],
+        help="channels-last GroupNorms, statistics per channel (default) or per group",
+    )
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     args = ap.parse_args(argv)
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.nhwc_norm:
         from engines.gpu.nhwc_norm import swap_group_norms
 
-        swap_group_norms(getattr(model, "decoder", model))
+        swap_group_norms(getattr(model, "decoder", model), args.nhwc_norm)
     if fold:
         fold_upsamplers(model)
     if not args.nchw:

@@ -9,9 +9,9 @@ which an NHWC tensor is not, so the generated kernels copy it to NCHW order ("cl
 their names) and read it across the grain.
 
 `ChannelsLastGroupNorm` computes the same thing in the input's own order: channels moved
-last (a view of an NHWC tensor), split as (N, positions, groups, channels per group), mean
-and variance over positions and channels per group in float32, then scale and shift per
-channel. Output has the input's dtype and, for an NHWC input, is NHWC again. Same arithmetic
+last (a view of an NHWC tensor) as (N, positions, C), statistics in float32 (per channel,
+then combined per group; or per group directly), then one scale and shift per channel: one
+read for the statistics, one read and one write for the output. Output has the input's dtype and, for an NHWC input, is NHWC again. Same arithmetic
 as `torch.nn.GroupNorm` up to the order of float32 summation. `swap_group_norms` swaps every
 GroupNorm inside a module (in place; `swapped_copy` swaps in a copy that shares the
 original's weights); the parameters are the same tensors, so state dicts are unchanged.
@@ -29,35 +29,64 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-class ChannelsLastGroupNorm(nn.Module):
-    """`nn.GroupNorm` over (N, C, *) computed with channels last (see the module notes)."""
+STATS = ("channel", "group")
 
-    def __init__(self, norm: nn.GroupNorm) -> None:
+
+class ChannelsLastGroupNorm(nn.Module):
+    """`nn.GroupNorm` over (N, C, *) computed with channels last (see the module notes).
+
+    `stats="channel"` (default): mean and variance per channel over the positions (a
+    reduction along the memory's slow axis, the channels side by side), then combined per
+    group (the mean of the means; the mean of the variances plus the variance of the
+    means: exact for equal counts), then one scale and shift per channel. `stats="group"`:
+    mean and variance per group directly over (positions, channels of the group)."""
+
+    def __init__(self, norm: nn.GroupNorm, stats: str = "channel") -> None:
         super().__init__()
+        if stats not in STATS:
+            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
         self.num_groups = norm.num_groups
         self.num_channels = norm.num_channels
         self.eps = norm.eps
         self.affine = norm.affine
         self.weight = norm.weight  # the same Parameters (None when not affine)
         self.bias = norm.bias
+        self.stats = stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"expected (N, {self.num_channels}, ...), got shape {tuple(x.shape)}")
         n, c = x.shape[:2]
+        g = self.num_groups
         last = x.movedim(1, -1)  # (N, *, C): a view, contiguous when x is channels-last
-        rows = last.reshape(n, -1, self.num_groups, c // self.num_groups).float()
-        var, mean = torch.var_mean(rows, dim=(1, 3), keepdim=True, correction=0)
-        y = ((rows - mean) * torch.rsqrt(var + self.eps)).reshape(last.shape)
-        if self.weight is not None and self.bias is not None:
-            y = y * self.weight.float() + self.bias.float()
-        return y.to(x.dtype).movedim(-1, 1)
+        flat = last.reshape(n, -1, c).float()
+        if self.stats == "channel":
+            var_c, mean_c = torch.var_mean(flat, dim=1, correction=0)  # (N, C)
+            mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+            mean = mean_c.mean(dim=2, keepdim=True)
+            var = var_c.mean(dim=2, keepdim=True) + (mean_c - mean).square().mean(
+                dim=2, keepdim=True
+            )
+        else:
+            var, mean = torch.var_mean(flat.view(n, -1, g, c // g), dim=(1, 3), correction=0)
+            mean, var = mean.view(n, g, 1), var.view(n, g, 1)
+        scale = torch.rsqrt(var + self.eps).expand(n, g, c // g)  # (N, G, C/G)
+        if self.weight is not None:
+            scale = scale * self.weight.float().view(g, c // g)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.float().view(g, c // g)
+        y = flat * scale.reshape(n, 1, c) + shift.reshape(n, 1, c)
+        return y.to(x.dtype).reshape(last.shape).movedim(-1, 1)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"stats={self.stats}"
+        )
 
 
-def swap_group_norms(module: nn.Module) -> int:
+def swap_group_norms(module: nn.Module, stats: str = "channel") -> int:
     """Swap every `nn.GroupNorm` inside `module` for a `ChannelsLastGroupNorm` (in place).
     Returns how many were swapped."""
     targets = [
@@ -67,15 +96,15 @@ def swap_group_norms(module: nn.Module) -> int:
         if type(child) is nn.GroupNorm
     ]
     for parent, name, child in targets:
-        setattr(parent, name, ChannelsLastGroupNorm(child))
+        setattr(parent, name, ChannelsLastGroupNorm(child, stats))
     log.info("swapped %d group norms for their channels-last form", len(targets))
     return len(targets)
 
 
-def swapped_copy(module: nn.Module) -> nn.Module:
+def swapped_copy(module: nn.Module, stats: str = "channel") -> nn.Module:
     """A copy of `module`'s structure with its GroupNorms swapped; parameters and buffers are
     the same tensors as the original's (no memory), whose own modules are left alone."""
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     twin = copy.deepcopy(module, memo=shared)
-    swap_group_norms(twin)
+    swap_group_norms(twin, stats)
     return twin

@@ -51,9 +51,10 @@ class PipelineOptions:
     # as one torch.compile graph. A bench variant (`compiled-cpaste`), not a server default:
     # it compiles again for each avatar's region size, on the worker thread
     compile_paste: bool = False
-    # compiled: the VAE decoder's GroupNorms in channels-last form (engines.gpu.nhwc_norm);
-    # opt-in until measured end to end (a bench variant: `compiled-nhwcnorm`)
-    nhwc_norm: bool = False
+    # compiled: the UNet's and the VAE decoder's GroupNorms in channels-last form
+    # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. Opt-in
+    # until measured end to end (bench variants `compiled-nhwcnorm`, `compiled-nhwcgnorm`)
+    nhwc_norm: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -62,6 +63,8 @@ class PipelineOptions:
             )
         if self.output not in ("i420", "rgb"):
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
+        if self.nhwc_norm not in ("", "channel", "group"):
+            raise ValueError(f"nhwc_norm must be '', 'channel' or 'group', got {self.nhwc_norm!r}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
 
@@ -121,7 +124,7 @@ class GpuPipeline:
             engine.vae,
             decode_from_row=self.options.decode_from_row,
             fold_upsample=self.options.fold_upsample and self.options.backend == "compiled",
-            nhwc_norm=self.options.nhwc_norm and self.options.backend == "compiled",
+            nhwc_norm=self.options.nhwc_norm if self.options.backend == "compiled" else "",
         ).to(self.device)
         self.step: Any = step
         self.paste_stage: Any = paste.paste_flat

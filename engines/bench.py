@@ -664,14 +664,18 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for
-    `<backend>[-crop<rows>][-nofold][-eagerenc][-tuned][-cpaste][-nhwcnorm|-nhwcgnorm]`."""
+    `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned][-cpaste][-nhwcnorm|-nhwcgnorm]`."""
+    from engines.gpu.features import ENCODER_BATCH
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
     crop, fold, enc, tune, cpaste, nhwc = 0, True, True, False, False, ""
+    enc_batch = ENCODER_BATCH
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
+        elif flag.startswith("enc") and flag[3:].isdigit():
+            enc_batch = int(flag[3:])
         elif flag == "nofold":
             fold = False
         elif flag == "eagerenc":
@@ -696,6 +700,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         tune=tune,
         compile_paste=cpaste,
         nhwc_norm=nhwc,
+        encoder_batch=enc_batch,
     )
 
 

@@ -117,6 +117,20 @@ def test_encode_does_not_depend_on_earlier_calls(base: AudioFeaturizer) -> None:
     assert f.encode([]).shape == (0, 100, 5, 384)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_encode_results_do_not_depend_on_the_encoder_batch(
+    base: AudioFeaturizer, gpu_feats: GpuFeaturizer, batch: int
+) -> None:
+    """Smaller encoder calls (less padding, more calls) give the same windows, up to float
+    rounding (the batch-8 reference and these run different GEMM shapes on the CPU)."""
+    segments = mixed_segments(5, seed=7)
+    small = GpuFeaturizer(base, encoder_batch=batch)
+    got = small.encode(segments)
+    assert got.shape == (5, 100, 5, 384)
+    torch.testing.assert_close(got, gpu_feats.encode(segments), rtol=1e-4, atol=1e-4)
+    assert torch.equal(got, small.encode(segments))  # and the same again, bit for bit
+
+
 def test_stream_many_matches_audio_featurizer_stream(
     base: AudioFeaturizer, gpu_feats: GpuFeaturizer, speech_pcm: np.ndarray
 ) -> None:

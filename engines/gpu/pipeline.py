@@ -31,7 +31,7 @@ import torch
 from engines.base import EngineError, FrameJob
 from engines.gpu import paste
 from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
-from engines.gpu.features import GpuFeaturizer
+from engines.gpu.features import ENCODER_BATCH, GpuFeaturizer
 from engines.scheduler import LAUNCH_PHASES
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ class PipelineOptions:
     # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. Opt-in
     # until measured end to end (bench variants `compiled-nhwcnorm`, `compiled-nhwcgnorm`)
     nhwc_norm: str = ""
+    # whisper passes per encoder call, padded: results never depend on which other passes
+    # shared the call. 8 wastes most of each call when a step needs 1-3 windows (the H200
+    # soak made 1.9 frames per step); 1 runs one graph per window. Bench variants `-enc<k>`
+    encoder_batch: int = ENCODER_BATCH
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -65,6 +69,8 @@ class PipelineOptions:
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
         if self.nhwc_norm not in ("", "channel", "group"):
             raise ValueError(f"nhwc_norm must be '', 'channel' or 'group', got {self.nhwc_norm!r}")
+        if not 1 <= self.encoder_batch <= 64:
+            raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
 
@@ -118,7 +124,7 @@ class GpuPipeline:
         self.engine = engine
         self.options = options or PipelineOptions()
         self.device = engine.device
-        self.features = GpuFeaturizer(engine.features)
+        self.features = GpuFeaturizer(engine.features, self.options.encoder_batch)
         step = MuseTalkStep(
             engine.unet,
             engine.vae,

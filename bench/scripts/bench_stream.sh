@@ -1,0 +1,23 @@
+# Issue 4: the streaming bench for pipeline variants side by side, on the GPU machine (repo
+# root). BACKENDS (default compiled,compiled-cpaste; e.g. compiled,compiled-enc1 or
+# compiled,compiled-nhwcnorm), SESSIONS (default 1,12), SWEEP_S. Each run's JSON carries
+# launch_ms_mean and launch_phase_ms_mean. Output: $OUT/bench_stream.json (+ the log). One
+# compiled warm-up per variant: ~4 minutes each on a fresh machine.
+. bench/scripts/device_env.sh
+timeout "${LIMIT:-560}" python3 -m engines.bench --sections streaming \
+    --stream-backends "${BACKENDS:-compiled,compiled-cpaste}" --sessions "${SESSIONS:-1,12}" \
+    --long-s 0 --sweep-s "${SWEEP_S:-12}" --out "${OUT:-/tmp}/bench_stream.json" \
+    >"${OUT:-/tmp}/bench_stream.log" 2>&1
+echo "bench rc=$?"
+python3 - <<'PY'
+import json, os
+d = json.load(open(os.path.join(os.environ.get("OUT", "/tmp"), "bench_stream.json")))
+for name, st in (d.get("streaming") or {}).items():
+    if not isinstance(st, dict):
+        continue
+    for key, run in st.items():
+        if isinstance(run, dict) and "launch_phase_ms_mean" in run:
+            print(name, key, run.get("delivered_fps_min"), run.get("frame_interval_ms_p99"),
+                  run.get("launch_ms_mean"), run.get("launch_phase_ms_mean"))
+PY
+tail -3 "${OUT:-/tmp}/bench_stream.log"

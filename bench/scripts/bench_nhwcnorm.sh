@@ -1,7 +1,8 @@
 # Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200): stock vs
 # channels-last GroupNorm (engines/gpu/nhwc_norm.py), on the GPU machine (repo root).
-#   PART=profile  (~5 min): kernel_profile.py: the VAE stock / channel / group statistics, the
-#                           UNet stock / channel -> $OUT/kp_<model>_<stats>.json
+#   PART=profile  (~3-5 min): kernel_profile.py for RUNS (default "vae:stock vae:channel
+#                           vae:group"; the UNet's compile is longer: RUNS="unet:stock
+#                           unet:channel" as a call of its own) -> $OUT/kp_<model>_<stats>.json
 #   PART=pipeline (~8 min): the bench's MuseTalk reference, full pipeline and accuracy for
 #                           VARIANTS (default compiled,compiled-nhwcnorm; -nhwcgnorm: per-group
 #                           statistics) -> $OUT/bench_nhwcnorm.json
@@ -10,11 +11,11 @@ if [ "${PART:-profile}" = profile ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | grep -v -i "warning" | tail -3
     export PYTHONPATH=/tmp/site:$PWD
-    for mv in vae:stock vae:channel vae:group unet:stock unet:channel; do
+    for mv in ${RUNS:-vae:stock vae:channel vae:group}; do
         m=${mv%%:*}; v=${mv##*:}
         flag=""; [ $v != stock ] && flag="--nhwc-norm $v"
         {
-            timeout "${LIMIT:-120}" python3 -m engines.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
+            timeout "${LIMIT:-170}" python3 -m engines.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
                 --model $m $flag --budget-s 60 >"$OUT/kp_${m}_$v.log" 2>&1
             echo "$m $v rc=$?"
             python3 - "$OUT/kp_${m}_$v.json" <<'PY'

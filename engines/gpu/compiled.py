@@ -132,10 +132,16 @@ class MuseTalkStep(nn.Module):
         if self.decode_from_row:
             pred = pred[:, :, self.decode_from_row :, :]
         image = self.vae.decode((1 / self.scaling) * pred).sample
-        faces = ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+        faces = to_faces(image)
         if self.decode_from_row:
             faces = torch.nn.functional.pad(faces, (0, 0, 8 * self.decode_from_row, 0))
         return faces
+
+
+def to_faces(image: torch.Tensor) -> torch.Tensor:
+    """The VAE decoder's output in [-1, 1] -> uint8 faces (MuseTalk's (x / 2 + 0.5), clamped,
+    x 255, rounded)."""
+    return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
 
 
 @dataclass(frozen=True)

@@ -133,21 +133,17 @@ def summarise(
     }
 
 
-def faces(image: torch.Tensor) -> torch.Tensor:
-    """Decoder output in [-1, 1] -> uint8 pixels, as the pipeline makes them."""
-    return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-
-
 def _model(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> Any:
     """(module to hook, make(module) -> the call to profile, compare(output) -> tensor)."""
     from engines.gpu import measure
+    from engines.gpu.compiled import to_faces
 
     unet, vae, _ = measure.build_models(args.size, dev, dtype)
     g = torch.Generator(device=dev).manual_seed(5)
     side = 32 if args.size == "full" else 8
     if args.model == "vae":
         z = torch.randn((args.batch, 4, side, side), device=dev, generator=g, dtype=dtype)
-        return vae, (lambda m: lambda: m.decode(z).sample), faces
+        return vae, (lambda m: lambda: m.decode(z).sample), to_faces
     lat = torch.randn((args.batch, 8, side, side), device=dev, generator=g, dtype=dtype)
     cond = torch.randn((args.batch, 50, 384), device=dev, generator=g, dtype=dtype)
     t0 = torch.zeros(1, dtype=torch.long, device=dev)

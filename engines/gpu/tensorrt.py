@@ -28,6 +28,7 @@ from engines.gpu.compiled import (
     VAE_SCALING,
     cache_dir,
     positional_encoding,
+    to_faces,
 )
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class TrtStep:
         cond = audio + self.pe.to(audio.dtype)
         pred = self.unet(latents=latents, cond=cond)["pred"]
         image = self.vae(latents=(1 / VAE_SCALING) * pred)["image"]
-        return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+        return to_faces(image)
 
 
 class TrtEncoder:

@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
+from engines.gpu.compiled import to_faces
+
 B = 16
-
-
-def _faces(image: torch.Tensor) -> torch.Tensor:
-    return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -72,9 +70,9 @@ def main(path: str) -> None:
     t0 = torch.zeros(1, dtype=torch.long, device=dev)
     with torch.inference_mode():
         z = unet(lat, t0, encoder_hidden_states=cond).sample / 0.18215
-        ref16 = _faces(vae.decode(z).sample)
+        ref16 = to_faces(vae.decode(z).sample)
         vae32 = copy.deepcopy(vae).float()
-        ref32 = _faces(vae32.decode(z.float()).sample)
+        ref32 = to_faces(vae32.decode(z.float()).sample)
         del vae32
     torch.cuda.empty_cache()
 
@@ -101,7 +99,7 @@ def main(path: str) -> None:
             ic.coordinate_descent_tuning, ic.conv_1x1_as_mm = tune, tune
             try:
                 fn = torch.compile(
-                    lambda x: _faces(v.decode(x).sample), dynamic=False if not dynamic else None
+                    lambda x: to_faces(v.decode(x).sample), dynamic=False if not dynamic else None
                 )
                 x = z.clone()
                 if dynamic:
@@ -130,7 +128,7 @@ def main(path: str) -> None:
             ms = measure.gpu_time_ms(lambda: vae.decode(z).sample, reps=10)
             v = copy.deepcopy(vae)
             fold_upsamplers(v)
-            folded = _faces(v.decode(z).sample)
+            folded = to_faces(v.decode(z).sample)
             msf = measure.gpu_time_ms(lambda: v.decode(z).sample, reps=10)
         return {
             "eager_ms_per_frame": ms["median_ms"] / B,

@@ -12,7 +12,7 @@ ends: op "quit", or the socket closing when the server dies) and runs one asynci
 Events back: "started" {sid, kind}, "dropped" {sid, kind, n}, "state" {sid, state}.
 Every 10 s it logs a stats line (sessions, frames dropped, loop lag, encode times, codecs
 re-opened; `server.encoder_watch`, `server.stall_watch`): INFO, or WARNING when frames were
-dropped, the loop lagged over 100 ms or an encode took over a frame time.
+dropped, the loop lagged over 100 ms or an encode took over two frame times (80 ms).
 """
 
 from __future__ import annotations

@@ -191,8 +191,8 @@ class Bench:
         """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
         `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
-        `compiled-nhwcnorm` / `compiled-nhwcgnorm` (channels-last GroupNorm, statistics per
-        channel / per group), ..."""
+        `compiled-stocknorm` (the stock GroupNorm; the default is channels-last with statistics
+        per channel), `compiled-nhwcgnorm` (channels-last, statistics per group), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -663,14 +663,14 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
 
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
-    """PipelineOptions for
-    `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned][-cpaste][-nhwcnorm|-nhwcgnorm]`."""
-    from engines.gpu.features import ENCODER_BATCH
+    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
+    [-cpaste][-stocknorm|-nhwcnorm|-nhwcgnorm]`; no flag keeps the server's default."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste, nhwc = 0, True, True, False, False, ""
-    enc_batch = ENCODER_BATCH
+    crop, fold, enc, tune, cpaste = 0, True, True, False, False
+    nhwc = PipelineOptions.nhwc_norm
+    enc_batch = PipelineOptions.encoder_batch
     for flag in flags:
         if flag.startswith("crop") and flag[4:].isdigit():
             crop = int(flag[4:])
@@ -684,6 +684,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             tune = True
         elif flag == "cpaste":
             cpaste = True
+        elif flag == "stocknorm":
+            nhwc = ""
         elif flag == "nhwcnorm":
             nhwc = "channel"
         elif flag == "nhwcgnorm":

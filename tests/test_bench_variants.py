@@ -11,7 +11,8 @@ def test_plain_compiled_has_the_server_defaults() -> None:
     o = variant_options("compiled", (2, 4))
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
     assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
-    assert not o.compile_paste and not o.nhwc_norm
+    assert not o.compile_paste and o.nhwc_norm == "channel" and o.encoder_batch == 4
+    assert variant_options("compiled-stocknorm", (2,)).nhwc_norm == ""
 
 
 def test_flags_combine() -> None:
@@ -20,7 +21,7 @@ def test_flags_combine() -> None:
     assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
     assert o.nhwc_norm == "channel"
     assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
-    assert o.encoder_batch == 8
+    assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
     with pytest.raises(ValueError, match="encoder_batch"):
         variant_options("compiled-enc0", (4,))

@@ -18,7 +18,7 @@ import torch
 
 from engines.base import FrameJob
 
-ENCODER_BATCH = 8  # fixed encoder batch (padded): results independent of batch mates
+ENCODER_BATCH = 4  # fixed encoder batch (padded): results independent of batch mates
 STAGING_SLOTS = 2  # host staging buffers of encoder audio in rotation (one may be uploading)
 
 

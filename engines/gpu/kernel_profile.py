@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     fold = args.model == "vae" and not args.no_fold
 
     def comparable(out: torch.Tensor) -> torch.Tensor:
-        return compare(out) if compare is not None else out.float()
+        # int16: uint8 faces would wrap around in the subtraction below (-1 reads as 255)
+        return compare(out).to(torch.int16) if compare is not None else out.float()
 
     with torch.inference_mode():
         reference = comparable(make(model)())  # the stock eager model

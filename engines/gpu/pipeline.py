@@ -52,12 +52,14 @@ class PipelineOptions:
     # it compiles again for each avatar's region size, on the worker thread
     compile_paste: bool = False
     # compiled: the UNet's and the VAE decoder's GroupNorms in channels-last form
-    # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. Opt-in
-    # until measured end to end (bench variants `compiled-nhwcnorm`, `compiled-nhwcgnorm`)
-    nhwc_norm: str = ""
+    # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. On the
+    # H200: VAE decoder 1.56 -> 1.38 ms per frame, full pipeline 524 -> 536 fps, the same
+    # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`)
+    nhwc_norm: str = "channel"
     # whisper passes per encoder call, padded: results never depend on which other passes
-    # shared the call. 8 wastes most of each call when a step needs 1-3 windows (the H200
-    # soak made 1.9 frames per step); 1 runs one graph per window. Bench variants `-enc<k>`
+    # shared the call. On the H200 a call costs 0.44 / 0.53 / 0.81 / 1.33 ms at 1 / 2 / 4 / 8
+    # windows: 4 costs a step of 1-4 windows (12 sessions: ~2) 0.5 ms less than 8 did, and
+    # one of 20 windows the same. Bench variants `-enc<k>`
     encoder_batch: int = ENCODER_BATCH
 
     def __post_init__(self) -> None:

@@ -448,13 +448,7 @@ class Bench:
         sched.start()
         out: dict[str, Any] = {}
         try:
-            runs = [
-                (n, self.o.sweep_s)
-                for n in self.o.sessions
-                if n != self.o.long_sessions or not long_run
-            ]
-            if self.o.long_s > 0 and long_run:
-                runs.append((self.o.long_sessions, self.o.long_s))
+            runs = stream_runs(self.o, long_run)
             out["latency_1_session"] = latency_runs(sched, self.avatar.id, 10)
             for n, secs in runs:
                 print(
@@ -660,6 +654,16 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
         "first_frame_ms_p99": _pct(lat, 99),
         "all_ms": lat,
     }
+
+
+def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
+    """(sessions, seconds) to simulate: each `o.sessions` for `o.sweep_s`; where `long_run`
+    (the first backend) and `o.long_s > 0`, `o.long_sessions` for `o.long_s` instead."""
+    long = long_run and o.long_s > 0
+    runs = [(n, o.sweep_s) for n in o.sessions if not long or n != o.long_sessions]
+    if long:
+        runs.append((o.long_sessions, o.long_s))
+    return runs
 
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:

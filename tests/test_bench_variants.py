@@ -57,3 +57,14 @@ def test_unknown_sections_are_refused() -> None:
     assert BenchOptions(sections=("pipeline", "accuracy")).sections == ("pipeline", "accuracy")
     with pytest.raises(ValueError, match="unknown sections \\['full_pipeline'\\]"):
         BenchOptions(sections=("full_pipeline",))
+
+
+def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
+    """`--long-s 0` used to drop the 20-session point from the first backend's sweep."""
+    from engines.bench import BenchOptions, stream_runs
+
+    o = BenchOptions(sessions=(1, 16, 20), long_sessions=20, long_s=0, sweep_s=12)
+    assert stream_runs(o, long_run=True) == [(1, 12), (16, 12), (20, 12)]
+    o = BenchOptions(sessions=(1, 16, 20), long_sessions=20, long_s=60, sweep_s=12)
+    assert stream_runs(o, long_run=True) == [(1, 12), (16, 12), (20, 60)]
+    assert stream_runs(o, long_run=False) == [(1, 12), (16, 12), (20, 12)]

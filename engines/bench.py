@@ -192,7 +192,8 @@ class Bench:
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
         `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
         `compiled-stocknorm` (the stock GroupNorm; the default is channels-last with statistics
-        per channel), `compiled-nhwcgnorm` (channels-last, statistics per group), ..."""
+        per channel), `compiled-nhwcgnorm` (channels-last, statistics per group),
+        `compiled-tritonnorm` (the decoder's norm + SiLU pairs as Triton kernels), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:
@@ -672,7 +673,7 @@ def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
-    [-cpaste][-stocknorm|-nhwcnorm|-nhwcgnorm]`; no flag keeps the server's default."""
+    [-cpaste][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the server's default."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
@@ -698,6 +699,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             nhwc = "channel"
         elif flag == "nhwcgnorm":
             nhwc = "group"
+        elif flag == "tritonnorm":
+            nhwc = "triton"
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(

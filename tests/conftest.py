@@ -13,10 +13,14 @@ fails only the tests that use the fixture needing it.
 - `astronaut_avatar`: those frames prepared with the tiny VAE's latents (session).
 - `preview_avatar`: the same without latents (what the preview engine needs).
 - `avatars_dir`: an empty folder for an `AvatarStore`.
+
+Without a CUDA GPU, Triton kernels run in Triton's interpreter (numpy on the CPU):
+`TRITON_INTERPRET=1` must be set before triton is first imported, so it is set here.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -25,7 +29,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from leakcheck import leakcheck, pytest_configure  # noqa: F401  (autouse leak check)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/test_triton_norm.py
 
 SPEECH_SECONDS = 3.0
 SAMPLE_RATE = 16_000

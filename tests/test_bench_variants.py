@@ -21,6 +21,7 @@ def test_flags_combine() -> None:
     assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
     assert o.nhwc_norm == "channel"
     assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
+    assert variant_options("compiled-tritonnorm", (4,)).nhwc_norm == "triton"
     assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
     with pytest.raises(ValueError, match="encoder_batch"):

@@ -97,7 +97,7 @@ def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[n
 @pytest.mark.gpu
 @cuda
 @caches
-@pytest.mark.parametrize("nhwc_norm", ["", "channel", "group"])
+@pytest.mark.parametrize("nhwc_norm", ["", "channel", "group", "triton"])
 def test_compiled_matches_eager(gpu_engine, nhwc_norm: str) -> None:  # type: ignore[no-untyped-def]
     from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep
 

@@ -1,17 +1,20 @@
-# Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200): stock vs
-# channels-last GroupNorm (engines/gpu/nhwc_norm.py), on the GPU machine (repo root).
-#   PART=profile  (~3-5 min): kernel_profile.py for RUNS (default "vae:stock vae:channel
-#                           vae:group"; the UNet's compile is longer: RUNS="unet:stock
-#                           unet:channel" as a call of its own) -> $OUT/kp_<model>_<stats>.json
-#   PART=pipeline (~8 min): the bench's MuseTalk reference, full pipeline and accuracy for
-#                           VARIANTS (default compiled,compiled-nhwcnorm; -nhwcgnorm: per-group
-#                           statistics) -> $OUT/bench_nhwcnorm.json
+# Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200 when stock):
+# stock, channels-last (engines/gpu/nhwc_norm.py, the default since session 9) and the Triton
+# kernels (engines/gpu/triton_norm.py), on the GPU machine (repo root).
+#   PART=profile  (~3 min for two runs): kernel_profile.py for RUNS (default "vae:channel
+#                           vae:triton"; also vae:stock, vae:group; the UNet's compile is
+#                           longer: RUNS="unet:stock unet:channel" as a call of its own)
+#                           -> $OUT/kp_<model>_<stats>.json
+#   PART=pipeline (~7 min): the bench's MuseTalk reference, full pipeline and accuracy for
+#                           VARIANTS (default compiled,compiled-tritonnorm; compiled is now
+#                           the channels-last form; -stocknorm, -nhwcgnorm for the others)
+#                           -> $OUT/bench_nhwcnorm.json
 OUT="${OUT:-/tmp}"
 if [ "${PART:-profile}" = profile ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl 2>&1 | grep -v -i "warning" | tail -3
     export PYTHONPATH=/tmp/site:$PWD
-    for mv in ${RUNS:-vae:stock vae:channel vae:group}; do
+    for mv in ${RUNS:-vae:channel vae:triton}; do
         m=${mv%%:*}; v=${mv##*:}
         flag=""; [ $v != stock ] && flag="--nhwc-norm $v"
         {
@@ -30,7 +33,7 @@ PY
 else
     . bench/scripts/device_env.sh
     timeout "${LIMIT:-560}" python3 -m engines.bench --sections reference,pipeline,accuracy \
-        --backends "torch,${VARIANTS:-compiled,compiled-nhwcnorm}" --out "$OUT/bench_nhwcnorm.json" \
+        --backends "torch,${VARIANTS:-compiled,compiled-tritonnorm}" --out "$OUT/bench_nhwcnorm.json" \
         >"$OUT/bench_nhwcnorm.log" 2>&1
     echo "bench rc=$?"
     python3 - "$OUT/bench_nhwcnorm.json" <<'PY'

@@ -82,7 +82,9 @@ class MuseTalkStep(nn.Module):
     `nhwc_norm` ("channel" or "group": how the statistics are taken; "" for off) swaps the
     GroupNorms of the UNet and the decoder for their channels-last form
     (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order): the
-    decoder's on the same private copy, the UNet's on a copy that shares its weights."""
+    decoder's on the same private copy, the UNet's on a copy that shares its weights.
+    "triton" runs the decoder's norms that a SiLU follows (norm + SiLU) as Triton kernels
+    (`engines.gpu.triton_norm`) and the other norms per channel."""
 
     unet: Any
     vae: Any
@@ -101,10 +103,16 @@ class MuseTalkStep(nn.Module):
             raise ValueError(
                 f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
             )
+        if nhwc_norm not in ("", "channel", "group", "triton"):
+            raise ValueError(
+                f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {nhwc_norm!r}"
+            )
+        # "triton": the decoder's norms before a SiLU as Triton kernels, the rest per channel
+        torch_stats = "channel" if nhwc_norm == "triton" else nhwc_norm
         if nhwc_norm:
             from engines.gpu.nhwc_norm import swapped_copy
 
-            unet = swapped_copy(unet, nhwc_norm)  # the same weights, its GroupNorms swapped
+            unet = swapped_copy(unet, torch_stats)  # the same weights, its GroupNorms swapped
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)
@@ -116,7 +124,13 @@ class MuseTalkStep(nn.Module):
         if nhwc_norm:
             from engines.gpu.nhwc_norm import swap_group_norms
 
-            if swap_group_norms(getattr(vae, "decoder", vae), nhwc_norm) == 0:
+            decoder = getattr(vae, "decoder", vae)
+            swapped = 0
+            if nhwc_norm == "triton":
+                from engines.gpu.triton_norm import swap_decoder_norms
+
+                swapped = swap_decoder_norms(decoder)
+            if swapped + swap_group_norms(decoder, torch_stats) == 0:
                 raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae
         self.scaling = scaling

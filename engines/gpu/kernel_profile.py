@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         const="channel",
         default="",
-        choices=["channel", "group"],
-        help="channels-last GroupNorms, statistics per channel (default) or per group",
+        choices=["channel", "group", "triton"],
+        help="channels-last GroupNorms, statistics per channel (default) or per group; triton:"
+        " the decoder's norm + SiLU pairs as Triton kernels (engines.gpu.triton_norm)",
     )
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
@@ -191,7 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.nhwc_norm:
         from engines.gpu.nhwc_norm import swap_group_norms
 
-        swap_group_norms(getattr(model, "decoder", model), args.nhwc_norm)
+        target = getattr(model, "decoder", model)
+        if args.nhwc_norm == "triton":
+            from engines.gpu.triton_norm import swap_decoder_norms
+
+            swap_decoder_norms(target)
+        swap_group_norms(target, "channel" if args.nhwc_norm == "triton" else args.nhwc_norm)
     if fold:
         fold_upsamplers(model)
     if not args.nchw:

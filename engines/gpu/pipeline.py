@@ -54,7 +54,8 @@ class PipelineOptions:
     # compiled: the UNet's and the VAE decoder's GroupNorms in channels-last form
     # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. On the
     # H200: VAE decoder 1.56 -> 1.38 ms per frame, full pipeline 524 -> 536 fps, the same
-    # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`)
+    # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`;
+    # `-tritonnorm`: the decoder's norm + SiLU pairs as Triton kernels, engines.gpu.triton_norm)
     nhwc_norm: str = "channel"
     # whisper passes per encoder call, padded: results never depend on which other passes
     # shared the call. On the H200 a call costs 0.44 / 0.53 / 0.81 / 1.33 ms at 1 / 2 / 4 / 8
@@ -69,8 +70,10 @@ class PipelineOptions:
             )
         if self.output not in ("i420", "rgb"):
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
-        if self.nhwc_norm not in ("", "channel", "group"):
-            raise ValueError(f"nhwc_norm must be '', 'channel' or 'group', got {self.nhwc_norm!r}")
+        if self.nhwc_norm not in ("", "channel", "group", "triton"):
+            raise ValueError(
+                f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {self.nhwc_norm!r}"
+            )
         if not 1 <= self.encoder_batch <= 64:
             raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
         if self.host_slots < 2:

@@ -466,6 +466,7 @@ class Bench:
             sched.stop()
         ok = [int(k) for k, v in out.items() if k.isdigit() and v["holds_realtime"]]
         out["max_sessions_realtime"] = max(ok) if ok else 0
+        out["max_sessions_by_lead"] = max_sessions_by_lead(out)
         return out
 
     def encoders(self) -> dict[str, Any]:
@@ -580,16 +581,17 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     intervals: list[float] = []
     first: list[float] = []
     fps: list[float] = []
-    late = late_buffered = 0
+    late_by_lead = [0] * (MAX_LEAD_FRAMES + 1)
+    lateness_ms: list[float] = []
     for s in sessions:
         d = s.delivered
         if not d:
             continue
         first.append((d[0] - s.first_audio) * 1e3)
-        # playout: frame i is shown at d[0] + i/25; late if it arrives after that
-        late += sum(1 for i, t in enumerate(d) if t > d[0] + i / FPS + 1e-3)
-        # with one frame (40 ms) of playout buffer, as a jitter buffer would hold
-        late_buffered += sum(1 for i, t in enumerate(d) if t > d[0] + (i + 1) / FPS + 1e-3)
+        behind = playout_lateness_ms(d)
+        lateness_ms.extend(behind)
+        for lead in range(MAX_LEAD_FRAMES + 1):
+            late_by_lead[lead] += sum(1 for x in behind if x > lead * 1e3 / FPS + 1.0)
         intervals.extend(np.diff(d).tolist())
         fps.append((len(d) - 1) / (d[-1] - d[0]) if len(d) > 1 else 0.0)
     intervals_ms = [x * 1e3 for x in intervals]
@@ -608,8 +610,14 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         "first_frame_ms_p50": _pct(first, 50),
         "first_frame_ms_p99": _pct(first, 99),
         "first_frame_ms_max": max(first) if first else None,
-        "late_frames_no_buffer": late,
-        "late_frames_40ms_buffer": late_buffered,
+        # playout from the first frame's arrival, 25 fps: frames arriving after their slot
+        # with 0, 1, 2, 3 frames (0-120 ms) of playout lead (the server's start_lead_frames
+        # adapts to the step time), and how far behind its slot a frame arrived
+        "late_frames_no_buffer": late_by_lead[0],
+        "late_frames_40ms_buffer": late_by_lead[1],
+        "late_frames_by_lead": late_by_lead,
+        "frame_lateness_ms_p99": _pct(lateness_ms, 99),
+        "frame_lateness_ms_max": max(lateness_ms) if lateness_ms else None,
         "batch_mean": statistics.mean([h.frames for h in hist]) if hist else 0,
         "batch_max": max([h.frames for h in hist]) if hist else 0,
         "steps": sched.steps - steps0,
@@ -626,9 +634,39 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         res["frames_delivered"] == expect
         and res["delivered_fps_min"] >= 24.5
         and p99 <= 60.0
-        and late_buffered == 0
+        and late_by_lead[1] == 0
     )
     return res
+
+
+MAX_LEAD_FRAMES = 3
+
+
+def max_sessions_by_lead(runs: dict[str, Any]) -> list[int]:
+    """For a playout lead of 0..MAX_LEAD_FRAMES frames: the most sessions of `runs` (the
+    streaming section's {"N": result}) that got every frame at >= 24.5 fps with none late
+    (what a viewer sees with the server's `start_lead_frames` at that lead; 0 if none did)."""
+    out = []
+    for lead in range(MAX_LEAD_FRAMES + 1):
+        ok = [
+            int(k)
+            for k, v in runs.items()
+            if k.isdigit()
+            and v["frames_delivered"] == v["frames_expected"]
+            and v["delivered_fps_min"] >= 24.5
+            and v["late_frames_by_lead"][lead] == 0
+        ]
+        out.append(max(ok) if ok else 0)
+    return out
+
+
+def playout_lateness_ms(delivered: list[float]) -> list[float]:
+    """Per frame, how far (ms, >= 0) after its playout slot it arrived: frame i's slot is
+    delivered[0] + i / 25 s (playout from the first frame's arrival at 25 fps)."""
+    if not delivered:
+        return []
+    t0 = delivered[0]
+    return [max(0.0, (t - t0 - i / FPS) * 1e3) for i, t in enumerate(delivered)]
 
 
 def _launch_totals(sched: Any) -> dict[str, float]:
@@ -821,7 +859,7 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
                     "frame_interval_ms_p99",
                     "first_frame_ms_p50",
                     "first_frame_ms_p99",
-                    "late_frames_40ms_buffer",
+                    "late_frames_by_lead",
                     "batch_mean",
                     "holds_realtime",
                 )

@@ -1,0 +1,64 @@
+"""The streaming bench's simulation (`engines.bench.simulate`) through the real scheduler on
+the CPU, with the preview engine standing in for the GPU pipeline (CI has no GPU): sessions
+pushing speech in real time get every frame, and the playout figures add up."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from engines.bench import MAX_LEAD_FRAMES, playout_lateness_ms, simulate
+
+
+def test_playout_lateness_counts_from_the_first_frames_arrival() -> None:
+    # frames 1 and 3 arrive 10 ms and 50 ms after their slots; 2 is early (not negative)
+    got = playout_lateness_ms([1.0, 1.05, 1.07, 1.17])
+    assert got == pytest.approx([0.0, 10.0, 0.0, 50.0])
+    assert playout_lateness_ms([]) == []
+
+
+def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    from engines.preview import PreviewEngine
+    from engines.scheduler import SchedulerOptions, create_scheduler
+
+    engine = PreviewEngine()
+    engine.load_avatar(preview_avatar)
+    sched = create_scheduler(engine, SchedulerOptions(max_batch=8, output="rgb"))
+    sched.start()
+    try:
+        res = simulate(sched, preview_avatar.id, n=2, seconds=1.5, torch=None)
+    finally:
+        sched.stop()
+    assert res["errors"] == 0
+    assert res["frames_delivered"] == res["frames_expected"] > 2 * 30
+    assert len(res["late_frames_by_lead"]) == MAX_LEAD_FRAMES + 1
+    # more playout lead never makes more frames late
+    lates = res["late_frames_by_lead"]
+    assert all(a >= b for a, b in itertools.pairwise(lates))
+    assert res["late_frames_40ms_buffer"] == lates[1]
+    assert res["frame_lateness_ms_max"] >= res["frame_lateness_ms_p99"] >= 0
+    assert res["first_frame_ms_p50"] is not None and res["first_frame_ms_p50"] > 100  # lookahead
+
+
+def test_max_sessions_by_lead() -> None:
+    from engines.bench import max_sessions_by_lead
+
+    def run(late: list[int], fps: float = 25.0, missing: int = 0) -> dict:
+        return {
+            "frames_delivered": 100 - missing,
+            "frames_expected": 100,
+            "delivered_fps_min": fps,
+            "late_frames_by_lead": late,
+        }
+
+    runs = {
+        "1": run([0, 0, 0, 0]),
+        "12": run([50, 0, 0, 0]),
+        "16": run([400, 90, 0, 0]),
+        "20": run([900, 500, 80, 0], fps=24.0),  # below 25 fps: never counts
+        "latency_1_session": {"first_frame_ms_p50": 110.0},
+        "24": run([0, 0, 0, 0], missing=3),  # frames missing: never counts
+    }
+    assert max_sessions_by_lead(runs) == [1, 12, 16, 16]
+    assert max_sessions_by_lead({}) == [0, 0, 0, 0]

@@ -711,11 +711,12 @@ def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
-    [-cpaste][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the server's default."""
+    [-cpaste][-melgraph][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the
+    server's default."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste = 0, True, True, False, False
+    crop, fold, enc, tune, cpaste, mel_graph = 0, True, True, False, False, False
     nhwc = PipelineOptions.nhwc_norm
     enc_batch = PipelineOptions.encoder_batch
     for flag in flags:
@@ -739,6 +740,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             nhwc = "group"
         elif flag == "tritonnorm":
             nhwc = "triton"
+        elif flag == "melgraph":
+            mel_graph = True
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(
@@ -752,6 +755,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         compile_paste=cpaste,
         nhwc_norm=nhwc,
         encoder_batch=enc_batch,
+        log_mel_in_graph=mel_graph,
     )
 
 

@@ -22,6 +22,8 @@ def test_flags_combine() -> None:
     assert o.nhwc_norm == "channel"
     assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
     assert variant_options("compiled-tritonnorm", (4,)).nhwc_norm == "triton"
+    assert variant_options("compiled-melgraph", (4,)).log_mel_in_graph
+    assert not o.log_mel_in_graph
     assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
     with pytest.raises(ValueError, match="encoder_batch"):

@@ -97,6 +97,40 @@ def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[n
 @pytest.mark.gpu
 @cuda
 @caches
+def test_compiled_encoder_with_the_log_mel_in_its_graph(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    """`log_mel_in_graph`: the encoder's CUDA graph takes the windows and computes the log-mel
+    itself; the features match the eager featurizer's, and repeat bit for bit."""
+    from engines.gpu.compiled import CompiledEncoder
+    from engines.gpu.features import GpuFeaturizer
+
+    eng, _ = gpu_engine
+    audio = _speech(ready_horizon(30))
+    jobs = [FrameJob(i, ready_horizon(i), i) for i in (0, 5, 17, 30)]
+    eager = GpuFeaturizer(eng.features, encoder_batch=2)
+    want = eager.stream_many([(audio, jobs)]).float()
+    graphed = GpuFeaturizer(eng.features, encoder_batch=2)
+    enc = CompiledEncoder(
+        graphed.encoder,
+        2,
+        int(graphed.mel_filters.shape[1]),
+        2 * graphed.window_steps,
+        log_mel=graphed.log_mel,
+        samples=graphed.window_samples,
+    )
+    assert enc.takes_wave and enc.shape == (2, graphed.window_samples)
+    enc.warm_up()
+    graphed.run_windows = enc
+    got = graphed.stream_many([(audio, jobs)]).float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert torch.equal(got, graphed.stream_many([(audio, jobs)]).float())
+    with pytest.raises(ValueError, match="samples"):
+        CompiledEncoder(graphed.encoder, 2, 80, 3000, log_mel=graphed.log_mel)
+
+
+@pytest.mark.gpu
+@cuda
+@caches
 @pytest.mark.parametrize("nhwc_norm", ["", "channel", "group", "triton"])
 def test_compiled_matches_eager(gpu_engine, nhwc_norm: str) -> None:  # type: ignore[no-untyped-def]
     from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,16 +341,34 @@ class CompiledEncoder:
     hidden states (B, steps, 5, d), torch.compile'd for its one fixed batch (the featurizer
     always pads to it) and captured as one CUDA graph. Other shapes run the compiled
     function without the graph. The returned tensor is the graph's output buffer: read it
-    (on the same stream) before the next call."""
+    (on the same stream) before the next call.
 
-    def __init__(self, encoder: nn.Module, batch: int, n_mels: int, frames: int) -> None:
+    With `log_mel` (the featurizer's, wave (B, samples) float32 -> mel) and `samples`, the
+    graph takes the zero-padded windows themselves and computes the log-mel inside it: the
+    ~25 eager ops of a log-mel per encoder call (host time on the worker thread) become
+    part of the one replay."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        batch: int,
+        n_mels: int,
+        frames: int,
+        log_mel: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        samples: int = 0,
+    ) -> None:
         if not torch.cuda.is_available():
             raise EngineError("the compiled encoder needs a CUDA GPU")
+        if log_mel is not None and samples <= 0:
+            raise ValueError("a compiled encoder with log_mel needs the window's samples")
         param = next(encoder.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.shape = (batch, n_mels, frames)
+        self.takes_wave = log_mel is not None
+        self.shape = (batch, samples) if self.takes_wave else (batch, n_mels, frames)
+        self.input_dtype = torch.float32 if self.takes_wave else self.dtype
 
-        def run(mel: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            mel = log_mel(x).to(self.dtype) if log_mel is not None else x
             return torch.stack(encoder(mel, output_hidden_states=True).hidden_states, dim=2)
 
         use_inductor_cache()
@@ -365,7 +383,7 @@ class CompiledEncoder:
     @torch.inference_mode()
     def warm_up(self) -> float:
         t0 = time.perf_counter()
-        mel = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        mel = torch.zeros(self.shape, dtype=self.input_dtype, device=self.device)
         try:
             self._graph, self._out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
         except Exception as exc:  # inductor failure: keep the eager encoder, still graphed
@@ -377,14 +395,17 @@ class CompiledEncoder:
         torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - t0
         log.info(
-            "compiled whisper encoder ready: batch=%d seconds=%.1f", self.shape[0], self.warmup_s
+            "compiled whisper encoder ready: batch=%d log_mel_inside=%s seconds=%.1f",
+            self.shape[0],
+            self.takes_wave,
+            self.warmup_s,
         )
         return self.warmup_s
 
     @torch.inference_mode()
     def __call__(self, mel: torch.Tensor) -> torch.Tensor:
         if self._graph is None or self._mel is None or tuple(mel.shape) != self.shape:
-            return self._fn(mel.to(self.dtype))
+            return self._fn(mel.to(self.input_dtype))
         self._mel.copy_(mel)
         self._graph.replay()
         assert self._out is not None

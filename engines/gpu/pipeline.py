@@ -62,6 +62,9 @@ class PipelineOptions:
     # windows: 4 costs a step of 1-4 windows (12 sessions: ~2) 0.5 ms less than 8 did, and
     # one of 20 windows the same. Bench variants `-enc<k>`
     encoder_batch: int = ENCODER_BATCH
+    # compiled: the log-mel inside the encoder's CUDA graph (one replay per encoder call
+    # instead of ~25 eager ops + a replay). Opt-in until measured (bench variant `-melgraph`)
+    log_mel_in_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -153,8 +156,13 @@ class GpuPipeline:
                     self.features.encoder_batch,
                     int(self.features.mel_filters.shape[1]),
                     2 * self.features.window_steps,
+                    log_mel=self.features.log_mel if self.options.log_mel_in_graph else None,
+                    samples=self.features.window_samples,
                 )
-                self.features.run_encoder = self.encoder
+                if self.encoder.takes_wave:
+                    self.features.run_windows = self.encoder
+                else:
+                    self.features.run_encoder = self.encoder
         elif self.options.backend == "tensorrt":
             from engines.gpu.tensorrt import Profile, load_or_build
 

@@ -196,3 +196,42 @@ def test_the_op_copies_an_nchw_input_rather_than_fail() -> None:
     assert got.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(got, _reference(norm, x, True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_musetalk_step_with_triton_norms(fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MuseTalkStep(nhwc_norm="triton")`: the decoder's norm + SiLU pairs on the kernels,
+    its other norms and the UNet's in the channels-last torch form; the eager VAE untouched;
+    the faces within 1/255 of the stock step's."""
+    from engines.gpu.compiled import MuseTalkStep
+    from engines.gpu.nhwc_norm import ChannelsLastGroupNorm
+
+    class Unet(nn.Module):  # stands in for the UNet (returns the latents)
+        def forward(self, latents, timestep, encoder_hidden_states):  # type: ignore[no-untyped-def]
+            class Out:
+                sample = latents
+
+            return Out()
+
+    _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
+    vae = vae.to(DEV)
+    plain = MuseTalkStep(Unet(), vae).eval().to(DEV)
+    step = MuseTalkStep(Unet(), vae, fold_upsample=fold, nhwc_norm="triton").eval().to(DEV)
+    assert not any(isinstance(m, TritonGroupNorm) for m in vae.modules())
+    decoder = list(step.vae.decoder.modules())
+    assert any(isinstance(m, TritonGroupNorm) for m in decoder)
+    assert any(isinstance(m, ChannelsLastGroupNorm) for m in decoder)  # the attention's norm
+    assert not any(type(m) is nn.GroupNorm for m in decoder)
+    step = step.to(memory_format=torch.channels_last)
+    calls = []
+    real = triton_norm.group_norm_nhwc
+    monkeypatch.setattr(triton_norm, "group_norm_nhwc", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    lat = torch.randn(2, 4, 8, 8, generator=g).to(DEV)
+    aud = torch.randn(2, 50, 384, generator=g).to(DEV)
+    with torch.no_grad():
+        a = plain(lat, aud)
+        b = step(lat.contiguous(memory_format=torch.channels_last), aud)
+    assert calls
+    assert a.dtype == torch.uint8 and a.shape == b.shape
+    assert (a.int() - b.int()).abs().max() <= 1

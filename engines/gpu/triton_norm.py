@@ -348,6 +348,8 @@ def swap_decoder_norms(decoder: nn.Module) -> int:
     identity) and the output norm (`conv_norm_out`; `conv_act` becomes an identity). Other
     norms (the mid-block attention's, on a (N, C, H*W) view) are left as they are. Returns
     how many norms were swapped."""
+    if triton is None:
+        raise RuntimeError("the Triton GroupNorm kernels need the triton package")
     count = 0
     for block in list(decoder.modules()):
         fuse = (

@@ -49,22 +49,11 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
 
 def _time_ms(fn: Callable[[], Any], reps: int, dev: torch.device) -> float:
     """Median ms per call (CUDA events on the GPU; wall clock on the CPU)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    from engines.gpu import measure
+
+    if dev.type == "cuda":
+        return float(measure.gpu_time_ms(fn, reps=reps)["median_ms"])
+    return measure.cpu_time_ms(fn, reps=reps, warmup=1)
 
 
 def bench_shape(

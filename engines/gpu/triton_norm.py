@@ -61,10 +61,27 @@ def tile_shape(channels: int, positions: int) -> tuple[int, int]:
     return block_p, block_c
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tile(positions, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile of a (N, positions, channels) tensor: image n, tile blk, the
+        channels c (valid where c_ok), the elements' offsets and the mask of valid ones."""
+        n = tl.program_id(0)
+        blk = tl.program_id(1)
+        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        mask = (p[:, None] < positions) & c_ok[None, :]
+        offs = n.to(tl.int64) * positions * channels + p[:, None].to(tl.int64) * channels
+        return n, blk, c, c_ok, offs + c[None, :], mask
+
+
 @functools.cache
 def _kernels() -> Any:
-    """The three kernels, built on first use: Triton reads `TRITON_INTERPRET` when a kernel
-    is defined, so a CPU test can set it after this module is imported."""
+    """The three kernels, defined on first use (no JIT work at import). Whether they run
+    compiled or in Triton's interpreter is fixed when triton is imported (`TRITON_INTERPRET`;
+    tests/conftest.py sets it where there is no GPU)."""
     if triton is None:
         raise RuntimeError("the Triton GroupNorm kernels need the triton package")
 
@@ -79,15 +96,7 @@ def _kernels() -> Any:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        n = tl.program_id(0)
-        blk = tl.program_id(1)
-        cb = tl.program_id(2)
-        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
-        mask = (p[:, None] < positions) & c_ok[None, :]
-        base = n.to(tl.int64) * positions * channels
-        offs = base + p[:, None].to(tl.int64) * channels + c[None, :]
+        n, blk, c, c_ok, offs, mask = _tile(positions, channels, BLOCK_P, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(positions - blk * BLOCK_P, BLOCK_P).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
@@ -166,15 +175,7 @@ def _kernels() -> Any:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        n = tl.program_id(0)
-        blk = tl.program_id(1)
-        cb = tl.program_id(2)
-        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < channels
-        mask = (p[:, None] < positions) & c_ok[None, :]
-        offs = n.to(tl.int64) * positions * channels + p[:, None].to(tl.int64) * channels
-        offs = offs + c[None, :]
+        n, _, c, c_ok, offs, mask = _tile(positions, channels, BLOCK_P, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(scale_ptr + n * channels + c, mask=c_ok, other=0.0)
         b = tl.load(shift_ptr + n * channels + c, mask=c_ok, other=0.0)

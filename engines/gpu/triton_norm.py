@@ -311,12 +311,9 @@ def _group_norm_op(*args: Any) -> torch.Tensor:
     return torch.ops.lipstream.group_norm_nhwc(*args)
 
 
-# inductor is asked to hand the op its input with the strides eager had (channels-last);
-# should it not, the op makes a channels-last copy rather than fail
-_STRIDES = tuple(getattr(torch.Tag, t) for t in ("needs_exact_strides",) if hasattr(torch.Tag, t))
-
-
-@torch.library.custom_op("lipstream::group_norm_nhwc", mutates_args=(), tags=_STRIDES)
+# inductor hands a custom op its inputs with the strides eager had (channels-last here) by
+# default since torch 2.4; should it not, the op makes a channels-last copy rather than fail
+@torch.library.custom_op("lipstream::group_norm_nhwc", mutates_args=())
 def _group_norm_custom(
     x: torch.Tensor,
     groups: int,

@@ -193,7 +193,7 @@ class Bench:
         `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
         `compiled-stocknorm` (the stock GroupNorm; the default is channels-last with statistics
         per channel), `compiled-nhwcgnorm` (channels-last, statistics per group),
-        `compiled-tritonnorm` (the decoder's norm + SiLU pairs as Triton kernels), ..."""
+        `compiled-tritonnorm` (the norm + SiLU pairs as Triton kernels), ..."""
         from engines.gpu.pipeline import GpuPipeline
 
         if name not in self.pipelines:

@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from engines.gpu import measure, triton_norm
-from engines.gpu.triton_norm import TritonGroupNorm, group_norm_nhwc, swap_decoder_norms, tile_shape
+from engines.gpu.triton_norm import (
+    TritonGroupNorm,
+    group_norm_nhwc,
+    swap_norm_silu_pairs,
+    tile_shape,
+)
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -134,7 +139,7 @@ def test_swapped_decoder_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> No
     swapped = copy.deepcopy(vae)
     resnets = [m for m in vae.decoder.modules() if hasattr(m, "norm1") and hasattr(m, "norm2")]
     assert resnets
-    n = swap_decoder_norms(swapped.decoder)
+    n = swap_norm_silu_pairs(swapped.decoder)
     assert n == 2 * len(resnets) + 1  # norm1, norm2 of each resnet, and conv_norm_out
     assert isinstance(swapped.decoder.conv_act, nn.Identity)
     assert swapped.state_dict().keys() == vae.state_dict().keys()
@@ -201,8 +206,8 @@ def test_the_op_copies_an_nchw_input_rather_than_fail() -> None:
 @pytest.mark.parametrize("fold", [False, True])
 def test_musetalk_step_with_triton_norms(fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """`MuseTalkStep(nhwc_norm="triton")`: the decoder's norm + SiLU pairs on the kernels,
-    its other norms and the UNet's in the channels-last torch form; the eager VAE untouched;
-    the faces within 1/255 of the stock step's."""
+    its other norm (the attention's) in the channels-last torch form; the eager VAE
+    untouched; the faces within 1/255 of the stock step's."""
     from engines.gpu.compiled import MuseTalkStep
     from engines.gpu.nhwc_norm import ChannelsLastGroupNorm
 
@@ -235,3 +240,38 @@ def test_musetalk_step_with_triton_norms(fold: bool, monkeypatch: pytest.MonkeyP
     assert calls
     assert a.dtype == torch.uint8 and a.shape == b.shape
     assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_swapped_unet_predicts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny UNet with its resnets' norm + SiLU pairs on the kernels: the resnets'
+    `nonlinearity` still applies the SiLU to the time embedding (2-D) and nothing else; the
+    transformer blocks' norms stay; the prediction matches the stock UNet's."""
+    from engines.gpu.nhwc_norm import shared_copy
+
+    unet, _, _ = measure.build_models("tiny", "cpu", torch.float32)
+    unet = unet.to(DEV)
+    twin = shared_copy(unet)
+    resnets = [m for m in unet.modules() if hasattr(m, "norm1") and hasattr(m, "time_emb_proj")]
+    assert resnets
+    n = swap_norm_silu_pairs(twin)
+    assert n == 2 * len(resnets) + 1
+    assert any(type(m) is nn.GroupNorm for m in twin.modules())  # the transformers' norms
+    assert not any(isinstance(m, TritonGroupNorm) for m in unet.modules())  # original intact
+    act = next(m.nonlinearity for m in twin.modules() if hasattr(m, "time_emb_proj"))
+    v, fmap = torch.randn(2, 8), torch.randn(2, 4, 3, 3)
+    assert torch.equal(act(v), nn.functional.silu(v)) and act(fmap) is fmap
+    calls = []
+    real = triton_norm.group_norm_nhwc
+    monkeypatch.setattr(triton_norm, "group_norm_nhwc", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    lat = torch.randn(2, 8, 8, 8, generator=g).to(DEV)
+    cond = torch.randn(2, 50, 384, generator=g).to(DEV)
+    t0 = torch.zeros(1, dtype=torch.long, device=DEV)
+    with torch.inference_mode():
+        want = unet(lat, t0, encoder_hidden_states=cond).sample
+        twin = twin.to(memory_format=torch.channels_last)
+        got = twin(
+            lat.contiguous(memory_format=torch.channels_last), t0, encoder_hidden_states=cond
+        ).sample
+    assert len(calls) == n
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

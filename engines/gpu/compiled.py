@@ -83,8 +83,8 @@ class MuseTalkStep(nn.Module):
     GroupNorms of the UNet and the decoder for their channels-last form
     (`engines.gpu.nhwc_norm`: the same arithmetic in the activations' own memory order): the
     decoder's on the same private copy, the UNet's on a copy that shares its weights.
-    "triton" runs the decoder's norms that a SiLU follows (norm + SiLU) as Triton kernels
-    (`engines.gpu.triton_norm`) and the other norms per channel."""
+    "triton" runs the norms that a SiLU follows (norm + SiLU, in the UNet and the decoder) as
+    Triton kernels (`engines.gpu.triton_norm`) and the other norms per channel."""
 
     unet: Any
     vae: Any
@@ -107,12 +107,17 @@ class MuseTalkStep(nn.Module):
             raise ValueError(
                 f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {nhwc_norm!r}"
             )
-        # "triton": the decoder's norms before a SiLU as Triton kernels, the rest per channel
+        # "triton": the norms before a SiLU as Triton kernels, the rest per channel
         torch_stats = "channel" if nhwc_norm == "triton" else nhwc_norm
         if nhwc_norm:
-            from engines.gpu.nhwc_norm import swapped_copy
+            from engines.gpu.nhwc_norm import shared_copy, swap_group_norms
 
-            unet = swapped_copy(unet, torch_stats)  # the same weights, its GroupNorms swapped
+            unet = shared_copy(unet)  # the same weights, its GroupNorms swapped
+            if nhwc_norm == "triton":
+                from engines.gpu.triton_norm import swap_norm_silu_pairs
+
+                swap_norm_silu_pairs(unet)
+            swap_group_norms(unet, torch_stats)
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)
@@ -122,14 +127,10 @@ class MuseTalkStep(nn.Module):
             if fold_upsamplers(vae) == 0:
                 raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
         if nhwc_norm:
-            from engines.gpu.nhwc_norm import swap_group_norms
-
             decoder = getattr(vae, "decoder", vae)
             swapped = 0
             if nhwc_norm == "triton":
-                from engines.gpu.triton_norm import swap_decoder_norms
-
-                swapped = swap_decoder_norms(decoder)
+                swapped = swap_norm_silu_pairs(decoder)
             if swapped + swap_group_norms(decoder, torch_stats) == 0:
                 raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         choices=["channel", "group", "triton"],
         help="channels-last GroupNorms, statistics per channel (default) or per group; triton:"
-        " the decoder's norm + SiLU pairs as Triton kernels (engines.gpu.triton_norm)",
+        " the norm + SiLU pairs as Triton kernels (engines.gpu.triton_norm)",
     )
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
 
         target = getattr(model, "decoder", model)
         if args.nhwc_norm == "triton":
-            from engines.gpu.triton_norm import swap_decoder_norms
+            from engines.gpu.triton_norm import swap_norm_silu_pairs
 
-            swap_decoder_norms(target)
+            swap_norm_silu_pairs(target)
         swap_group_norms(target, "channel" if args.nhwc_norm == "triton" else args.nhwc_norm)
     if fold:
         fold_upsamplers(model)

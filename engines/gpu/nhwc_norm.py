@@ -101,10 +101,15 @@ def swap_group_norms(module: nn.Module, stats: str = "channel") -> int:
     return len(targets)
 
 
-def swapped_copy(module: nn.Module, stats: str = "channel") -> nn.Module:
-    """A copy of `module`'s structure with its GroupNorms swapped; parameters and buffers are
-    the same tensors as the original's (no memory), whose own modules are left alone."""
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s structure whose parameters and buffers are the original's own
+    tensors (no memory): modules can be swapped in it without touching the original."""
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    twin = copy.deepcopy(module, memo=shared)
+    return copy.deepcopy(module, memo=shared)
+
+
+def swapped_copy(module: nn.Module, stats: str = "channel") -> nn.Module:
+    """A `shared_copy` of `module` with its GroupNorms swapped."""
+    twin = shared_copy(module)
     swap_group_norms(twin, stats)
     return twin

@@ -55,7 +55,7 @@ class PipelineOptions:
     # (engines.gpu.nhwc_norm), statistics per "channel" or per "group"; "" = stock. On the
     # H200: VAE decoder 1.56 -> 1.38 ms per frame, full pipeline 524 -> 536 fps, the same
     # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`;
-    # `-tritonnorm`: the decoder's norm + SiLU pairs as Triton kernels, engines.gpu.triton_norm)
+    # `-tritonnorm`: the norm + SiLU pairs as Triton kernels, engines.gpu.triton_norm)
     nhwc_norm: str = "channel"
     # whisper passes per encoder call, padded: results never depend on which other passes
     # shared the call. On the H200 a call costs 0.44 / 0.53 / 0.81 / 1.33 ms at 1 / 2 / 4 / 8

@@ -17,9 +17,9 @@ How, for x of shape (N, C, H, W) stored channels-last (memory (N, H*W, C)):
 3. `_group_norm_apply`: each program reads a tile, applies y = x * scale + shift (and y * sigmoid(y)
    where the SiLU is fused) and writes it in x's dtype and layout.
 
-So the input is read twice and the output written once, in memory order. `swap_decoder_norms`
-puts `TritonGroupNorm` into a VAE decoder, absorbing the SiLU that follows a norm where the
-module structure says so (resnets without a time embedding, and the output norm). Off CUDA
+So the input is read twice and the output written once, in memory order. `swap_norm_silu_pairs`
+puts `TritonGroupNorm` into a VAE decoder or a UNet, absorbing the SiLU that follows a norm
+where the module structure says so (resnet blocks, and the output norm). Off CUDA
 (or without Triton) the module computes the same math with torch ops, which is what the CPU
 tests compare against `nn.GroupNorm`; the kernels themselves are tested on the CPU through
 Triton's interpreter (`TRITON_INTERPRET=1`).
@@ -339,35 +339,44 @@ def _group_norm_fake(
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-def swap_decoder_norms(decoder: nn.Module) -> int:
-    """Swap the GroupNorms of a diffusers VAE decoder that a SiLU follows for
+class _SiLUOnVectors(nn.Module):
+    """A resnet block's `nonlinearity` once its norms carry the SiLU themselves: still SiLU
+    for the time embedding (2-D), the identity for the feature maps that already had it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x) if x.dim() == 2 else x
+
+
+def swap_norm_silu_pairs(module: nn.Module) -> int:
+    """Swap the GroupNorms inside a diffusers VAE decoder or UNet that a SiLU follows for
     `TritonGroupNorm(silu=True)` (in place), the SiLU moving into the norm: `norm1` and
-    `norm2` of resnet blocks without a time embedding (their `nonlinearity` becomes an
-    identity) and the output norm (`conv_norm_out`; `conv_act` becomes an identity). Other
-    norms (the mid-block attention's, on a (N, C, H*W) view) are left as they are. Returns
-    how many norms were swapped."""
+    `norm2` of resnet blocks (unless their time embedding modulates between norm2 and the
+    SiLU, "scale_shift"), whose `nonlinearity` then only acts on the time embedding (or
+    becomes an identity without one), and the output norm (`conv_norm_out`, whose `conv_act`
+    becomes an identity). Other norms (attention and transformer inputs) are left as they
+    are. Returns how many norms were swapped."""
     if triton is None:
         raise RuntimeError("the Triton GroupNorm kernels need the triton package")
     count = 0
-    for block in list(decoder.modules()):
+    for block in list(module.modules()):
         fuse = (
             type(getattr(block, "norm1", None)) is nn.GroupNorm
             and type(getattr(block, "norm2", None)) is nn.GroupNorm
             and type(getattr(block, "nonlinearity", None)) is nn.SiLU
-            and getattr(block, "time_emb_proj", None) is None
-            # "scale_shift" puts a modulation between norm2 and the SiLU; the decoder's
-            # "default" (mid block) and "group" (up blocks) do not
+            # "scale_shift" puts a modulation between norm2 and the SiLU; "default" (UNet,
+            # VAE mid block) and "group" (VAE up blocks) do not
             and getattr(block, "time_embedding_norm", "default") != "scale_shift"
         )
         if fuse:
             for name in ("norm1", "norm2"):
                 setattr(block, name, TritonGroupNorm(getattr(block, name), silu=True))
-            block.nonlinearity = nn.Identity()
+            has_temb = getattr(block, "time_emb_proj", None) is not None
+            block.nonlinearity = _SiLUOnVectors() if has_temb else nn.Identity()
             count += 2
-    out_norm = getattr(decoder, "conv_norm_out", None)
-    if type(out_norm) is nn.GroupNorm and type(getattr(decoder, "conv_act", None)) is nn.SiLU:
-        decoder.conv_norm_out = TritonGroupNorm(out_norm, silu=True)
-        decoder.conv_act = nn.Identity()
+    out_norm = getattr(module, "conv_norm_out", None)
+    if type(out_norm) is nn.GroupNorm and type(getattr(module, "conv_act", None)) is nn.SiLU:
+        module.conv_norm_out = TritonGroupNorm(out_norm, silu=True)
+        module.conv_act = nn.Identity()
         count += 1
-    log.info("swapped %d decoder group norms (+ SiLU) for the Triton kernels", count)
+    log.info("swapped %d group norms (+ SiLU) for the Triton kernels", count)
     return count

@@ -1,0 +1,45 @@
+"""The real scheduler on a modelled GPU (`engines.modelled_gpu`, CPU only): the model's
+arithmetic, and an end-to-end run where a GPU too slow for the load shows up as late frames
+and a fast one does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engines.modelled_gpu import CALIBRATIONS, GpuModel, main, run_point
+
+
+def test_gpu_time_interpolates_and_extends_the_measured_points() -> None:
+    m = GpuModel(4.0, 0.2, ((1, 5.0), (4, 11.0), (10, 23.0)))
+    assert m.gpu_ms(1) == 5.0 and m.gpu_ms(0) == 5.0
+    assert m.gpu_ms(2) == pytest.approx(7.0)
+    assert m.gpu_ms(7) == pytest.approx(17.0)
+    assert m.gpu_ms(20) == pytest.approx(43.0)  # past the last point at its slope
+    assert m.host_ms(10) == pytest.approx(6.0)
+    fast = GpuModel(4.0, 0.2, m.gpu_points, speedup=0.5)
+    assert fast.gpu_ms(7) == pytest.approx(8.5)
+
+
+def test_a_slow_gpu_makes_late_frames_and_a_fast_one_does_not() -> None:
+    base = CALIBRATIONS["h200-2026-12-01"]()
+    slow = GpuModel(base.host_ms_per_step, base.host_ms_per_frame, base.gpu_points, speedup=4.0)
+    fast = GpuModel(base.host_ms_per_step, base.host_ms_per_frame, base.gpu_points, speedup=0.2)
+    r_slow = run_point(slow, 4, 2.0, 2, 0.5)
+    r_fast = run_point(fast, 4, 2.0, 2, 0.5)
+    assert r_fast["frames_delivered"] == r_fast["frames_expected"] > 4 * 40
+    assert r_fast["late_frames_by_lead"][2] == 0
+    # 4 sessions at 4x the H200's batch time: about 1.3 GPUs' worth of work
+    assert r_slow["late_frames_by_lead"][2] > 20
+    assert r_slow["modelled_gpu_busy"] > 0.8 > r_fast["modelled_gpu_busy"]
+    assert r_slow["batch_mean"] > r_fast["batch_mean"]  # batches grow with the backlog
+
+
+def test_cli_writes_each_point(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "mg.json"
+    main([str(out), "--sessions", "1,2", "--speedup", "1.0", "--seconds", "1.0"])
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"speedup1_inflight2_n1", "speedup1_inflight2_n2"}
+    assert res["runs"]["speedup1_inflight2_n2"]["sessions"] == 2
+    assert "a model" in res["what"]

@@ -59,6 +59,7 @@ class BenchOptions:
     long_sessions: int = 20  # the N run for `long_s` seconds
     long_s: float = 60.0
     sweep_s: float = 12.0
+    gather_s: float = 0.0  # streaming: SchedulerOptions.gather_s of the simulated scheduler
     clip_s: float = 10.0
     height: int = 720
     width: int = 1280
@@ -75,6 +76,8 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.sessions) or self.long_s < 0 or self.sweep_s <= 0:
             raise ValueError("sessions must be >= 1 and durations positive")
+        if self.gather_s < 0:
+            raise ValueError(f"gather_s must be >= 0, got {self.gather_s}")
         unknown = {b.split("-")[0] for b in (*self.backends, *self.stream_backends)} - {
             "torch",
             "compiled",
@@ -447,9 +450,10 @@ class Bench:
         # batch, so the first utterance pays no lazy set-up (without it the H200 runs read
         # 206-257 ms for the first of ten utterances, 111 ms for the rest)
         p.prepare_avatar(self.avatar.id)
-        sched = GpuScheduler(
-            self.engine, SchedulerOptions(max_batch=max(self.o.buckets), output="i420"), pipeline=p
+        opts = SchedulerOptions(
+            max_batch=max(self.o.buckets), output="i420", gather_s=self.o.gather_s
         )
+        sched = GpuScheduler(self.engine, opts, pipeline=p)
         sched.start()
         out: dict[str, Any] = {}
         try:
@@ -909,6 +913,7 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", default="1,8,16,20,24")
     ap.add_argument("--long-s", type=float, default=60.0)
     ap.add_argument("--sweep-s", type=float, default=12.0)
+    ap.add_argument("--gather-ms", type=float, default=0.0)
     ap.add_argument("--sections", default=",".join(BenchOptions().sections))
     ap.add_argument("--backends", default="torch,compiled")
     ap.add_argument("--stream-backends", default="compiled")
@@ -918,6 +923,7 @@ if __name__ == "__main__":
             sessions=tuple(int(x) for x in a.sessions.split(",")),
             long_s=a.long_s,
             sweep_s=a.sweep_s,
+            gather_s=a.gather_ms / 1e3,
             sections=tuple(a.sections.split(",")),
             backends=tuple(a.backends.split(",")),
             stream_backends=tuple(a.stream_backends.split(",")),

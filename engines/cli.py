@@ -129,6 +129,9 @@ def bench_cmd(
     ),
     long_s: float = typer.Option(60.0, "--long-s", help="Seconds of the run at 20 sessions."),
     sweep_s: float = typer.Option(12.0, "--sweep-s", help="Seconds per sweep point."),
+    gather_ms: float = typer.Option(
+        0.0, "--gather-ms", help="Streaming: the scheduler's gather_s in ms (0: off)."
+    ),
     backends: str = typer.Option(
         "torch,compiled", "--backends", help="Offline backends (name[-cropN])."
     ),
@@ -173,6 +176,7 @@ def bench_cmd(
             sessions=tuple(int(x) for x in (sessions or "1,8,12,16,20,24").split(",")),
             long_s=long_s,
             sweep_s=sweep_s,
+            gather_s=gather_ms / 1e3,
             backends=tuple(backends.split(",")),
             stream_backends=tuple(stream_backends.split(",")),
             sections=tuple(sections.split(",")) if sections else BenchOptions().sections,

@@ -149,18 +149,24 @@ def _sleep_until(t: float) -> None:
 
 
 def run_point(
-    model: GpuModel, sessions: int, seconds: float, in_flight: int, lookahead_s: float
+    model: GpuModel,
+    sessions: int,
+    seconds: float,
+    in_flight: int,
+    lookahead_s: float,
+    gather_s: float = 0.0,
 ) -> dict[str, Any]:
     """One `engines.bench.simulate` run of `sessions` through the real scheduler on `model`."""
+    # the scheduler imports this (and torch) at its first GPU launch: not inside the run
+    import engines.gpu.pipeline  # noqa: F401
     from engines.bench import simulate
     from engines.preview import PreviewEngine
     from engines.scheduler import GpuScheduler, SchedulerOptions
 
-    # the scheduler imports this (and torch) at its first GPU launch: not inside the run
-    import engines.gpu.pipeline  # noqa: F401
-
     pipeline = ModelledPipeline(model)
-    opts = SchedulerOptions(max_batch=48, max_in_flight=in_flight, lookahead_s=lookahead_s)
+    opts = SchedulerOptions(
+        max_batch=48, max_in_flight=in_flight, lookahead_s=lookahead_s, gather_s=gather_s
+    )
     sched = GpuScheduler(PreviewEngine(), opts, pipeline=pipeline)
     sched.start()
     t0 = time.perf_counter()
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--speedup", default="1.0", help="GPU time factors, e.g. 1.0,0.85,0.7")
     ap.add_argument("--in-flight", default="2", help="max_in_flight values, e.g. 1,2,3")
     ap.add_argument("--lookahead", type=float, default=0.5)
+    ap.add_argument("--gather-ms", default="0", help="SchedulerOptions.gather_s values (ms)")
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--calibration", default="h200-2026-12-01", choices=sorted(CALIBRATIONS))
     args = ap.parse_args(argv)
@@ -213,14 +220,19 @@ def main(argv: list[str] | None = None) -> None:
             base.host_ms_per_step, base.host_ms_per_frame, base.gpu_points, speedup=speedup
         )
         for in_flight in (int(v) for v in args.in_flight.split(",")):
-            for n in (int(v) for v in args.sessions.split(",")):
-                key = f"speedup{speedup:g}_inflight{in_flight}_n{n}"
-                print(f"[modelled_gpu] {key} ...", file=sys.stderr, flush=True)
-                r = run_point(model, n, args.seconds, in_flight, args.lookahead)
-                res["runs"][key] = {k: r.get(k) for k in KEYS} | {"sessions": n}
-                print(f"[modelled_gpu] {key} {res['runs'][key]}", file=sys.stderr, flush=True)
-                with open(args.out, "w") as fh:
-                    json.dump(res, fh, indent=1)
+            for gather_ms in (float(v) for v in args.gather_ms.split(",")):
+                for n in (int(v) for v in args.sessions.split(",")):
+                    key = f"speedup{speedup:g}_inflight{in_flight}_n{n}"
+                    if gather_ms:
+                        key += f"_gather{gather_ms:g}ms"
+                    print(f"[modelled_gpu] {key} ...", file=sys.stderr, flush=True)
+                    r = run_point(
+                        model, n, args.seconds, in_flight, args.lookahead, gather_ms / 1e3
+                    )
+                    res["runs"][key] = {k: r.get(k) for k in KEYS} | {"sessions": n}
+                    print(f"[modelled_gpu] {key} {res['runs'][key]}", file=sys.stderr, flush=True)
+                    with open(args.out, "w") as fh:
+                        json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,15 @@ class SchedulerOptions:
     max_in_flight: int = 2
     lookahead_s: float = 0.5
     output: str = "rgb"  # frames handed back: "rgb" (H, W, 3) or "i420" (flat planes)
+    # opt-in: once a GPU slot is free and work has come, wait up to this long for more frames
+    # (fewer, larger batches: less per-step GPU overhead, more latency). 0: take what is there
+    gather_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be >= 1")
-        if self.lookahead_s < 0:
-            raise ValueError("lookahead_s must be >= 0")
+        if self.lookahead_s < 0 or self.gather_s < 0:
+            raise ValueError("lookahead_s and gather_s must be >= 0")
         if self.output not in ("rgb", "i420"):
             raise ValueError(f"output must be rgb or i420, got {self.output!r}")
 
@@ -167,6 +170,8 @@ class GpuScheduler(WorkQueue):
         )
         while True:
             self._in_flight.acquire()  # at most max_in_flight batches on the GPU
+            if self.options.gather_s > 0:
+                self._gather(self.options.gather_s)
             batch = self._next_step(self.pick)
             if batch is None:
                 break
@@ -193,6 +198,20 @@ class GpuScheduler(WorkQueue):
                 self._count_launch_phases()
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
+
+    def _gather(self, seconds: float) -> None:
+        """Wait for work, then up to `seconds` more while fewer than `max_batch` frames are
+        queued (returns early for stopping or a pending call)."""
+        with self._cond:
+            while not (self._stopping or self._calls or self._queues):
+                self._cond.wait()
+            end = time.perf_counter() + seconds
+            while not (self._stopping or self._calls):
+                frames = sum(len(item.jobs) for q in self._queues.values() for item in q)
+                left = end - time.perf_counter()
+                if frames >= self.options.max_batch or left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _count_launch_phases(self) -> None:
         """Add what the pipeline's launch phases took since the last step to the metrics."""

@@ -71,3 +71,11 @@ def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
     o = BenchOptions(sessions=(1, 16, 20), long_sessions=20, long_s=60, sweep_s=12)
     assert stream_runs(o, long_run=True) == [(1, 12), (16, 12), (20, 60)]
     assert stream_runs(o, long_run=False) == [(1, 12), (16, 12), (20, 12)]
+
+
+def test_gather_is_a_bench_option() -> None:
+    from engines.bench import BenchOptions
+
+    assert BenchOptions(gather_s=0.02).gather_s == 0.02
+    with pytest.raises(ValueError, match="gather_s"):
+        BenchOptions(gather_s=-1.0)

@@ -43,3 +43,21 @@ def test_cli_writes_each_point(tmp_path) -> None:  # type: ignore[no-untyped-def
     assert set(res["runs"]) == {"speedup1_inflight2_n1", "speedup1_inflight2_n2"}
     assert res["runs"]["speedup1_inflight2_n2"]["sessions"] == 2
     assert "a model" in res["what"]
+
+
+def test_gathering_makes_fewer_larger_batches() -> None:
+    """`SchedulerOptions.gather_s`: after a GPU slot frees, the scheduler waits that long for
+    more frames, so the same load runs in fewer, larger batches."""
+    base = CALIBRATIONS["h200-2026-12-01"]()
+    now = run_point(base, 6, 2.0, 2, 0.5)
+    gathered = run_point(base, 6, 2.0, 2, 0.5, gather_s=0.03)
+    assert gathered["frames_delivered"] == gathered["frames_expected"]
+    assert gathered["batch_mean"] > 1.5 * now["batch_mean"]
+    assert gathered["steps"] < now["steps"]
+
+
+def test_gather_must_not_be_negative() -> None:
+    from engines.scheduler import SchedulerOptions
+
+    with pytest.raises(ValueError, match="gather_s"):
+        SchedulerOptions(gather_s=-0.01)

@@ -445,13 +445,16 @@ class Bench:
         from engines.scheduler import GpuScheduler, SchedulerOptions
 
         torch = self.torch
-        p = self.pipeline(name)
+        base, gather_s = split_gather(name)
+        p = self.pipeline(base)  # "compiled-gather20" streams through "compiled"'s pipeline
         # as the server's load_avatar does: one silent frame through every stage and the peak
         # batch, so the first utterance pays no lazy set-up (without it the H200 runs read
         # 206-257 ms for the first of ten utterances, 111 ms for the rest)
         p.prepare_avatar(self.avatar.id)
         opts = SchedulerOptions(
-            max_batch=max(self.o.buckets), output="i420", gather_s=self.o.gather_s
+            max_batch=max(self.o.buckets),
+            output="i420",
+            gather_s=self.o.gather_s if gather_s is None else gather_s,
         )
         sched = GpuScheduler(self.engine, opts, pipeline=p)
         sched.start()
@@ -701,6 +704,19 @@ def latency_runs(sched: Any, avatar_id: str, utterances: int) -> dict[str, Any]:
         "first_frame_ms_p99": _pct(lat, 99),
         "all_ms": lat,
     }
+
+
+def split_gather(name: str) -> tuple[str, float | None]:
+    """A streaming variant's `-gather<ms>` flag (the scheduler's gather_s) split off its
+    pipeline name: "compiled-gather20" -> ("compiled", 0.02); without one, (name, None)."""
+    parts = name.split("-")
+    flags = [f for f in parts[1:] if f.startswith("gather")]
+    if not flags:
+        return name, None
+    ms = flags[-1][len("gather") :]
+    if len(flags) > 1 or not ms.isdigit():
+        raise ValueError(f"bad gather flag in {name!r}: want one -gather<ms>, e.g. -gather20")
+    return "-".join(p for p in parts if not p.startswith("gather")), int(ms) / 1e3
 
 
 def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:

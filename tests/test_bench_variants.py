@@ -79,3 +79,14 @@ def test_gather_is_a_bench_option() -> None:
     assert BenchOptions(gather_s=0.02).gather_s == 0.02
     with pytest.raises(ValueError, match="gather_s"):
         BenchOptions(gather_s=-1.0)
+
+
+def test_a_streaming_variant_can_name_its_gather() -> None:
+    from engines.bench import split_gather
+
+    assert split_gather("compiled-gather20") == ("compiled", 0.02)
+    assert split_gather("compiled-tritonnorm-gather5") == ("compiled-tritonnorm", 0.005)
+    assert split_gather("compiled") == ("compiled", None)
+    for bad in ("compiled-gather", "compiled-gatherX", "compiled-gather5-gather10"):
+        with pytest.raises(ValueError, match="gather"):
+            split_gather(bad)

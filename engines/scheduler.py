@@ -45,8 +45,9 @@ class SchedulerOptions:
     max_in_flight: int = 2
     lookahead_s: float = 0.5
     output: str = "rgb"  # frames handed back: "rgb" (H, W, 3) or "i420" (flat planes)
-    # opt-in: once a GPU slot is free and work has come, wait up to this long for more frames
-    # (fewer, larger batches: less per-step GPU overhead, more latency). 0: take what is there
+    # opt-in: once a GPU slot is free while another batch is still running, wait up to this
+    # long for more frames (fewer, larger batches: less per-step GPU overhead, at most this
+    # much more latency; an idle GPU takes what is there at once). 0: never wait
     gather_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -100,6 +101,8 @@ class GpuScheduler(WorkQueue):
         self._deliver_thread: threading.Thread | None = None
         self._deliveries: queue.Queue[Any] = queue.Queue()
         self._in_flight = threading.Semaphore(self.options.max_in_flight)
+        self._on_gpu = 0  # batches launched and not yet delivered (under _on_gpu_lock)
+        self._on_gpu_lock = threading.Lock()
         self.history: deque[StepStats] = deque(maxlen=100_000)
         self.frames = 0
         self.steps = 0
@@ -170,7 +173,7 @@ class GpuScheduler(WorkQueue):
         )
         while True:
             self._in_flight.acquire()  # at most max_in_flight batches on the GPU
-            if self.options.gather_s > 0:
+            if self.options.gather_s > 0 and self._on_gpu > 0:
                 self._gather(self.options.gather_s)
             batch = self._next_step(self.pick)
             if batch is None:
@@ -196,11 +199,19 @@ class GpuScheduler(WorkQueue):
                 self.metrics.worker_batch.observe(frames)
                 self.metrics.worker_launch.observe(launch_s)
                 self._count_launch_phases()
+            with self._on_gpu_lock:
+                self._on_gpu += 1
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
 
+    def _batch_off_gpu(self) -> None:
+        with self._on_gpu_lock:
+            self._on_gpu -= 1
+        self._in_flight.release()
+
     def _gather(self, seconds: float) -> None:
-        """Wait for work, then up to `seconds` more while fewer than `max_batch` frames are
+        """While another batch is still on the GPU (so a lone session is never held back):
+        wait for work, then up to `seconds` more while fewer than `max_batch` frames are
         queued (returns early for stopping or a pending call)."""
         with self._cond:
             while not (self._stopping or self._calls or self._queues):
@@ -279,10 +290,10 @@ class GpuScheduler(WorkQueue):
             except Exception as exc:
                 for item in batch:
                     _call_done(item, None, exc)
-                self._in_flight.release()
+                self._batch_off_gpu()
                 self._check_device(exc)
                 continue
-            self._in_flight.release()
+            self._batch_off_gpu()
             for item, frames in zip(batch, per_item, strict=True):
                 _call_done(item, frames, None)
 

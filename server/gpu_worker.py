@@ -78,16 +78,19 @@ def create_worker(
     scheduler = create_scheduler(
         engine,
         # I420 straight from the GPU: half the host copy, no colour conversion on the CPU
-        SchedulerOptions(max_batch=settings.max_batch, output="i420"),
+        SchedulerOptions(
+            max_batch=settings.max_batch, output="i420", gather_s=settings.gather_ms / 1e3
+        ),
         backend=backend,
         metrics=metrics,
         warm_up=warm_up,
     )
     worker = GpuWorker(engine, scheduler.options, scheduler.pipeline, metrics)
     log.info(
-        "gpu scheduler chosen: backend=%s max_batch=%d warm_up_s=%.1f",
+        "gpu scheduler chosen: backend=%s max_batch=%d gather_ms=%g warm_up_s=%.1f",
         backend,
         settings.max_batch,
+        settings.gather_ms,
         time.perf_counter() - t0,
     )
     return worker

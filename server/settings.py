@@ -55,6 +55,10 @@ class Settings:
     media_processes: int = -1
     # worker
     max_batch: int = 16  # frames per engine step, across sessions
+    # GPU scheduler: wait up to this long for more frames when a GPU slot frees while another
+    # batch still runs (fewer, larger batches; 0: off). Opt-in: predicted by a model, not yet
+    # measured on a GPU (README "Benchmarks")
+    gather_ms: float = 0.0
     # input limits
     max_upload_bytes: int = 100 * 1024 * 1024
     max_sdp_bytes: int = 64 * 1024
@@ -126,6 +130,8 @@ class Settings:
                 f"malloc_trim_interval_s must be in 0..{MAX_INTERVAL_S:g} (0: off), "
                 f"got {self.malloc_trim_interval_s}"
             )
+        if not 0 <= self.gather_ms <= 200:
+            raise SettingsError(f"gather_ms must be in 0..200 (0: off), got {self.gather_ms}")
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")

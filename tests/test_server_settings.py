@@ -29,6 +29,8 @@ def test_precedence_and_parsing() -> None:
     assert s.host == "127.0.0.1"  # default
     assert "0123456789" not in repr(s) and s.public()["api_key_set"] is True
     assert "api_key" not in s.public()
+    assert s.gather_ms == 0.0  # off unless asked for
+    assert Settings.from_env({"LIPSTREAM_GATHER_MS": "20"}).gather_ms == 20.0
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,8 @@ def test_precedence_and_parsing() -> None:
         ({"LIPSTREAM_PORT": "70000"}, "port"),
         ({"LIPSTREAM_HOLD_FRAMES": "-1"}, "hold_frames"),
         ({"LIPSTREAM_API_KEY": "short"}, "api_key"),
+        ({"LIPSTREAM_GATHER_MS": "-5"}, "gather_ms"),
+        ({"LIPSTREAM_GATHER_MS": "500"}, "gather_ms"),
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str], words: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engines.gpu import measure
-from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, swap_group_norms, swapped_copy
+from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, shared_copy, swap_group_norms, swap_norms
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 7, 5), (3, 64, 9), (2, 16, 4, 4, 3)])
@@ -101,9 +101,10 @@ def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
     assert (a.int() - b.int()).abs().max() <= 1
 
 
-def test_swapped_copy_shares_the_weights_and_leaves_the_original() -> None:
+def test_a_swapped_shared_copy_shares_the_weights_and_leaves_the_original() -> None:
     unet, _, _ = measure.build_models("tiny", "cpu", torch.float32)
-    twin = swapped_copy(unet)
+    twin = shared_copy(unet)
+    assert swap_norms(twin, "channel") > 0
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in twin.modules())
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in unet.modules())
     mine, theirs = dict(unet.named_parameters()), dict(twin.named_parameters())
@@ -116,3 +117,14 @@ def test_swapped_copy_shares_the_weights_and_leaves_the_original() -> None:
         want = unet(lat, t0, encoder_hidden_states=cond).sample
         got = twin(lat, t0, encoder_hidden_states=cond).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_swap_norms_takes_each_form_and_refuses_others() -> None:
+    from engines.gpu.nhwc_norm import NORM_FORMS
+
+    assert NORM_FORMS == ("", "channel", "group", "triton")
+    model = nn.Sequential(nn.GroupNorm(2, 8), nn.GroupNorm(4, 8))
+    assert swap_norms(model, "") == 0 and type(model[0]) is nn.GroupNorm
+    assert swap_norms(model, "group") == 2 and model[1].stats == "group"
+    with pytest.raises(ValueError, match="nhwc_norm must be"):
+        swap_norms(model, "welford")

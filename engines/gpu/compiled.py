@@ -103,21 +103,12 @@ class MuseTalkStep(nn.Module):
             raise ValueError(
                 f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
             )
-        if nhwc_norm not in ("", "channel", "group", "triton"):
-            raise ValueError(
-                f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {nhwc_norm!r}"
-            )
-        # "triton": the norms before a SiLU as Triton kernels, the rest per channel
-        torch_stats = "channel" if nhwc_norm == "triton" else nhwc_norm
+        from engines.gpu.nhwc_norm import check_norm_form, shared_copy, swap_norms
+
+        check_norm_form(nhwc_norm)
         if nhwc_norm:
-            from engines.gpu.nhwc_norm import shared_copy, swap_group_norms
-
             unet = shared_copy(unet)  # the same weights, its GroupNorms swapped
-            if nhwc_norm == "triton":
-                from engines.gpu.triton_norm import swap_norm_silu_pairs
-
-                swap_norm_silu_pairs(unet)
-            swap_group_norms(unet, torch_stats)
+            swap_norms(unet, nhwc_norm)
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)
@@ -126,13 +117,8 @@ class MuseTalkStep(nn.Module):
 
             if fold_upsamplers(vae) == 0:
                 raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
-        if nhwc_norm:
-            decoder = getattr(vae, "decoder", vae)
-            swapped = 0
-            if nhwc_norm == "triton":
-                swapped = swap_norm_silu_pairs(decoder)
-            if swapped + swap_group_norms(decoder, torch_stats) == 0:
-                raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
+        if nhwc_norm and swap_norms(getattr(vae, "decoder", vae), nhwc_norm) == 0:
+            raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae
         self.scaling = scaling
         self.decode_from_row = decode_from_row

@@ -190,14 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         reference = comparable(make(model)())  # the stock eager model
     if args.nhwc_norm:
-        from engines.gpu.nhwc_norm import swap_group_norms
+        from engines.gpu.nhwc_norm import swap_norms
 
-        target = getattr(model, "decoder", model)
-        if args.nhwc_norm == "triton":
-            from engines.gpu.triton_norm import swap_norm_silu_pairs
-
-            swap_norm_silu_pairs(target)
-        swap_group_norms(target, "channel" if args.nhwc_norm == "triton" else args.nhwc_norm)
+        swap_norms(getattr(model, "decoder", model), args.nhwc_norm)
     if fold:
         fold_upsamplers(model)
     if not args.nchw:

@@ -13,8 +13,8 @@ last (a view of an NHWC tensor) as (N, positions, C), statistics in float32 (per
 then combined per group; or per group directly), then one scale and shift per channel: one
 read for the statistics, one read and one write for the output. Output has the input's dtype and, for an NHWC input, is NHWC again. Same arithmetic
 as `torch.nn.GroupNorm` up to the order of float32 summation. `swap_group_norms` swaps every
-GroupNorm inside a module (in place; `swapped_copy` swaps in a copy that shares the
-original's weights); the parameters are the same tensors, so state dicts are unchanged.
+GroupNorm inside a module (in place; `swap_norms` does it for any of `NORM_FORMS`, and a
+`shared_copy` shares the original's weights); the parameters are the same tensors, so state dicts are unchanged.
 """
 
 from __future__ import annotations
@@ -101,15 +101,33 @@ def swap_group_norms(module: nn.Module, stats: str = "channel") -> int:
     return len(targets)
 
 
+# the forms a model's GroupNorms can take on the compiled path: "" stock, "channel" / "group"
+# channels-last with statistics per channel / per group, "triton" the norm + SiLU pairs as
+# Triton kernels (engines.gpu.triton_norm) and the other norms per channel
+NORM_FORMS = ("", "channel", "group", "triton")
+
+
+def check_norm_form(form: str) -> None:
+    if form not in NORM_FORMS:
+        raise ValueError(f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {form!r}")
+
+
+def swap_norms(module: nn.Module, form: str) -> int:
+    """Put `module`'s GroupNorms into `form` (one of NORM_FORMS; in place). Returns how many
+    were swapped ("" swaps none)."""
+    check_norm_form(form)
+    if not form:
+        return 0
+    swapped = 0
+    if form == "triton":
+        from engines.gpu.triton_norm import swap_norm_silu_pairs
+
+        swapped = swap_norm_silu_pairs(module)
+    return swapped + swap_group_norms(module, "channel" if form == "triton" else form)
+
+
 def shared_copy(module: nn.Module) -> nn.Module:
     """A copy of `module`'s structure whose parameters and buffers are the original's own
     tensors (no memory): modules can be swapped in it without touching the original."""
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo=shared)
-
-
-def swapped_copy(module: nn.Module, stats: str = "channel") -> nn.Module:
-    """A `shared_copy` of `module` with its GroupNorms swapped."""
-    twin = shared_copy(module)
-    swap_group_norms(twin, stats)
-    return twin

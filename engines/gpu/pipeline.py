@@ -32,6 +32,7 @@ from engines.base import EngineError, FrameJob
 from engines.gpu import paste
 from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 from engines.gpu.features import ENCODER_BATCH, GpuFeaturizer
+from engines.gpu.nhwc_norm import check_norm_form
 from engines.scheduler import LAUNCH_PHASES
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ class PipelineOptions:
             )
         if self.output not in ("i420", "rgb"):
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
-        if self.nhwc_norm not in ("", "channel", "group", "triton"):
-            raise ValueError(
-                f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {self.nhwc_norm!r}"
-            )
+        check_norm_form(self.nhwc_norm)
         if not 1 <= self.encoder_batch <= 64:
             raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
         if self.host_slots < 2:

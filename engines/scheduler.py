@@ -214,13 +214,11 @@ class GpuScheduler(WorkQueue):
         wait for work, then up to `seconds` more while fewer than `max_batch` frames are
         queued (returns early for stopping or a pending call)."""
         with self._cond:
-            while not (self._stopping or self._calls or self._queues):
-                self._cond.wait()
+            self._wait_for_work()
             end = time.perf_counter() + seconds
             while not (self._stopping or self._calls):
-                frames = sum(len(item.jobs) for q in self._queues.values() for item in q)
                 left = end - time.perf_counter()
-                if frames >= self.options.max_batch or left <= 0:
+                if self.queued() >= self.options.max_batch or left <= 0:
                     return
                 self._cond.wait(left)
 

@@ -96,8 +96,7 @@ class WorkQueue:
         """On the engine thread: wait for work, run the pending calls and return the items
         `pick` takes (with the lock held); None once stopping."""
         with self._cond:
-            while not (self._stopping or self._calls or self._queues):
-                self._cond.wait()
+            self._wait_for_work()
             if self._stopping:
                 return None
             calls = list(self._calls)
@@ -111,6 +110,11 @@ class WorkQueue:
             except BaseException as exc:
                 fut.set_exception(exc)
         return batch
+
+    def _wait_for_work(self) -> None:
+        """Block (lock held) until there is an item, a call or a stop."""
+        while not (self._stopping or self._calls or self._queues):
+            self._cond.wait()
 
     def _pick_due(self, max_frames: int, lookahead_s: float = math.inf) -> list[Any]:
         """Items to run next (call with the lock held): earliest deadline first across

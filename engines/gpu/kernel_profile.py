@@ -108,14 +108,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    from engines.gpu import measure
-
-    if device.type == "cuda":
-        return float(measure.gpu_time_ms(fn, reps=10)["median_ms"])
-    return measure.cpu_time_ms(fn, reps=3, warmup=1)
-
-
 def summarise(
     table: list[tuple[str, float]], frames: int, flops_per_frame: float
 ) -> dict[str, Any]:
@@ -171,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     args = ap.parse_args(argv)
+    from engines.gpu import measure
     from engines.gpu.compiled import use_inductor_cache
     from engines.gpu.fold import fold_upsamplers
 
@@ -218,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def profile_of(fn: Callable[[], Any]) -> dict[str, Any]:
         out = summarise(kernel_table(fn, args.reps, dev), args.reps * args.batch, flops["total"])
-        out["event_ms_per_frame"] = _median_ms(fn, dev) / args.batch
+        out["event_ms_per_frame"] = measure.median_ms(fn, dev, 10, cpu_reps=3) / args.batch
         d = (comparable(fn()) - reference).abs().max()
         out["max_diff_vs_stock"] = int(d) if compare is not None else float(d)
         return out

@@ -52,6 +52,16 @@ def cpu_time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 2) -> float
     return statistics.median(times)
 
 
+def median_ms(
+    fn: Callable[[], Any], device: torch.device, reps: int, cpu_reps: int | None = None
+) -> float:
+    """Median ms of `fn`: CUDA events on a GPU (`gpu_time_ms`), the wall clock on the CPU
+    (`cpu_time_ms`, `cpu_reps` times if given: CPU smoke runs are slow)."""
+    if device.type == "cuda":
+        return float(gpu_time_ms(fn, reps=reps)["median_ms"])
+    return cpu_time_ms(fn, reps=cpu_reps or reps, warmup=1)
+
+
 def build_models(size: str, device: str | torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """Random (unet, vae, whisper encoder) of MuseTalk's shapes, built on `device`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -47,15 +47,6 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
     return tuple(out)
 
 
-def _time_ms(fn: Callable[[], Any], reps: int, dev: torch.device) -> float:
-    """Median ms per call (CUDA events on the GPU; wall clock on the CPU)."""
-    from engines.gpu import measure
-
-    if dev.type == "cuda":
-        return float(measure.gpu_time_ms(fn, reps=reps)["median_ms"])
-    return measure.cpu_time_ms(fn, reps=reps, warmup=1)
-
-
 def bench_shape(
     x: torch.Tensor,
     norm: nn.GroupNorm,
@@ -65,7 +56,7 @@ def bench_shape(
 ) -> dict[str, Any]:
     """One shape: {form: {ms, GB_s, max_diff}} for eager, compiled channels-last and each
     Triton launch shape; `x` channels-last, `norm` in x's dtype."""
-    from engines.gpu import triton_norm
+    from engines.gpu import measure, triton_norm
     from engines.gpu.nhwc_norm import ChannelsLastGroupNorm
 
     nbytes = 3 * x.numel() * x.element_size()
@@ -86,7 +77,7 @@ def bench_shape(
         forms[f"triton_t{tile}_w{warps}"] = run
     row: dict[str, Any] = {"MB": x.numel() * x.element_size() / 2**20}
     for name, fn in forms.items():
-        ms = _time_ms(fn, reps, x.device)
+        ms = measure.median_ms(fn, x.device, reps)
         diff = float((fn().float() - want).abs().max())
         row[name] = {"ms": ms, "GB_s": nbytes / ms / 1e6, "max_diff": diff}
     return row

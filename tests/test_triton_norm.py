@@ -30,6 +30,15 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one each time the kernels run (`group_norm_nhwc`, wrapped)."""
+    calls: list[int] = []
+    real = triton_norm.group_norm_nhwc
+    monkeypatch.setattr(triton_norm, "group_norm_nhwc", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def _norm(groups: int, channels: int, affine: bool, seed: int) -> nn.GroupNorm:
     g = torch.Generator().manual_seed(seed)
     norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=affine)
@@ -131,7 +140,7 @@ def test_module_falls_back_to_torch_ops_off_the_kernels_layout() -> None:
             torch.testing.assert_close(ours(x), _reference(norm, x, True), rtol=1e-5, atol=1e-5)
 
 
-def test_swapped_decoder_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_swapped_decoder_decodes_the_same(kernel_calls: list[int]) -> None:
     """The tiny VAE decoder with its norm + SiLU pairs on the kernels (the SiLU modules
     become identities) decodes what the stock decoder does; the kernels really ran."""
     _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
@@ -143,16 +152,11 @@ def test_swapped_decoder_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> No
     assert n == 2 * len(resnets) + 1  # norm1, norm2 of each resnet, and conv_norm_out
     assert isinstance(swapped.decoder.conv_act, nn.Identity)
     assert swapped.state_dict().keys() == vae.state_dict().keys()
-    calls = []
-    real = triton_norm.group_norm_nhwc
-    monkeypatch.setattr(
-        triton_norm, "group_norm_nhwc", lambda *a: calls.append(a[0].shape) or real(*a)
-    )
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEV)
     with torch.inference_mode():
         want = vae.decode(z).sample
         got = swapped.to(memory_format=torch.channels_last).decode(z).sample
-    assert len(calls) == n
+    assert len(kernel_calls) == n
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -204,7 +208,7 @@ def test_the_op_copies_an_nchw_input_rather_than_fail() -> None:
 
 
 @pytest.mark.parametrize("fold", [False, True])
-def test_musetalk_step_with_triton_norms(fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_musetalk_step_with_triton_norms(fold: bool, kernel_calls: list[int]) -> None:
     """`MuseTalkStep(nhwc_norm="triton")`: the decoder's norm + SiLU pairs on the kernels,
     its other norm (the attention's) in the channels-last torch form; the eager VAE
     untouched; the faces within 1/255 of the stock step's."""
@@ -228,21 +232,18 @@ def test_musetalk_step_with_triton_norms(fold: bool, monkeypatch: pytest.MonkeyP
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in decoder)  # the attention's norm
     assert not any(type(m) is nn.GroupNorm for m in decoder)
     step = step.to(memory_format=torch.channels_last)
-    calls = []
-    real = triton_norm.group_norm_nhwc
-    monkeypatch.setattr(triton_norm, "group_norm_nhwc", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(2)
     lat = torch.randn(2, 4, 8, 8, generator=g).to(DEV)
     aud = torch.randn(2, 50, 384, generator=g).to(DEV)
     with torch.no_grad():
         a = plain(lat, aud)
         b = step(lat.contiguous(memory_format=torch.channels_last), aud)
-    assert calls
+    assert kernel_calls
     assert a.dtype == torch.uint8 and a.shape == b.shape
     assert (a.int() - b.int()).abs().max() <= 1
 
 
-def test_swapped_unet_predicts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_swapped_unet_predicts_the_same(kernel_calls: list[int]) -> None:
     """The tiny UNet with its resnets' norm + SiLU pairs on the kernels: the resnets'
     `nonlinearity` still applies the SiLU to the time embedding (2-D) and nothing else; the
     transformer blocks' norms stay; the prediction matches the stock UNet's."""
@@ -260,9 +261,6 @@ def test_swapped_unet_predicts_the_same(monkeypatch: pytest.MonkeyPatch) -> None
     act = next(m.nonlinearity for m in twin.modules() if hasattr(m, "time_emb_proj"))
     v, fmap = torch.randn(2, 8), torch.randn(2, 4, 3, 3)
     assert torch.equal(act(v), nn.functional.silu(v)) and act(fmap) is fmap
-    calls = []
-    real = triton_norm.group_norm_nhwc
-    monkeypatch.setattr(triton_norm, "group_norm_nhwc", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(4)
     lat = torch.randn(2, 8, 8, 8, generator=g).to(DEV)
     cond = torch.randn(2, 50, 384, generator=g).to(DEV)
@@ -273,5 +271,5 @@ def test_swapped_unet_predicts_the_same(monkeypatch: pytest.MonkeyPatch) -> None
         got = twin(
             lat.contiguous(memory_format=torch.channels_last), t0, encoder_hidden_states=cond
         ).sample
-    assert len(calls) == n
+    assert len(kernel_calls) == n
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

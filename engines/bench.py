@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import FPS, SAMPLE_RATE, frames_in
+from engines.scheduler import GATHER_S
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class BenchOptions:
     long_sessions: int = 20  # the N run for `long_s` seconds
     long_s: float = 60.0
     sweep_s: float = 12.0
-    gather_s: float = 0.0  # streaming: SchedulerOptions.gather_s of the simulated scheduler
+    gather_s: float = GATHER_S  # streaming: SchedulerOptions.gather_s of the simulated scheduler
     clip_s: float = 10.0
     height: int = 720
     width: int = 1280
@@ -731,12 +732,13 @@ def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
-    [-cpaste][-melgraph][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the
+    [-cpaste][-melgraph|-eagermel][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the
     server's default."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste, mel_graph = 0, True, True, False, False, False
+    crop, fold, enc, tune, cpaste = 0, True, True, False, False
+    mel_graph = PipelineOptions.log_mel_in_graph
     nhwc = PipelineOptions.nhwc_norm
     enc_batch = PipelineOptions.encoder_batch
     for flag in flags:
@@ -762,6 +764,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             nhwc = "triton"
         elif flag == "melgraph":
             mel_graph = True
+        elif flag == "eagermel":
+            mel_graph = False
         else:
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
     return PipelineOptions(
@@ -929,7 +933,7 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", default="1,8,16,20,24")
     ap.add_argument("--long-s", type=float, default=60.0)
     ap.add_argument("--sweep-s", type=float, default=12.0)
-    ap.add_argument("--gather-ms", type=float, default=0.0)
+    ap.add_argument("--gather-ms", type=float, default=GATHER_S * 1e3)
     ap.add_argument("--sections", default=",".join(BenchOptions().sections))
     ap.add_argument("--backends", default="torch,compiled")
     ap.add_argument("--stream-backends", default="compiled")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from avatars.avatar import Avatar
+from engines.scheduler import GATHER_S
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def bench_cmd(
     long_s: float = typer.Option(60.0, "--long-s", help="Seconds of the run at 20 sessions."),
     sweep_s: float = typer.Option(12.0, "--sweep-s", help="Seconds per sweep point."),
     gather_ms: float = typer.Option(
-        0.0, "--gather-ms", help="Streaming: the scheduler's gather_s in ms (0: off)."
+        GATHER_S * 1e3, "--gather-ms", help="Streaming: the scheduler's gather_s in ms (0: off)."
     ),
     backends: str = typer.Option(
         "torch,compiled", "--backends", help="Offline backends (name[-cropN])."

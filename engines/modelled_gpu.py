@@ -185,6 +185,8 @@ KEYS = (
     "late_frames_by_lead",
     "frame_lateness_ms_p99",
     "batch_mean",
+    "first_frame_ms_p50",
+    "first_frame_ms_p99",
     "modelled_gpu_busy",
     "holds_realtime",
 )

@@ -39,16 +39,21 @@ from engines.work_queue import WorkQueue
 log = logging.getLogger(__name__)
 
 
+# On the H200, 20 ms took the sessions holding 25 fps with a p99 frame interval <= 60 ms from
+# 12 to 16 (bench/results/stream_H200_2026-12-01_gather20.json, README "Benchmarks")
+GATHER_S = 0.02
+
+
 @dataclass(frozen=True)
 class SchedulerOptions:
     max_batch: int = 48
     max_in_flight: int = 2
     lookahead_s: float = 0.5
     output: str = "rgb"  # frames handed back: "rgb" (H, W, 3) or "i420" (flat planes)
-    # opt-in: once a GPU slot is free while another batch is still running, wait up to this
-    # long for more frames (fewer, larger batches: less per-step GPU overhead, at most this
-    # much more latency; an idle GPU takes what is there at once). 0: never wait
-    gather_s: float = 0.0
+    # once a GPU slot is free while another batch is still running, wait up to this long for
+    # more frames (fewer, larger batches: less per-step GPU overhead, at most this much more
+    # latency; an idle GPU takes what is there at once). 0: never wait
+    gather_s: float = GATHER_S
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_in_flight < 1:
@@ -208,17 +213,22 @@ class GpuScheduler(WorkQueue):
         with self._on_gpu_lock:
             self._on_gpu -= 1
         self._in_flight.release()
+        with self._cond:
+            self._cond.notify_all()  # a gather ends once the GPU has nothing left
 
     def _gather(self, seconds: float) -> None:
         """While another batch is still on the GPU (so a lone session is never held back):
         wait for work, then up to `seconds` more while fewer than `max_batch` frames are
-        queued (returns early for stopping or a pending call)."""
+        queued and a batch is still on the GPU (returns early for stopping or a pending
+        call)."""
         with self._cond:
             self._wait_for_work()
             end = time.perf_counter() + seconds
             while not (self._stopping or self._calls):
                 left = end - time.perf_counter()
-                if self.queued() >= self.options.max_batch or left <= 0:
+                # the batch on the GPU may have come off while this waited for work (it
+                # always has when a lone session's next frame comes): an idle GPU takes it
+                if self._on_gpu == 0 or self.queued() >= self.options.max_batch or left <= 0:
                     return
                 self._cond.wait(left)
 

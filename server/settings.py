@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.scheduler import GATHER_S
 from server.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
@@ -56,9 +57,8 @@ class Settings:
     # worker
     max_batch: int = 16  # frames per engine step, across sessions
     # GPU scheduler: wait up to this long for more frames when a GPU slot frees while another
-    # batch still runs (fewer, larger batches; 0: off). Opt-in: predicted by a model, not yet
-    # measured on a GPU (README "Benchmarks")
-    gather_ms: float = 0.0
+    # batch still runs (fewer, larger batches; 0: off). README "Benchmarks"
+    gather_ms: float = GATHER_S * 1e3
     # input limits
     max_upload_bytes: int = 100 * 1024 * 1024
     max_sdp_bytes: int = 64 * 1024

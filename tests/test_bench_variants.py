@@ -12,6 +12,7 @@ def test_plain_compiled_has_the_server_defaults() -> None:
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
     assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
     assert not o.compile_paste and o.nhwc_norm == "channel" and o.encoder_batch == 4
+    assert o.log_mel_in_graph
     assert variant_options("compiled-stocknorm", (2,)).nhwc_norm == ""
 
 
@@ -23,7 +24,7 @@ def test_flags_combine() -> None:
     assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
     assert variant_options("compiled-tritonnorm", (4,)).nhwc_norm == "triton"
     assert variant_options("compiled-melgraph", (4,)).log_mel_in_graph
-    assert not o.log_mel_in_graph
+    assert not variant_options("compiled-eagermel", (4,)).log_mel_in_graph
     assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
     with pytest.raises(ValueError, match="encoder_batch"):

@@ -61,3 +61,18 @@ def test_gather_must_not_be_negative() -> None:
 
     with pytest.raises(ValueError, match="gather_s"):
         SchedulerOptions(gather_s=-0.01)
+
+
+def test_gathering_does_not_hold_back_a_lone_session() -> None:
+    """A lone session's next frame comes after its last batch is off the GPU: the gather sees
+    an idle GPU and launches at once. (It used to check for a busy GPU only before waiting
+    for that frame, so every frame of a lone session waited the whole gather: +20 ms each on
+    the H200 at gather 20 ms, `bench/results/stream_H200_2026-12-01_gather20.json`.)"""
+    base = CALIBRATIONS["h200-2026-12-01"]()
+    plain = run_point(base, 1, 2.0, 2, 0.5)
+    gathered = run_point(base, 1, 2.0, 2, 0.5, gather_s=0.03)
+    assert gathered["frames_delivered"] == gathered["frames_expected"] > 40
+    assert gathered["batch_mean"] == 1
+    # frames of one session: the interval stays one frame, the lateness stays near zero
+    assert gathered["frame_lateness_ms_p99"] < 12.0
+    assert gathered["first_frame_ms_p50"] < plain["first_frame_ms_p50"] + 12.0

@@ -114,7 +114,8 @@ async def _start_parts(
     media = media_host(settings)
     await media.start()  # media processes, where configured
     app.state.media = media
-    sessions = SessionManager(settings, metrics)
+    gpu = getattr(worker, "pipeline", None) is not None  # the GPU scheduler's pipeline
+    sessions = SessionManager(settings, metrics, late_limit=settings.admit_late_limit(gpu))
     sessions.start()
     metrics.speech_backlog.set_function(sessions.largest_backlog_s)
     app.state.metrics = metrics
@@ -220,6 +221,12 @@ def _health_routes(app: FastAPI) -> None:
                 engine_reason=state.engine_reason,
                 sessions=len(state.sessions.sessions),
                 max_sessions=state.settings.max_sessions,
+                # speaking frames of the last 10 s made too late (None: too few to judge), and
+                # the fraction above which new sessions are refused (0: never; server.overload)
+                engine_late_fraction=state.sessions.late.fraction(
+                    asyncio.get_running_loop().time()
+                ),
+                admit_max_late=state.sessions.late_limit,
                 **state.media.info(),
             )
         if failure is not None:

@@ -28,6 +28,11 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.sessions_active = Gauge("lipstream_sessions_active", "Sessions open now", registry=r)
+        self.engine_late_fraction = Gauge(
+            "lipstream_engine_late_fraction",
+            "Speaking frames of the last 10 s the engine made too late (server.overload)",
+            registry=r,
+        )
         self.sessions_total = Counter("lipstream_sessions_total", "Sessions opened", registry=r)
         self.sessions_ended = Counter(
             "lipstream_sessions_ended_total", "Sessions ended, by reason", ["reason"], registry=r

@@ -106,6 +106,9 @@ class Tick:
     latencies: list[float]
     first_frame: float | None = None
     late_start: bool = False
+    # a frame of the utterance being played was handed to the engine and is not back in time
+    # (not: its audio has not come yet); what the server's overload check counts
+    engine_late: bool = False
 
 
 class Playout:
@@ -260,10 +263,12 @@ class Playout:
         events: list[dict[str, Any]] = []
         self._retire(events)
         head = self.utterances[0] if self.utterances else None
+        engine_late = False
         if head is not None:
             made = self.ready.get((head.id, head.played))
             if made is not None and self.loop_position >= made.loop_position:
                 return self._speak(head, made, now, events)
+            engine_late = made is None and 0 < head.played < head.taken
             if (
                 made is None
                 and self._in_run
@@ -273,12 +278,22 @@ class Playout:
             ):
                 self._held += 1
                 last = self._last
-                return Tick("hold", last.image, SILENCE, last.loop_position, events, [])
+                return Tick(
+                    "hold",
+                    last.image,
+                    SILENCE,
+                    last.loop_position,
+                    events,
+                    [],
+                    engine_late=engine_late,
+                )
         self._in_run = False
         self._last = None
         pos = self.loop_position
         self.loop_position += 1
-        return Tick("idle", self._idle_image(pos), SILENCE, pos, events, [])
+        return Tick(
+            "idle", self._idle_image(pos), SILENCE, pos, events, [], engine_late=engine_late
+        )
 
     def _speak(self, head: Utterance, made: Made, now: float, events: list[dict[str, Any]]) -> Tick:
         del self.ready[(head.id, head.played)]

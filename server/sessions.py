@@ -31,6 +31,7 @@ from server.limits import AudioRateLimiter
 from server.liveness import PeerWatch
 from server.media_link import MediaEvents, MediaLink
 from server.metrics import ServerMetrics, SessionStats
+from server.overload import LateFrames
 from server.player import Made, Playout, Tick
 from server.settings import Settings
 from server.tracks import I420Cache, i420_image, i420_shape, to_i420
@@ -101,6 +102,7 @@ class Session:
         self._events: asyncio.Queue[dict[str, Any]] | None = None
         self._ws_gone = asyncio.Event()
         self.ws: Any = None  # the attached websocket, if any
+        self.late_frames: LateFrames | None = None  # the server's overload window (add)
 
     # -- info ----------------------------------------------------------------------------
     @property
@@ -354,6 +356,8 @@ class Session:
             self.stats.late_starts += 1
         if tick.kind == "hold":
             self.metrics.late_frames.inc()
+        if self.late_frames is not None:
+            self.late_frames.tick(now, tick.kind == "speech", tick.engine_late)
         for event in tick.events:
             self.emit(event)
 
@@ -361,8 +365,11 @@ class Session:
 class SessionManager:
     """All sessions of the server; see the module docstring."""
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServerMetrics, late_limit: float = 0.0) -> None:
         self.settings = settings
+        # refuse new sessions while more than this fraction of speaking frames come late (0: off)
+        self.late_limit = late_limit
+        self.late = LateFrames()
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.draining = False
@@ -383,6 +390,15 @@ class SessionManager:
                 f"the server is at its limit of {self.settings.max_sessions} sessions",
                 self.settings.retry_after_s,
             )
+        now = asyncio.get_running_loop().time()
+        if self.late.over(now, self.late_limit):
+            self.metrics.sessions_refused.labels("overloaded").inc()
+            raise SessionLimitError(
+                f"the engine is not keeping up with the {len(self.sessions)} sessions it has "
+                f"({self.late.fraction(now):.1%} of their speaking frames came late in the "
+                f"last {self.late.window_s:g} s, more than {self.late_limit:.1%}); try again later",
+                self.settings.retry_after_s,
+            )
         self._opening += 1
         try:
             yield
@@ -390,6 +406,7 @@ class SessionManager:
             self._opening -= 1
 
     def add(self, session: Session) -> None:
+        session.late_frames = self.late
         self.sessions[session.id] = session
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.set(len(self.sessions))
@@ -478,6 +495,8 @@ class SessionManager:
         period = min(1.0, s.connect_timeout_s / 4, s.idle_timeout_s / 4, s.peer_silence_s / 4)
         while True:
             await asyncio.sleep(period)
+            late = self.late.fraction(asyncio.get_running_loop().time())
+            self.metrics.engine_late_fraction.set(late or 0.0)
             try:
                 await self.reap()
             except Exception:

@@ -20,6 +20,7 @@ from server.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
 ENGINE_KINDS = ("auto", "musetalk", "preview")
+ADMIT_MAX_LATE_GPU = 0.02  # `admit_max_late`'s auto value with the GPU scheduler
 
 
 class SettingsError(ValueError):
@@ -59,6 +60,10 @@ class Settings:
     # GPU scheduler: wait up to this long for more frames when a GPU slot frees while another
     # batch still runs (fewer, larger batches; 0: off). README "Benchmarks"
     gather_ms: float = GATHER_S * 1e3
+    # a new session is refused (503, reason "overloaded") while more than this fraction of the
+    # speaking frames of the last 10 s came back from the engine too late (server.overload).
+    # -1: auto, 0.02 with the GPU scheduler, off on the CPU; 0: off
+    admit_max_late: float = -1.0
     # input limits
     max_upload_bytes: int = 100 * 1024 * 1024
     max_sdp_bytes: int = 64 * 1024
@@ -132,6 +137,10 @@ class Settings:
             )
         if not 0 <= self.gather_ms <= 200:
             raise SettingsError(f"gather_ms must be in 0..200 (0: off), got {self.gather_ms}")
+        if not (self.admit_max_late == -1 or 0 <= self.admit_max_late <= 1):
+            raise SettingsError(
+                f"admit_max_late must be -1 (auto) or in 0..1 (0: off), got {self.admit_max_late}"
+            )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -142,6 +151,13 @@ class Settings:
                 f"refusing to serve on {self.host!r} (not loopback) without an API key: set "
                 "--api-key / LIPSTREAM_API_KEY, or pass --insecure to serve unauthenticated"
             )
+
+    def admit_late_limit(self, gpu: bool) -> float:
+        """`admit_max_late`, with auto (-1) resolved: on with the GPU scheduler, where a
+        session too many makes every session late, off on the CPU (0)."""
+        if self.admit_max_late >= 0:
+            return self.admit_max_late
+        return ADMIT_MAX_LATE_GPU if gpu else 0.0
 
     def media_process_count(self) -> int:
         """`media_processes`, with auto (-1) resolved for this machine."""

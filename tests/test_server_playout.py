@@ -160,6 +160,32 @@ def test_a_late_frame_is_held_then_idle_then_speech_goes_on() -> None:
     assert not any(t.late_start for t in ticks)
 
 
+def test_only_frames_the_engine_has_and_not_made_are_engine_late() -> None:
+    """Held because the audio has not come (a slow client): not the engine's lateness. Held
+    because the frame was handed out and is not back: engine-late (server.overload counts it)."""
+    p = Playout(idle_image, lead=0, hold=2)
+    p.push(ramp(SAMPLES_PER_FRAME * 5 + LOOKAHEAD_SAMPLES), now=0.0)
+    run(p, 6)
+    starved = run(p, 3)  # audio ran out: nothing was handed to the engine
+    assert [t.kind for t in starved] == ["hold", "hold", "idle"]
+    assert not any(t.engine_late for t in starved)
+
+    p = Playout(idle_image, lead=0, hold=2)
+    p.push(ramp(SAMPLES_PER_FRAME * 10 + LOOKAHEAD_SAMPLES), now=0.0)
+    (taken,) = p.take()  # all ten handed to the engine; it makes only the first four
+    p.deliver(
+        [
+            Made(
+                taken.utterance, j.index, j.loop_position, j.horizon, speech_image(0, j.index), pcm
+            )
+            for j, pcm in list(zip(taken.jobs, taken.pcm, strict=True))[:4]
+        ]
+    )
+    ticks = run(p, 7, engine=False)
+    assert [t.kind for t in ticks] == ["speech"] * 4 + ["hold", "hold", "idle"]
+    assert [t.engine_late for t in ticks] == [False] * 4 + [True] * 3
+
+
 def test_max_ahead_bounds_frames_in_flight() -> None:
     p = Playout(idle_image, lead=0, max_ahead=5)
     p.push(ramp(SAMPLES_PER_FRAME * 100), now=0.0)

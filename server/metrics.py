@@ -163,6 +163,7 @@ class SessionStats:
     speech_frames: int = 0
     idle_frames: int = 0
     held_frames: int = 0
+    engine_late_frames: int = 0  # ticks whose frame the engine had and had not made in time
     frames_dropped: int = 0
     audio_dropped: int = 0  # 20 ms audio frames dropped (each one shifts sync by 20 ms)
     late_starts: int = 0
@@ -211,6 +212,7 @@ class SessionStats:
             "speech_frames": self.speech_frames,
             "idle_frames": self.idle_frames,
             "held_frames": self.held_frames,
+            "engine_late_frames": self.engine_late_frames,
             "frames_dropped": self.frames_dropped,
             "audio_dropped": self.audio_dropped,
             "late_starts": self.late_starts,

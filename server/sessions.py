@@ -356,6 +356,8 @@ class Session:
             self.stats.late_starts += 1
         if tick.kind == "hold":
             self.metrics.late_frames.inc()
+        if tick.engine_late:
+            self.stats.engine_late_frames += 1
         if self.late_frames is not None:
             self.late_frames.tick(now, tick.kind == "speech", tick.engine_late)
         for event in tick.events:

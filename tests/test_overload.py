@@ -118,6 +118,7 @@ async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_pat
             ready = (await c.get("/readyz")).json()
         assert ready["admit_max_late"] == 0.02 and ready["engine_late_fraction"] > 0.1
         assert info["state"] == "connected" and info["speech_frames"] > 20
+        assert info["engine_late_frames"] > 0.1 * info["speech_frames"]
         assert 'lipstream_sessions_refused_total{reason="overloaded"} 1.0' in metrics
         (gauge,) = [
             float(line.split()[-1])

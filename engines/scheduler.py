@@ -106,8 +106,7 @@ class GpuScheduler(WorkQueue):
         self._deliver_thread: threading.Thread | None = None
         self._deliveries: queue.Queue[Any] = queue.Queue()
         self._in_flight = threading.Semaphore(self.options.max_in_flight)
-        self._on_gpu = 0  # batches launched and not yet delivered (under _on_gpu_lock)
-        self._on_gpu_lock = threading.Lock()
+        self._on_gpu = 0  # batches launched and not yet delivered (under _cond)
         self.history: deque[StepStats] = deque(maxlen=100_000)
         self.frames = 0
         self.steps = 0
@@ -204,17 +203,16 @@ class GpuScheduler(WorkQueue):
                 self.metrics.worker_batch.observe(frames)
                 self.metrics.worker_launch.observe(launch_s)
                 self._count_launch_phases()
-            with self._on_gpu_lock:
+            with self._cond:
                 self._on_gpu += 1
             self._deliveries.put((batch, work))
         log.info("gpu scheduler stopped: steps=%d frames=%d", self.steps, self.frames)
 
     def _batch_off_gpu(self) -> None:
-        with self._on_gpu_lock:
-            self._on_gpu -= 1
-        self._in_flight.release()
         with self._cond:
+            self._on_gpu -= 1
             self._cond.notify_all()  # a gather ends once the GPU has nothing left
+        self._in_flight.release()
 
     def _gather(self, seconds: float) -> None:
         """While another batch is still on the GPU (so a lone session is never held back):

@@ -175,8 +175,9 @@ class SessionStats:
     first_frame: deque[float] = field(default_factory=deque)
     _tick_times: deque[float] = field(default_factory=lambda: deque(maxlen=51))
 
-    def tick(self, kind: str, now: float | None = None) -> None:
+    def tick(self, kind: str, now: float | None = None, engine_late: bool = False) -> None:
         self.frames_sent += 1
+        self.engine_late_frames += engine_late
         if kind == "speech":
             self.speech_frames += 1
         elif kind == "hold":

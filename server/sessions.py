@@ -344,7 +344,7 @@ class Session:
     def _emit_tick(self, tick: Tick, k: int, now: float) -> None:
         if self.media is not None:
             self.media.send(k, tick.image, tick.pcm if "audio" in self.wanted else None)
-        self.stats.tick(tick.kind, now)
+        self.stats.tick(tick.kind, now, tick.engine_late)
         self.metrics.frames_sent.labels(tick.kind).inc()
         for lat in tick.latencies:
             self.stats.latency(lat)
@@ -356,8 +356,6 @@ class Session:
             self.stats.late_starts += 1
         if tick.kind == "hold":
             self.metrics.late_frames.inc()
-        if tick.engine_late:
-            self.stats.engine_late_frames += 1
         if self.late_frames is not None:
             self.late_frames.tick(now, tick.kind == "speech", tick.engine_late)
         for event in tick.events:

@@ -109,7 +109,7 @@ NORM_FORMS = ("", "channel", "group", "triton")
 
 def check_norm_form(form: str) -> None:
     if form not in NORM_FORMS:
-        raise ValueError(f"nhwc_norm must be '', 'channel', 'group' or 'triton', got {form!r}")
+        raise ValueError(f"nhwc_norm must be one of {NORM_FORMS}, got {form!r}")
 
 
 def swap_norms(module: nn.Module, form: str) -> int:

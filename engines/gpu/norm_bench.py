@@ -60,8 +60,9 @@ def bench_shape(
     from engines.gpu.nhwc_norm import ChannelsLastGroupNorm
 
     nbytes = 3 * x.numel() * x.element_size()
-    wb = (norm.weight.float(), norm.bias.float())
-    want = nn.functional.silu(nn.functional.group_norm(x.float(), norm.num_groups, *wb, norm.eps))
+    want = triton_norm.group_norm_reference(
+        x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True
+    )
     forms: dict[str, Callable[[], torch.Tensor]] = {"eager": lambda: nn.functional.silu(norm(x))}
     if compile_torch:
         cl = ChannelsLastGroupNorm(norm)

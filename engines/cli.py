@@ -92,20 +92,31 @@ def _load_avatar(name_or_id: str, root: Path) -> Avatar:
 
 def bench_cmd(
     soak: bool = typer.Option(False, "--soak", help="Soak over real WebRTC (server.soak)"),
+    ramp: bool = typer.Option(
+        False,
+        "--ramp",
+        help="Admission ramp against --soak-url (server.ramp): one more session every "
+        "--ramp-every s, at most --sessions, until the server refuses them as overloaded",
+    ),
+    ramp_every: float = typer.Option(
+        4.0, "--ramp-every", min=0.1, help="--ramp: seconds between attempts"
+    ),
     malloc: bool = typer.Option(
         False, "--malloc", help="Cost of the frame-buffer allocator strategies (CPU only)"
     ),
     malloc_frames: int = typer.Option(3000, "--malloc-frames", help="--malloc: frames per thread"),
     sessions: str | None = typer.Option(
         None,
-        help="--soak: concurrent sessions (default 2); else session counts to sweep, e.g. 1,8,16,20",
+        help="--soak: concurrent sessions (default 2); --ramp: attempts at most (default 24); "
+        "else session counts to sweep, e.g. 1,8,16,20",
     ),
     minutes: float = typer.Option(1.0, help="--soak: how long"),
-    soak_out: Path = typer.Option(None, help="--soak: write the JSON result here"),
+    soak_out: Path = typer.Option(None, help="--soak, --ramp: write the JSON result here"),
     soak_url: str | None = typer.Option(
         None,
         "--soak-url",
-        help="--soak: use this running server (e.g. one already warmed up) instead of starting one",
+        help="--soak: use this running server (e.g. one already warmed up) instead of starting "
+        "one; --ramp: the server to ramp (required)",
     ),
     soak_pid: int | None = typer.Option(
         None, "--soak-pid", help="--soak-url: the server's pid, to sample its RSS and GPU memory"
@@ -142,7 +153,8 @@ def bench_cmd(
     sections: str = typer.Option("", "--sections", help="Comma list (default: all)."),
 ) -> None:
     """Measure throughput and streaming latency against MuseTalk's own way (needs a GPU);
-    with --soak, soak a real server over WebRTC instead; with --malloc, measure the allocator."""
+    with --soak, soak a real server over WebRTC instead; with --ramp, find where a running
+    server starts refusing sessions; with --malloc, measure the allocator."""
     if malloc:
         from server.malloc_bench import run_malloc_bench
 
@@ -150,6 +162,24 @@ def bench_cmd(
             run_malloc_bench(malloc_frames, out)
         except (RuntimeError, ValueError) as exc:
             raise _fail(str(exc)) from exc
+        return
+    if ramp:
+        import httpx
+
+        from server.ramp import run_ramp
+
+        if soak_url is None:
+            raise typer.BadParameter("--ramp needs --soak-url: the running server to ramp")
+        try:
+            attempts = int(sessions or 24)
+        except ValueError:
+            raise typer.BadParameter(
+                f"--ramp: --sessions is one number of attempts, got {sessions!r}"
+            ) from None
+        try:
+            run_ramp(soak_url, soak_out, every_s=ramp_every, max_sessions=attempts)
+        except (ValueError, RuntimeError, httpx.HTTPError) as exc:
+            raise _fail(f"the ramp against {soak_url}: {exc}") from exc
         return
     if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from server.soak import run_soak

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # On the H200, 20 ms took the sessions holding 25 fps with a p99 frame interval <= 60 ms from
 # 12 to 16 (bench/results/stream_H200_2026-12-01_gather20.json, README "Benchmarks")
 GATHER_S = 0.02
+# a session that submitted work this recently is "active": a gather waits for each active
+# session's next frame (up to `gather_s`), not for sessions that have gone quiet. Three frame
+# periods at 25 fps: a speaking session submits a frame every 40 ms
+ACTIVE_S = 0.12
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class SchedulerOptions:
     output: str = "rgb"  # frames handed back: "rgb" (H, W, 3) or "i420" (flat planes)
     # once a GPU slot is free while another batch is still running, wait up to this long for
     # more frames (fewer, larger batches: less per-step GPU overhead, at most this much more
-    # latency; an idle GPU takes what is there at once). 0: never wait
+    # latency); it ends early once every active session has a frame queued, so a lone session
+    # never waits. 0: never wait
     gather_s: float = GATHER_S
 
     def __post_init__(self) -> None:
@@ -107,6 +112,7 @@ class GpuScheduler(WorkQueue):
         self._deliveries: queue.Queue[Any] = queue.Queue()
         self._in_flight = threading.Semaphore(self.options.max_in_flight)
         self._on_gpu = 0  # batches launched and not yet delivered (under _cond)
+        self._submitted: dict[str, float] = {}  # session -> its last submit (under _cond)
         self.history: deque[StepStats] = deque(maxlen=100_000)
         self.frames = 0
         self.steps = 0
@@ -211,24 +217,43 @@ class GpuScheduler(WorkQueue):
     def _batch_off_gpu(self) -> None:
         with self._cond:
             self._on_gpu -= 1
-            self._cond.notify_all()  # a gather ends once the GPU has nothing left
+            self._cond.notify_all()  # wakes a gather (and `_wait_for_work`) to look again
         self._in_flight.release()
 
+    def submit(self, item: Any) -> None:
+        super().submit(item)
+        with self._cond:
+            self._submitted[item.key] = time.perf_counter()
+
+    def cancel(self, key: str) -> int:
+        with self._cond:
+            self._submitted.pop(key, None)
+        return super().cancel(key)
+
     def _gather(self, seconds: float) -> None:
-        """While another batch is still on the GPU (so a lone session is never held back):
-        wait for work, then up to `seconds` more while fewer than `max_batch` frames are
-        queued and a batch is still on the GPU (returns early for stopping or a pending
-        call)."""
+        """While another batch is still on the GPU: wait for work, then up to `seconds` more
+        while fewer than `max_batch` frames are queued and some active session has none
+        queued (returns early for stopping or a pending call). A lone session's frame goes
+        at once; with many, the batch waits for the sessions whose next frame is due."""
         with self._cond:
             self._wait_for_work()
             end = time.perf_counter() + seconds
             while not (self._stopping or self._calls):
                 left = end - time.perf_counter()
-                # the batch on the GPU may have come off while this waited for work (it
-                # always has when a lone session's next frame comes): an idle GPU takes it
-                if self._on_gpu == 0 or self.queued() >= self.options.max_batch or left <= 0:
+                if left <= 0 or self.queued() >= self.options.max_batch:
+                    return
+                if self._all_active_queued():
                     return
                 self._cond.wait(left)
+
+    def _all_active_queued(self) -> bool:
+        """Whether every session that submitted work within ACTIVE_S has some queued (lock
+        held); forgets the sessions that have gone quiet."""
+        now = time.perf_counter()
+        quiet = [key for key, t in self._submitted.items() if now - t > ACTIVE_S]
+        for key in quiet:
+            del self._submitted[key]
+        return all(key in self._queues for key in self._submitted)
 
     def _count_launch_phases(self) -> None:
         """Add what the pipeline's launch phases took since the last step to the metrics."""

@@ -105,6 +105,32 @@ def wait_first_avatar_ready(base_url: str, within: float = 60.0) -> str:
     raise TimeoutError("the demo avatar did not become ready")
 
 
+class SessionRefused(RuntimeError):
+    """`POST /v1/sessions` did not open a session: its status, the body's `detail` and
+    `reason` (e.g. "overloaded", "limit", "draining" on a 503; None where the body has none)
+    and the Retry-After header."""
+
+    def __init__(
+        self, status: int, text: str, detail: str, reason: str | None, retry_after: str | None
+    ) -> None:
+        super().__init__(f"POST /v1/sessions: {status} {text}")
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> SessionRefused:
+        detail, reason = r.text, None
+        with contextlib.suppress(ValueError):
+            body = r.json()
+            if isinstance(body, dict):
+                detail = str(body.get("detail", detail))
+                if isinstance(body.get("reason"), str):
+                    reason = body["reason"]
+        return cls(r.status_code, r.text, detail, reason, r.headers.get("retry-after"))
+
+
 @dataclass
 class Received:
     """What a `LoopbackClient` got."""
@@ -147,7 +173,8 @@ class LoopbackClient:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def open(self, avatar_id: str, audio: bool = True) -> dict[str, Any]:
-        """POST the offer, apply the answer; returns the session JSON."""
+        """POST the offer, apply the answer; returns the session JSON. Raises SessionRefused
+        (a RuntimeError) where the server answers with an error."""
         self.pc.addTransceiver("video", direction="recvonly")
         if audio:
             self.pc.addTransceiver("audio", direction="recvonly")
@@ -162,7 +189,7 @@ class LoopbackClient:
             json={"avatar_id": avatar_id, "sdp": self.pc.localDescription.sdp, "type": "offer"},
         )
         if r.status_code >= 300:
-            raise RuntimeError(f"POST /v1/sessions: {r.status_code} {r.text}")
+            raise SessionRefused.from_response(r)
         self.session = r.json()
         await self.pc.setRemoteDescription(RTCSessionDescription(self.session["sdp"], "answer"))
         return self.session

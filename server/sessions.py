@@ -50,11 +50,16 @@ WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say 
 
 
 class SessionLimitError(Exception):
-    """No room for another session now (or the server is draining)."""
+    """No room for another session now (or the server is draining).
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    `reason` says why, for machines (the 503's JSON body and the refusal metric's label):
+    "draining", "limit" (at max_sessions) or "overloaded" (the engine is not keeping up).
+    """
+
+    def __init__(self, message: str, retry_after: int, reason: str) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class Session:
@@ -383,12 +388,15 @@ class SessionManager:
         """Hold a place for a session being opened; raises SessionLimitError if none."""
         if self.draining:
             self.metrics.sessions_refused.labels("draining").inc()
-            raise SessionLimitError("the server is shutting down", self.settings.retry_after_s)
+            raise SessionLimitError(
+                "the server is shutting down", self.settings.retry_after_s, "draining"
+            )
         if len(self.sessions) + self._opening >= self.settings.max_sessions:
             self.metrics.sessions_refused.labels("limit").inc()
             raise SessionLimitError(
                 f"the server is at its limit of {self.settings.max_sessions} sessions",
                 self.settings.retry_after_s,
+                "limit",
             )
         now = asyncio.get_running_loop().time()
         if self.late.over(now, self.late_limit):
@@ -398,6 +406,7 @@ class SessionManager:
                 f"({self.late.fraction(now):.1%} of their speaking frames came late in the "
                 f"last {self.late.window_s:g} s, more than {self.late_limit:.1%}); try again later",
                 self.settings.retry_after_s,
+                "overloaded",
             )
         self._opening += 1
         try:

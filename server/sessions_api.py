@@ -31,8 +31,13 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+def _error(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    return JSONResponse({"detail": message, **(extra or {})}, status_code=status, headers=headers)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -117,7 +122,12 @@ async def create_session(request: Request) -> Response:
             session.wanted = sending
             manager.add(session)
     except SessionLimitError as exc:
-        return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        return _error(
+            503,
+            str(exc),
+            headers={"Retry-After": str(exc.retry_after)},
+            extra={"reason": exc.reason},
+        )
     log.info(
         "session opened",
         extra={"session": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},

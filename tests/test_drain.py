@@ -128,6 +128,7 @@ async def test_sigterm_drains_then_exits_within_the_grace_period(
                 json={"avatar_id": aid, "sdp": late.localDescription.sdp, "type": "offer"},
             )
             assert r.status_code == 503 and "shutting down" in r.json()["detail"]
+            assert r.json()["reason"] == "draining"
             assert r.headers["retry-after"]
             r = await http.post("/v1/avatars", files={"file": ("a.png", b"\x89PNG")})
             assert r.status_code == 503

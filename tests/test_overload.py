@@ -18,7 +18,7 @@ import pytest
 
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
+from server.loopback import LoopbackClient, ServerThread, SessionRefused, wait_first_avatar_ready
 from server.metrics import ServerMetrics
 from server.overload import LateFrames
 from server.sessions import SessionLimitError, SessionManager
@@ -68,6 +68,7 @@ async def test_the_manager_refuses_a_session_while_frames_come_late() -> None:
         async with manager.slot():
             pass
     assert err.value.retry_after == 5 and "10.0%" in str(err.value)
+    assert err.value.reason == "overloaded"
     off = SessionManager(Settings(), metrics, late_limit=0.0)
     off.late = manager.late
     async with off.slot():  # the check off: admitted
@@ -109,8 +110,10 @@ async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_pat
         await first.send_pcm(speech(4.0))
         await asyncio.sleep(1.5)  # the gauge is set once a second
         second = LoopbackClient(srv.base_url)
-        with pytest.raises(RuntimeError, match=r"503.*not keeping up"):
+        with pytest.raises(SessionRefused, match=r"503.*not keeping up") as refused:
             await second.open(avatar)
+        assert refused.value.status == 503 and refused.value.reason == "overloaded"
+        assert refused.value.retry_after == "5" and "not keeping up" in refused.value.detail
         await second.close(delete=False)
         async with httpx.AsyncClient(base_url=srv.base_url) as c:
             info = (await c.get(f"/v1/sessions/{first.session['session_id']}")).json()

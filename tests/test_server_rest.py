@@ -317,7 +317,7 @@ async def test_session_limit_answers_503_with_retry_after(
         body = {"avatar_id": ready_avatar, "sdp": sdp, "type": "offer"}
         r = await client.post("/v1/sessions", json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
-        assert "limit of 2 sessions" in r.json()["detail"]
+        assert "limit of 2 sessions" in r.json()["detail"] and r.json()["reason"] == "limit"
         assert (await client.delete(f"/v1/sessions/{ids.pop()}")).status_code == 200
         r = await client.post("/v1/sessions", json=body)
         assert r.status_code == 201

@@ -1,0 +1,245 @@
+"""The admission ramp: `lipstream bench --ramp --soak-url URL --sessions N --ramp-every S`.
+
+Against a running server, open sessions one at a time, one attempt every `every_s` seconds
+(at most `max_sessions` attempts); every admitted session speaks continuously at real time
+(`server.soak`'s utterances) until the ramp ends. Between attempts `GET /readyz` is sampled
+about every 0.5 s (the engine's late fraction, `server.overload`). A refused attempt
+(`SessionRefused`) is recorded with its status, reason, detail and Retry-After and the
+number of sessions open then; after `stop_after_refusals` refusals in a row with reason
+"overloaded" (or one "draining") the ramp stops attempting and keeps the admitted sessions
+speaking `hold_s` seconds more. At the end each admitted session's server info and the
+client's video figures are collected, and all clients are closed.
+
+The question it answers: how many sessions does the server admit before it starts refusing
+them as overloaded, and how did the sessions it admitted fare (late and dropped frames)?
+The result is a JSON document (a summary printed, all of it written to `out` where given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.loopback import SessionRefused
+from server.soak import SoakClient, _first_ready, _info, _ms, _pct, _speak, skip_video_decoding
+
+log = logging.getLogger(__name__)
+
+READYZ_EVERY_S = 0.5
+FIRST_FRAMES_WITHIN_S = 60.0
+ADMITTED_STATUS = 201  # what POST /v1/sessions answers when it opens a session
+LONG_LISTS = ("attempts", "readyz_samples", "per_session")
+
+
+async def _readyz(http: httpx.AsyncClient) -> dict[str, Any]:
+    """/readyz's body (a draining server answers 503 with a body too); {} where unreachable."""
+    try:
+        body = (await http.get("/readyz")).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+async def _session_life(client: SoakClient, seed: int) -> int:
+    """An admitted session: wait for its first frames, measure its video from then on, and
+    speak until cancelled (the ramp's end)."""
+    await client.first_frames(1, within=FIRST_FRAMES_WITHIN_S)
+    client.video.measuring = True
+    return await _speak(client, math.inf, seed)
+
+
+def _late_text(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction:.1%}"
+
+
+async def ramp(
+    server_url: str,
+    every_s: float = 4.0,
+    max_sessions: int = 24,
+    stop_after_refusals: int = 3,
+    hold_s: float = 10.0,
+) -> dict[str, Any]:
+    """The ramp (see the module docstring); returns its JSON-ready result."""
+    if every_s <= 0 or max_sessions < 1 or stop_after_refusals < 1 or hold_s < 0:
+        raise ValueError(
+            "the ramp needs every_s > 0, max_sessions >= 1, stop_after_refusals >= 1, hold_s >= 0"
+        )
+    clients: list[SoakClient] = []  # the admitted ones
+    opened_at: list[float] = []
+    speakers: list[asyncio.Task[int]] = []
+    attempts: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    first_refused_open: int | None = None
+    late_at_first_refusal: float | None = None
+    stopped = "max_sessions"
+    in_a_row = 0
+    t0 = time.monotonic()
+
+    async def sample(http: httpx.AsyncClient) -> float | None:
+        body = await _readyz(http)
+        late = body.get("engine_late_fraction")
+        samples.append(
+            {
+                "t": round(time.monotonic() - t0, 2),
+                "open": len(clients),
+                "server_sessions": body.get("sessions"),
+                "engine_late_fraction": late,
+            }
+        )
+        return late if isinstance(late, int | float) else None
+
+    async def wait_sampling(http: httpx.AsyncClient, until: float) -> None:
+        while time.monotonic() < until:
+            await sample(http)
+            await asyncio.sleep(min(READYZ_EVERY_S, max(0.0, until - time.monotonic())))
+
+    try:
+        async with httpx.AsyncClient(base_url=server_url, timeout=30) as http:
+            avatar_id = await _first_ready(http)
+            ready = await _readyz(http)
+            t0 = time.monotonic()
+            for attempt in range(1, max_sessions + 1):
+                late = await sample(http)
+                t = time.monotonic() - t0
+                open_before = len(clients)
+                client = SoakClient(server_url)
+                row: dict[str, Any] = {
+                    "t": round(t, 2),
+                    "attempt": attempt,
+                    "open_before": open_before,
+                    "engine_late_fraction_before": late,
+                }
+                try:
+                    await client.open(avatar_id)
+                except SessionRefused as exc:
+                    with contextlib.suppress(Exception):
+                        await client.close(delete=False)
+                    row.update(
+                        status=exc.status,
+                        reason=exc.reason,
+                        detail=exc.detail,
+                        retry_after=exc.retry_after,
+                    )
+                    if exc.reason == "overloaded":
+                        in_a_row += 1
+                        if first_refused_open is None:
+                            first_refused_open, late_at_first_refusal = open_before, late
+                    else:
+                        in_a_row = 0
+                else:
+                    clients.append(client)
+                    opened_at.append(t)
+                    await client.connect_audio()
+                    speakers.append(asyncio.create_task(_session_life(client, attempt)))
+                    row.update(status=ADMITTED_STATUS, reason=None, detail=None, retry_after=None)
+                    in_a_row = 0
+                attempts.append(row)
+                print(
+                    f"ramp: attempt {attempt}, {open_before} open, late {_late_text(late)} -> "
+                    f"{row['status']}" + (f" {row['reason']}" if row["reason"] else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if in_a_row >= stop_after_refusals:
+                    stopped = "overloaded"
+                    break
+                if row["reason"] == "draining":  # the server is going away: nothing to learn
+                    stopped = "draining"
+                    break
+                if attempt < max_sessions:
+                    await wait_sampling(http, t0 + attempt * every_s)
+            await wait_sampling(http, time.monotonic() + hold_s)
+            infos = []
+            for c in clients:
+                try:
+                    infos.append(await _info(http, c))
+                except (httpx.HTTPError, ValueError) as exc:
+                    infos.append({"error": repr(exc)})
+            for task in speakers:
+                task.cancel()
+            ended = await asyncio.gather(*speakers, return_exceptions=True)
+            duration = time.monotonic() - t0
+    finally:
+        for task in speakers:
+            task.cancel()
+        await asyncio.gather(*speakers, return_exceptions=True)
+        for c in clients:
+            with contextlib.suppress(Exception):
+                await c.close()
+    per = [
+        _per_session(c, at, info, end)
+        for c, at, info, end in zip(clients, opened_at, infos, ended, strict=True)
+    ]
+    reasons = Counter(
+        a["reason"] or f"http_{a['status']}" for a in attempts if a["status"] != ADMITTED_STATUS
+    )
+    return {
+        "server_url": server_url,
+        "engine": ready.get("engine"),
+        "admit_max_late": ready.get("admit_max_late"),
+        "every_s": every_s,
+        "max_sessions": max_sessions,
+        "stop_after_refusals": stop_after_refusals,
+        "hold_s": hold_s,
+        "stopped": stopped,  # max_sessions (all attempts made), overloaded or draining
+        "duration_s": round(duration, 1),
+        "admitted": len(clients),
+        "first_refused_open": first_refused_open,
+        "engine_late_fraction_at_first_refusal": late_at_first_refusal,
+        "refusal_reasons": dict(reasons),
+        "engine_late_frames": sum(int(p["engine_late_frames"] or 0) for p in per),
+        "frames_dropped": sum(int(p["frames_dropped"] or 0) for p in per),
+        "attempts": attempts,
+        "readyz_samples": samples,
+        "per_session": per,
+    }
+
+
+def _per_session(
+    client: SoakClient, opened_at: float, info: dict[str, Any], ended: Any
+) -> dict[str, Any]:
+    iv = client.video.intervals
+    row = {
+        "session_id": client.session.get("session_id"),
+        "opened_at_s": round(opened_at, 2),
+        "state": info.get("state"),
+        "speech_frames": info.get("speech_frames"),
+        "engine_late_frames": info.get("engine_late_frames"),
+        "frames_dropped": info.get("frames_dropped"),
+        "held_frames": info.get("held_frames"),
+        "video_frames": client.video.frames,
+        "frames_missing_at_client": client.video.missing,
+        "frame_interval_ms_p50": _ms(_pct(iv, 50)),
+        "frame_interval_ms_p99": _ms(_pct(iv, 99)),
+    }
+    if "error" in info:
+        row["info_error"] = info["error"]
+    if isinstance(ended, BaseException) and not isinstance(ended, asyncio.CancelledError):
+        row["error"] = repr(ended)  # its first frames never came, or its websocket failed
+    return row
+
+
+def run_ramp(url: str, out: Path | None = None, **opts: Any) -> dict[str, Any]:
+    """The ramp against `url` (options: `ramp`'s); prints a summary (without the long lists)
+    and writes all of it as JSON to `out`. The clients only time frames (no video decoding)."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiortc's closing-task noise
+    for name in ("aioice", "aiortc", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    skip_video_decoding()  # this process is only the ramp's clients
+    result = asyncio.run(ramp(url, **opts))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    summary = {k: v for k, v in result.items() if k not in LONG_LISTS}
+    print(json.dumps(summary, indent=2))
+    return result

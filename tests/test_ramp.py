@@ -1,0 +1,48 @@
+"""The admission ramp (`server.ramp`) against a real server on loopback with real aiortc
+peers: sessions are admitted one at a time until the engine falls behind, then refused with
+503 and reason "overloaded"; the admitted ones go on receiving video."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_overload import SlowPreview
+
+from server.app import create_app
+from server.loopback import ServerThread, wait_first_avatar_ready
+from server.overload import LateFrames
+from server.ramp import ramp
+from server.settings import Settings
+
+
+async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> None:
+    settings = Settings(
+        engine="preview",
+        avatars_dir=tmp_path / "avatars",
+        demo_avatar=True,
+        admit_max_late=0.02,
+        connect_timeout_s=120.0,
+    )
+    # the preview engine slowed to 20 fps: no GPU on CI to overload, so one session does it
+    srv = ServerThread(create_app(settings, engine=SlowPreview(), reason="test")).start()
+    try:
+        wait_first_avatar_ready(srv.base_url)
+        srv.app.state.sessions.late = LateFrames(window_s=10, min_ticks=40)  # judge after ~2 s
+        result = await ramp(
+            srv.base_url, every_s=2.0, max_sessions=4, stop_after_refusals=1, hold_s=1.0
+        )
+    finally:
+        srv.stop()
+    attempts = result["attempts"]
+    assert attempts[0]["status"] == 201 and attempts[0]["open_before"] == 0
+    refused = [a for a in attempts if a["status"] != 201]
+    assert refused, attempts
+    assert refused[0]["status"] == 503 and refused[0]["reason"] == "overloaded"
+    assert "not keeping up" in refused[0]["detail"] and refused[0]["retry_after"] == "5"
+    assert result["stopped"] == "overloaded" and refused[0] is attempts[-1]
+    assert result["first_refused_open"] >= 1 and result["refusal_reasons"] == {"overloaded": 1}
+    assert result["admitted"] == len(result["per_session"]) == result["first_refused_open"]
+    for s in result["per_session"]:
+        assert s["video_frames"] > 10 and s["frame_interval_ms_p99"] is not None, s
+        assert s["engine_late_frames"] > 0 and "error" not in s, s
+    assert max(x["engine_late_fraction"] or 0 for x in result["readyz_samples"]) > 0.02

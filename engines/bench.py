@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -475,6 +476,7 @@ class Bench:
         ok = [int(k) for k, v in out.items() if k.isdigit() and v["holds_realtime"]]
         out["max_sessions_realtime"] = max(ok) if ok else 0
         out["max_sessions_by_lead"] = max_sessions_by_lead(out)
+        out["max_sessions_by_held_lead"] = max_sessions_by_lead(out, "held_frames_by_lead")
         return out
 
     def encoders(self) -> dict[str, Any]:
@@ -590,6 +592,7 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     first: list[float] = []
     fps: list[float] = []
     late_by_lead = [0] * (MAX_LEAD_FRAMES + 1)
+    held_by_lead = [0] * (MAX_LEAD_FRAMES + 1)
     lateness_ms: list[float] = []
     for s in sessions:
         d = s.delivered
@@ -600,6 +603,7 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         lateness_ms.extend(behind)
         for lead in range(MAX_LEAD_FRAMES + 1):
             late_by_lead[lead] += sum(1 for x in behind if x > lead * 1e3 / FPS + 1.0)
+            held_by_lead[lead] += playout_holds(d, lead)
         intervals.extend(np.diff(d).tolist())
         fps.append((len(d) - 1) / (d[-1] - d[0]) if len(d) > 1 else 0.0)
     intervals_ms = [x * 1e3 for x in intervals]
@@ -624,6 +628,10 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
         "late_frames_no_buffer": late_by_lead[0],
         "late_frames_40ms_buffer": late_by_lead[1],
         "late_frames_by_lead": late_by_lead,
+        # what the server's player shows instead: a frame not there at its tick repeats the
+        # last one (a held tick) and the frames after it play one tick later, so one late
+        # start costs one hold, not every frame after it
+        "held_frames_by_lead": held_by_lead,
         "frame_lateness_ms_p99": _pct(lateness_ms, 99),
         "frame_lateness_ms_max": max(lateness_ms) if lateness_ms else None,
         "batch_mean": statistics.mean([h.frames for h in hist]) if hist else 0,
@@ -650,10 +658,11 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
 MAX_LEAD_FRAMES = 3
 
 
-def max_sessions_by_lead(runs: dict[str, Any]) -> list[int]:
+def max_sessions_by_lead(runs: dict[str, Any], key: str = "late_frames_by_lead") -> list[int]:
     """For a playout lead of 0..MAX_LEAD_FRAMES frames: the most sessions of `runs` (the
     streaming section's {"N": result}) that got every frame at >= 24.5 fps with none late
-    (what a viewer sees with the server's `start_lead_frames` at that lead; 0 if none did)."""
+    (what a viewer sees with the server's `start_lead_frames` at that lead; 0 if none did).
+    `key="held_frames_by_lead"`: with no held tick instead (the server's player)."""
     out = []
     for lead in range(MAX_LEAD_FRAMES + 1):
         ok = [
@@ -662,10 +671,28 @@ def max_sessions_by_lead(runs: dict[str, Any]) -> list[int]:
             if k.isdigit()
             and v["frames_delivered"] == v["frames_expected"]
             and v["delivered_fps_min"] >= 24.5
-            and v["late_frames_by_lead"][lead] == 0
+            and v.get(key, v["late_frames_by_lead"])[lead] == 0
         ]
         out.append(max(ok) if ok else 0)
     return out
+
+
+def playout_holds(delivered: list[float], lead: int = 0) -> int:
+    """Ticks a viewer sees held (the last frame repeated) when frames arriving at `delivered`
+    are played as the server's player plays them: frame 0 at its arrival + `lead` ticks, each
+    next one a tick later, and a frame not there at its tick holds the picture until the tick
+    after it arrives, every later frame moving with it (`server.player.Playout.tick`)."""
+    if not delivered:
+        return 0
+    held = 0
+    slot = delivered[0] + lead / FPS
+    for t in delivered:
+        if t > slot + 1e-3:  # within a millisecond is on time, as in late_frames_by_lead
+            late_ticks = math.ceil((t - slot) * FPS)
+            held += late_ticks
+            slot += late_ticks / FPS
+        slot += 1.0 / FPS
+    return held
 
 
 def playout_lateness_ms(delivered: list[float]) -> list[float]:
@@ -888,6 +915,7 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
                     "first_frame_ms_p50",
                     "first_frame_ms_p99",
                     "late_frames_by_lead",
+                    "held_frames_by_lead",
                     "batch_mean",
                     "holds_realtime",
                 )

@@ -183,6 +183,7 @@ KEYS = (
     "delivered_fps_min",
     "frame_interval_ms_p99",
     "late_frames_by_lead",
+    "held_frames_by_lead",
     "frame_lateness_ms_p99",
     "batch_mean",
     "first_frame_ms_p50",

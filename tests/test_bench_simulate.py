@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from engines.bench import MAX_LEAD_FRAMES, playout_lateness_ms, simulate
+from engines.bench import MAX_LEAD_FRAMES, playout_holds, playout_lateness_ms, simulate
 
 
 def test_playout_lateness_counts_from_the_first_frames_arrival() -> None:
@@ -16,6 +16,22 @@ def test_playout_lateness_counts_from_the_first_frames_arrival() -> None:
     got = playout_lateness_ms([1.0, 1.05, 1.07, 1.17])
     assert got == pytest.approx([0.0, 10.0, 0.0, 50.0])
     assert playout_lateness_ms([]) == []
+
+
+def test_playout_holds_counts_what_the_player_repeats() -> None:
+    """One late start (every frame 45 ms behind the first one's grid): the late-frame count
+    says every frame, the player holds once and plays the rest a tick later."""
+    late_start = [1.0] + [1.0 + 0.045 + i / 25 for i in range(1, 50)]
+    assert sum(1 for x in playout_lateness_ms(late_start) if x > 1.0) == 49
+    assert playout_holds(late_start) == 2  # 45 ms: two ticks
+    assert playout_holds(late_start, lead=1) == 1
+    assert playout_holds(late_start, lead=2) == 0
+    # a stall of 100 ms in the middle: held 3 ticks (ceil(100 / 40)), the rest on time after
+    stall = [1.0 + i / 25 + (0.1 if i >= 10 else 0.0) for i in range(30)]
+    assert playout_holds(stall) == 3
+    # on time (within a millisecond): nothing held
+    assert playout_holds([1.0 + i / 25 + 0.0005 for i in range(30)]) == 0
+    assert playout_holds([]) == 0
 
 
 def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> None:  # type: ignore[no-untyped-def]
@@ -37,6 +53,8 @@ def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> 
     lates = res["late_frames_by_lead"]
     assert all(a >= b for a, b in itertools.pairwise(lates))
     assert res["late_frames_40ms_buffer"] == lates[1]
+    helds = res["held_frames_by_lead"]
+    assert all(a >= b for a, b in itertools.pairwise(helds))
     assert res["frame_lateness_ms_max"] >= res["frame_lateness_ms_p99"] >= 0
     assert res["first_frame_ms_p50"] is not None and res["first_frame_ms_p50"] > 100  # lookahead
 
@@ -61,4 +79,7 @@ def test_max_sessions_by_lead() -> None:
         "24": run([0, 0, 0, 0], missing=3),  # frames missing: never counts
     }
     assert max_sessions_by_lead(runs) == [1, 12, 16, 16]
+    # with held ticks instead: 16's late frames were one hold at one frame of lead
+    runs["16"]["held_frames_by_lead"] = [3, 0, 0, 0]
+    assert max_sessions_by_lead(runs, "held_frames_by_lead") == [1, 16, 16, 16]
     assert max_sessions_by_lead({}) == [0, 0, 0, 0]

@@ -19,11 +19,11 @@ for name, st in (d.get("streaming") or {}).items():
     for key, run in st.items():
         if isinstance(run, dict) and "launch_phase_ms_mean" in run:
             print(name, key, run.get("delivered_fps_min"), run.get("frame_interval_ms_p99"),
-                  "late by lead", run.get("late_frames_by_lead"),
+                  "late by lead", run.get("late_frames_by_lead"), "held", run.get("held_frames_by_lead"),
                   "lateness p99/max", run.get("frame_lateness_ms_p99"), run.get("frame_lateness_ms_max"),
                   "batch", run.get("batch_mean"), "launch", run.get("launch_ms_mean"),
                   run.get("launch_phase_ms_mean"))
     print(name, "max sessions realtime", st.get("max_sessions_realtime"),
-          "by playout lead 0-3 frames", st.get("max_sessions_by_lead"))
+          "by playout lead 0-3 frames", st.get("max_sessions_by_lead"), "by held", st.get("max_sessions_by_held_lead"))
 PY
 tail -3 "${OUT:-/tmp}/bench_stream.log"

@@ -189,17 +189,45 @@ class WatchedEncoder:
 
 _installed: Callable[[Any], Any] | None = None
 _steady = True
+_aiortc_vp8_threads: Callable[[int, int], int] | None = None
 
 
-def install(steady: bool = True) -> None:
+def set_vp8_threads(threads: int) -> None:
+    """Threads each VP8 codec aiortc opens from now on may use (the setting
+    video_encoder_threads; 0: aiortc's own choice, 2 at 720p on 3+ cores, 3 above 1280x960).
+
+    libvpx's VP8 encoder threads wait for each other by spinning: with more codec threads than
+    free cores they burn the cores they wait for. On 2 cores, two 720p encoders of 2 threads
+    each made 18 frames/s together against 186 with 1 thread each (`README`, *Video
+    encoders*). A server with many sessions has its parallelism in the sessions already, so the
+    default is 1 thread per encoder. H.264 (libx264) is left alone: it did not collapse."""
+    global _aiortc_vp8_threads
+    if threads < 0:
+        raise ValueError(f"VP8 encoder threads must be >= 0 (0: aiortc's choice), got {threads}")
+    import aiortc.codecs.vpx as vpx
+
+    if _aiortc_vp8_threads is None:
+        _aiortc_vp8_threads = vpx.number_of_threads
+    own = _aiortc_vp8_threads
+
+    def fixed(pixels: int, cpus: int) -> int:
+        return threads
+
+    # aiortc's VP8 encoder looks this module function up each time it opens a codec
+    vpx.number_of_threads = own if threads == 0 else fixed  # type: ignore[assignment]
+
+
+def install(steady: bool = True, vp8_threads: int = 1) -> None:
     """Wrap the video encoders aiortc's senders make in this process from now on, behind the
-    bitrate policy if `steady` (the setting steady_bitrate: one value per process; idempotent).
-    Audio encoders, which have no bitrate, are left as they are."""
+    bitrate policy if `steady` (the setting steady_bitrate: one value per process; idempotent),
+    with `vp8_threads` threads per VP8 codec (`set_vp8_threads`). Audio encoders, which have
+    no bitrate, are left as they are."""
     global _installed, _steady
     import aiortc.rtcrtpsender as sender
     from aiortc.codecs import get_encoder
 
     _steady = steady
+    set_vp8_threads(vp8_threads)
     if _installed is not None and sender.get_encoder is _installed:
         return
 

@@ -221,6 +221,7 @@ class ShardMedia(MediaLink):
                     "ice": list(s.ice_servers),
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
+                    "video_encoder_threads": s.video_encoder_threads,
                 }
             )
         except (MediaProcessError, TimeoutError) as exc:

@@ -78,6 +78,7 @@ class Peer:
             ice_servers=tuple(msg.get("ice", ())),
             track_queue_frames=int(msg["queue"]),
             steady_bitrate=bool(msg.get("steady_bitrate", True)),
+            video_encoder_threads=int(msg.get("video_encoder_threads", 1)),
         )
         events = MediaEvents(
             started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),

@@ -85,6 +85,9 @@ class Settings:
     # video encoders: only congestion or a limiting target move the bitrate (server.encoder_watch);
     # off: every bandwidth estimate reaches aiortc's encoder as aiortc does it
     steady_bitrate: bool = True
+    # threads per VP8 encoder (server.encoder_watch.set_vp8_threads; 0: aiortc's choice, 2 at
+    # 720p): the sessions are the parallelism, and libvpx's threads spin on a busy host
+    video_encoder_threads: int = 1
     # once ready, move the startup heap out of the garbage collector's walks (server.stall_watch)
     gc_freeze: bool = True
     # auth: None = no key asked for; several keys are separated by commas
@@ -140,6 +143,11 @@ class Settings:
         if not (self.admit_max_late == -1 or 0 <= self.admit_max_late <= 1):
             raise SettingsError(
                 f"admit_max_late must be -1 (auto) or in 0..1 (0: off), got {self.admit_max_late}"
+            )
+        if not 0 <= self.video_encoder_threads <= 16:
+            raise SettingsError(
+                "video_encoder_threads must be in 0..16 (0: aiortc's choice), "
+                f"got {self.video_encoder_threads}"
             )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:

@@ -229,3 +229,41 @@ def test_without_the_policy_every_estimate_reaches_the_encoder() -> None:
         encoder_watch.install()
     made = sender.get_encoder(video)
     assert isinstance(made, WatchedEncoder) and made.policy is not None
+
+
+def _vp8_codec_threads(width: int, height: int) -> int:
+    """Encode one frame with a fresh aiortc VP8 encoder; the threads its codec was opened with."""
+    frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+    frame.pts, frame.time_base = 0, Fraction(1, 90000)
+    enc = _vp8()
+    enc.encode(frame)  # type: ignore[attr-defined]
+    return int(enc.codec.thread_count)  # type: ignore[attr-defined]
+
+
+def test_vp8_encoders_use_the_configured_threads() -> None:
+    """`video_encoder_threads` (default 1) reaches the codec each VP8 encoder opens; 0 gives
+    aiortc's own choice back (which depends on the picture size and this machine's cores)."""
+    import multiprocessing
+
+    import aiortc.codecs.vpx as vpx
+
+    try:
+        encoder_watch.set_vp8_threads(3)
+        assert _vp8_codec_threads(640, 360) == 3
+        encoder_watch.set_vp8_threads(0)
+        own = vpx.number_of_threads(1280 * 720, multiprocessing.cpu_count())
+        assert _vp8_codec_threads(1280, 720) == own
+        with pytest.raises(ValueError, match="threads"):
+            encoder_watch.set_vp8_threads(-1)
+    finally:
+        encoder_watch.install()  # the default: 1 thread
+    assert _vp8_codec_threads(1280, 720) == 1
+
+
+def test_video_encoder_threads_is_a_checked_setting() -> None:
+    from server.settings import Settings, SettingsError
+
+    assert Settings().video_encoder_threads == 1
+    assert Settings.from_env({"LIPSTREAM_VIDEO_ENCODER_THREADS": "0"}).video_encoder_threads == 0
+    with pytest.raises(SettingsError, match="video_encoder_threads"):
+        Settings(video_encoder_threads=17)

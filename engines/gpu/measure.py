@@ -136,15 +136,23 @@ def pil_paste_back(
 
 
 def encoder_cost(
-    height: int, width: int, frames: int = 50, threads: tuple[int, ...] = (1, 4, 8)
+    height: int,
+    width: int,
+    frames: int = 50,
+    threads: tuple[int, ...] = (1, 4, 8),
+    vp8_codec_threads: tuple[int, ...] = (1, 2),
 ) -> dict[str, Any]:
     """aiortc's own VP8 and H.264 encoders on frames of the avatar's size: ms per frame on one
-    thread, and aggregate frames/s with k encoders in k threads (k sessions). Returns also
-    CPU cores one 25 fps session needs."""
+    thread, and aggregate frames/s with k encoders in k threads (k sessions), with aiortc's
+    codec threads and (VP8, `by_codec_threads`) with each of `vp8_codec_threads` threads per
+    codec (the server's default is 1: `server.encoder_watch.set_vp8_threads`).
+    Returns also CPU cores one 25 fps session needs."""
     try:
         from aiortc.codecs import get_encoder
         from aiortc.rtcrtpparameters import RTCRtpCodecParameters
         from av import VideoFrame
+
+        from server import encoder_watch
     except ImportError as exc:
         return {"error": f"aiortc/av not importable: {exc}"}
     rng = np.random.default_rng(0)
@@ -171,24 +179,35 @@ def encoder_cost(
                 enc.encode(vf[i % len(vf)], force_keyframe=(i == 0))
             return time.perf_counter() - t0
 
-        run(5)
-        one = run(frames) / frames * 1e3
-        res: dict[str, Any] = {"ms_per_frame_1_thread": one}
-        for k in threads:
-            spans: list[float] = []
-            ts = [
-                threading.Thread(target=lambda spans=spans: spans.append(run(frames)))
-                for _ in range(k)
-            ]
+        def parallel(k: int, run=run) -> float:
+            """Frames/s of k encoders in k threads together."""
+            ts = [threading.Thread(target=run, args=(frames,)) for _ in range(k)]
             t0 = time.perf_counter()
             for t in ts:
                 t.start()
             for t in ts:
                 t.join()
-            wall = time.perf_counter() - t0
-            res[f"fps_total_{k}_threads"] = k * frames / wall
+            return k * frames / (time.perf_counter() - t0)
+
+        # aiortc's own codec threads (2 per 720p VP8 encoder on 3+ cores), as earlier runs
+        encoder_watch.set_vp8_threads(0)
+        run(5)
+        one = run(frames) / frames * 1e3
+        res: dict[str, Any] = {"ms_per_frame_1_thread": one}
+        for k in threads:
+            res[f"fps_total_{k}_threads"] = parallel(k)
         best = max(v for key, v in res.items() if key.startswith("fps_total"))
         res["cores_per_25fps_session"] = 25 * one / 1e3
         res["sessions_per_host_at_best_thread_scaling"] = best / 25
+        if mime == "video/VP8":  # set codec threads (the server's default: 1)
+            res["by_codec_threads"] = {}
+            for n in vp8_codec_threads:
+                encoder_watch.set_vp8_threads(n)
+                run(5)
+                res["by_codec_threads"][str(n)] = {
+                    "ms_per_frame": run(frames) / frames * 1e3,
+                    **{f"fps_total_{k}_threads": parallel(k) for k in threads},
+                }
         out[mime.split("/")[1]] = res
+    encoder_watch.set_vp8_threads(1)
     return out

@@ -216,16 +216,17 @@ def _health_routes(app: FastAPI) -> None:
             ok, status = False, "engine_failed"  # a GPU error: the process must be restarted
         body: dict[str, Any] = {"status": status}
         if state.ready:
+            now = asyncio.get_running_loop().time()
             body.update(
                 engine=state.engine.name,
                 engine_reason=state.engine_reason,
                 sessions=len(state.sessions.sessions),
                 max_sessions=state.settings.max_sessions,
-                # speaking frames of the last 10 s made too late (None: too few to judge), and
-                # the fraction above which new sessions are refused (0: never; server.overload)
-                engine_late_fraction=state.sessions.late.fraction(
-                    asyncio.get_running_loop().time()
-                ),
+                # speaking frames of the last 10 s made too late and video frames dropped
+                # before the encoders (None: too few to judge), and the fraction above which
+                # new sessions are refused (0: never; server.overload)
+                engine_late_fraction=state.sessions.late.fraction(now),
+                video_drop_fraction=state.sessions.late.drop_fraction(now),
                 admit_max_late=state.sessions.late_limit,
                 **state.media.info(),
             )

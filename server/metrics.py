@@ -33,6 +33,11 @@ class ServerMetrics:
             "Speaking frames of the last 10 s the engine made too late (server.overload)",
             registry=r,
         )
+        self.video_drop_fraction = Gauge(
+            "lipstream_video_drop_fraction",
+            "Video frames of the last 10 s dropped before the encoders (server.overload)",
+            registry=r,
+        )
         self.sessions_total = Counter("lipstream_sessions_total", "Sessions opened", registry=r)
         self.sessions_ended = Counter(
             "lipstream_sessions_ended_total", "Sessions ended, by reason", ["reason"], registry=r

@@ -1,10 +1,13 @@
-"""Is the engine keeping up with the sessions it has? Over the last few seconds, across all
-sessions: the ticks where a speaking frame was handed to the engine and had not come back in
-time (`Tick.engine_late`), against the speaking ticks. Audio that comes late (a slow TTS, a
+"""Are the engine and the host keeping up with the sessions they have? Over the last few
+seconds, across all sessions: the ticks where a speaking frame was handed to the engine and
+had not come back in time (`Tick.engine_late`), against the speaking ticks; and the video
+frames dropped before the encoders (the host's CPU not keeping up with the encoding: on the
+H200's 16-core host, 16 sessions of 720p dropped 2350 frames in 70 s while the GPU kept up),
+against all the video frames the sessions' clocks sent. Audio that comes late (a slow TTS, a
 jittery microphone) does not count: its frames were never handed out.
 
 `SessionManager.slot` refuses a new session (503 + Retry-After, reason `overloaded`) while
-the fraction is above `Settings.admit_max_late`: one more session would make every session
+either fraction is above `Settings.admit_max_late`: one more session would make every session
 later still (on a GPU the batches grow and all sessions fall behind together), so the server
 keeps the ones it has whole instead. The window needs `min_ticks` speaking ticks before it
 judges, so one late frame in a short utterance refuses nobody.
@@ -19,25 +22,27 @@ MIN_TICKS = 250  # one session speaking for 10 s, or ten for 1 s
 
 
 class LateFrames:
-    """Speaking and engine-late ticks per second of the last `window_s` seconds."""
+    """Speaking, engine-late, all and dropped video frames per second of the last `window_s`
+    seconds."""
 
     def __init__(self, window_s: float = WINDOW_S, min_ticks: int = MIN_TICKS) -> None:
         if window_s <= 0 or min_ticks < 1:
             raise ValueError("window_s must be > 0 and min_ticks >= 1")
         self.window_s = window_s
         self.min_ticks = min_ticks
-        self._seconds: deque[list[int]] = deque()  # [second, speaking ticks, late ticks]
+        # [second, speaking ticks, late ticks, video frames sent, video frames dropped]
+        self._seconds: deque[list[int]] = deque()
 
     def tick(self, now: float, speaking: bool, late: bool) -> None:
-        if not (speaking or late):
-            return
-        second = int(now)
-        if not self._seconds or self._seconds[-1][0] != second:
-            self._seconds.append([second, 0, 0])
-            self._drop_old(now)
-        row = self._seconds[-1]
+        """One tick of one session's clock (a video frame sent, whatever its kind)."""
+        row = self._row(now)
         row[1] += speaking
         row[2] += late
+        row[3] += 1
+
+    def dropped(self, now: float) -> None:
+        """A video frame dropped before its encoder."""
+        self._row(now)[4] += 1
 
     def fraction(self, now: float) -> float | None:
         """Late ticks / (speaking + late ticks) over the window; None with too few to judge."""
@@ -48,12 +53,36 @@ class LateFrames:
             return None
         return late / (speaking + late)
 
+    def drop_fraction(self, now: float) -> float | None:
+        """Dropped / sent video frames over the window; None with too few to judge."""
+        self._drop_old(now)
+        sent = sum(r[3] for r in self._seconds)
+        if sent < self.min_ticks:
+            return None
+        return min(1.0, sum(r[4] for r in self._seconds) / sent)
+
     def over(self, now: float, limit: float) -> bool:
-        """True if the late fraction is above `limit` (0: the check is off)."""
+        """True if the late or the drop fraction is above `limit` (0: the check is off)."""
+        return self.why(now, limit) is not None
+
+    def why(self, now: float, limit: float) -> str | None:
+        """Which fraction is over `limit` ("late" or "dropped"), None if neither (or off)."""
         if limit <= 0:
-            return False
-        got = self.fraction(now)
-        return got is not None and got > limit
+            return None
+        late = self.fraction(now)
+        if late is not None and late > limit:
+            return "late"
+        dropped = self.drop_fraction(now)
+        if dropped is not None and dropped > limit:
+            return "dropped"
+        return None
+
+    def _row(self, now: float) -> list[int]:
+        second = int(now)
+        if not self._seconds or self._seconds[-1][0] != second:
+            self._seconds.append([second, 0, 0, 0, 0])
+            self._drop_old(now)
+        return self._seconds[-1]
 
     def _drop_old(self, now: float) -> None:
         oldest = int(now - self.window_s)

@@ -315,6 +315,8 @@ class Session:
         if kind == "video":
             self.stats.frames_dropped += 1
             self.metrics.frames_dropped.inc()
+            if self.late_frames is not None:
+                self.late_frames.dropped(self.loop.time())
         else:
             self.stats.audio_dropped += 1
 
@@ -399,12 +401,24 @@ class SessionManager:
                 "limit",
             )
         now = asyncio.get_running_loop().time()
-        if self.late.over(now, self.late_limit):
+        why = self.late.why(now, self.late_limit)
+        if why is not None:
             self.metrics.sessions_refused.labels("overloaded").inc()
+            n, window = len(self.sessions), f"{self.late.window_s:g}"
+            if why == "late":
+                said = (
+                    f"the engine is not keeping up with the {n} sessions it has "
+                    f"({self.late.fraction(now):.1%} of their speaking frames came late in the "
+                    f"last {window} s"
+                )
+            else:
+                said = (
+                    f"the host is not keeping up with the {n} sessions it has "
+                    f"({self.late.drop_fraction(now):.1%} of their video frames were dropped "
+                    f"before the encoders in the last {window} s"
+                )
             raise SessionLimitError(
-                f"the engine is not keeping up with the {len(self.sessions)} sessions it has "
-                f"({self.late.fraction(now):.1%} of their speaking frames came late in the "
-                f"last {self.late.window_s:g} s, more than {self.late_limit:.1%}); try again later",
+                f"{said}, more than {self.late_limit:.1%}); try again later",
                 self.settings.retry_after_s,
                 "overloaded",
             )
@@ -504,8 +518,9 @@ class SessionManager:
         period = min(1.0, s.connect_timeout_s / 4, s.idle_timeout_s / 4, s.peer_silence_s / 4)
         while True:
             await asyncio.sleep(period)
-            late = self.late.fraction(asyncio.get_running_loop().time())
-            self.metrics.engine_late_fraction.set(late or 0.0)
+            now = asyncio.get_running_loop().time()
+            self.metrics.engine_late_fraction.set(self.late.fraction(now) or 0.0)
+            self.metrics.video_drop_fraction.set(self.late.drop_fraction(now) or 0.0)
             try:
                 await self.reap()
             except Exception:

@@ -39,6 +39,22 @@ def test_the_fraction_counts_late_against_speaking_ticks_in_the_window() -> None
     assert w.fraction(115.0) is None  # all of it left the window
 
 
+def test_the_drop_fraction_counts_dropped_against_all_video_frames() -> None:
+    """Frames dropped before the encoders (the host's CPU behind) against every tick of every
+    session's clock, idle ones included; either fraction over the limit refuses."""
+    w = LateFrames(window_s=10, min_ticks=100)
+    for k in range(200):
+        w.tick(100.0 + k * 0.01, speaking=False, late=False)  # idle ticks: video all the same
+    assert w.fraction(102.5) is None  # no speaking frames to judge the engine by
+    assert w.drop_fraction(102.5) == 0.0 and w.why(102.5, 0.02) is None
+    for k in range(10):
+        w.dropped(102.0 + k * 0.01)
+    assert w.drop_fraction(102.5) == pytest.approx(0.05)
+    assert w.why(102.5, 0.02) == "dropped" and w.over(102.5, 0.02)
+    assert w.why(102.5, 0.1) is None and w.why(102.5, 0.0) is None  # under; off
+    assert w.drop_fraction(115.0) is None  # all of it left the window
+
+
 def test_window_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="window_s"):
         LateFrames(window_s=0)
@@ -73,6 +89,20 @@ async def test_the_manager_refuses_a_session_while_frames_come_late() -> None:
     off.late = manager.late
     async with off.slot():  # the check off: admitted
         pass
+
+
+async def test_the_manager_refuses_a_session_while_the_host_drops_frames() -> None:
+    manager = SessionManager(Settings(), ServerMetrics(), late_limit=0.02)
+    manager.late = LateFrames(window_s=10, min_ticks=50)
+    now = asyncio.get_running_loop().time()
+    for k in range(100):  # the engine on time, but 1 video frame in 20 dropped
+        manager.late.tick(now - 2 + k * 0.01, speaking=True, late=False)
+        if k % 20 == 0:
+            manager.late.dropped(now - 2 + k * 0.01)
+    with pytest.raises(SessionLimitError, match="host is not keeping up") as err:
+        async with manager.slot():
+            pass
+    assert err.value.reason == "overloaded" and "5.0%" in str(err.value)
 
 
 class SlowPreview(PreviewEngine):
@@ -120,6 +150,8 @@ async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_pat
             metrics = (await c.get("/metrics")).text
             ready = (await c.get("/readyz")).json()
         assert ready["admit_max_late"] == 0.02 and ready["engine_late_fraction"] > 0.1
+        # the refusal was the engine's: the encoder kept up on loopback (the other signal)
+        assert "video_drop_fraction" in ready and (ready["video_drop_fraction"] or 0.0) <= 0.02
         assert info["state"] == "connected" and info["speech_frames"] > 20
         assert info["engine_late_frames"] > 0.1 * info["speech_frames"]
         assert 'lipstream_sessions_refused_total{reason="overloaded"} 1.0' in metrics

@@ -120,7 +120,9 @@ def speech(seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2")
 
 
-async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_path: Path) -> None:
+def slow_server(tmp_path: Path) -> tuple[ServerThread, str]:
+    """A real server on loopback whose engine is `SlowPreview`, overload check at 2 %, judging
+    after ~2 s of speech (not 10); with its demo avatar's id."""
     settings = Settings(
         engine="preview",
         avatars_dir=tmp_path / "avatars",
@@ -131,8 +133,16 @@ async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_pat
     srv = ServerThread(create_app(settings, engine=SlowPreview(), reason="test")).start()
     try:
         avatar = wait_first_avatar_ready(srv.base_url)
-        manager = srv.app.state.sessions
-        manager.late = LateFrames(window_s=10, min_ticks=40)  # judge after ~2 s, not 10
+    except BaseException:
+        srv.stop()
+        raise
+    srv.app.state.sessions.late = LateFrames(window_s=10, min_ticks=40)
+    return srv, avatar
+
+
+async def test_a_slow_engine_refuses_new_sessions_and_keeps_the_open_one(tmp_path: Path) -> None:
+    srv, avatar = slow_server(tmp_path)
+    try:
         first = LoopbackClient(srv.base_url)
         await first.open(avatar)
         await first.connect_audio()

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_overload import SlowPreview
+from test_overload import slow_server
 
-from server.app import create_app
-from server.loopback import ServerThread, wait_first_avatar_ready
-from server.overload import LateFrames
 from server.ramp import ramp
-from server.settings import Settings
 
 
 async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> None:
-    settings = Settings(
-        engine="preview",
-        avatars_dir=tmp_path / "avatars",
-        demo_avatar=True,
-        admit_max_late=0.02,
-        connect_timeout_s=120.0,
-    )
     # the preview engine slowed to 20 fps: no GPU on CI to overload, so one session does it
-    srv = ServerThread(create_app(settings, engine=SlowPreview(), reason="test")).start()
+    srv, _ = slow_server(tmp_path)
     try:
-        wait_first_avatar_ready(srv.base_url)
-        srv.app.state.sessions.late = LateFrames(window_s=10, min_ticks=40)  # judge after ~2 s
         result = await ramp(
             srv.base_url, every_s=2.0, max_sessions=4, stop_after_refusals=1, hold_s=1.0
         )

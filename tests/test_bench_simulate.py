@@ -83,3 +83,23 @@ def test_max_sessions_by_lead() -> None:
     runs["16"]["held_frames_by_lead"] = [3, 0, 0, 0]
     assert max_sessions_by_lead(runs, "held_frames_by_lead") == [1, 16, 16, 16]
     assert max_sessions_by_lead({}) == [0, 0, 0, 0]
+
+
+def test_max_sessions_issue_bar() -> None:
+    """The issue's bar: all frames, >= 24.5 fps, p99 interval <= 60 ms (late frames aside)."""
+    from engines.bench import max_sessions_issue_bar
+
+    def run(p99: float, fps: float = 25.0, missing: int = 0) -> dict:
+        return {
+            "frames_delivered": 100 - missing,
+            "frames_expected": 100,
+            "delivered_fps_min": fps,
+            "frame_interval_ms_p99": p99,
+            "late_frames_by_lead": [297, 297, 0, 0],  # not part of this bar
+        }
+
+    runs = {"1": run(40.6), "16": run(41.6), "20": run(104.0, fps=24.6), "24": run(41.0, missing=1)}
+    assert max_sessions_issue_bar(runs) == 16
+    runs["20"] = run(41.8, fps=24.9)
+    assert max_sessions_issue_bar(runs) == 20
+    assert max_sessions_issue_bar({"latency_1_session": {}}) == 0

@@ -23,7 +23,7 @@ for name, st in (d.get("streaming") or {}).items():
                   "lateness p99/max", run.get("frame_lateness_ms_p99"), run.get("frame_lateness_ms_max"),
                   "batch", run.get("batch_mean"), "launch", run.get("launch_ms_mean"),
                   run.get("launch_phase_ms_mean"))
-    print(name, "max sessions realtime", st.get("max_sessions_realtime"),
+    print(name, "max sessions realtime", st.get("max_sessions_realtime"), "issue bar", st.get("max_sessions_issue_bar"),
           "by playout lead 0-3 frames", st.get("max_sessions_by_lead"), "by held", st.get("max_sessions_by_held_lead"))
 PY
 tail -3 "${OUT:-/tmp}/bench_stream.log"

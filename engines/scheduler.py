@@ -222,8 +222,9 @@ class GpuScheduler(WorkQueue):
 
     def submit(self, item: Any) -> None:
         super().submit(item)
-        with self._cond:
-            self._submitted[item.key] = time.perf_counter()
+        if self.options.gather_s > 0:  # only a gather asks (a session's `cancel` forgets it)
+            with self._cond:
+                self._submitted[item.key] = time.perf_counter()
 
     def cancel(self, key: str) -> int:
         with self._cond:

@@ -198,7 +198,7 @@ def set_vp8_threads(threads: int) -> None:
 
     libvpx's VP8 encoder threads wait for each other by spinning: with more codec threads than
     free cores they burn the cores they wait for. On 2 cores, two 720p encoders of 2 threads
-    each made 18 frames/s together against 186 with 1 thread each (`README`, *Video
+    each made 53 frames/s together against 186 with 1 thread each (`README`, *Video
     encoders*). A server with many sessions has its parallelism in the sessions already, so the
     default is 1 thread per encoder. H.264 (libx264) is left alone: it did not collapse."""
     global _aiortc_vp8_threads

@@ -53,7 +53,8 @@ class SessionLimitError(Exception):
     """No room for another session now (or the server is draining).
 
     `reason` says why, for machines (the 503's JSON body and the refusal metric's label):
-    "draining", "limit" (at max_sessions) or "overloaded" (the engine is not keeping up).
+    "draining", "limit" (at max_sessions) or "overloaded" (the engine or the host is not
+    keeping up: `server.overload`).
     """
 
     def __init__(self, message: str, retry_after: int, reason: str) -> None:

@@ -3,9 +3,9 @@
 Against a running server, open sessions one at a time, one attempt every `every_s` seconds
 (at most `max_sessions` attempts); every admitted session speaks continuously at real time
 (`server.soak`'s utterances) until the ramp ends. Between attempts `GET /readyz` is sampled
-about every 0.5 s (the engine's late fraction, `server.overload`). A refused attempt
-(`SessionRefused`) is recorded with its status, reason, detail and Retry-After and the
-number of sessions open then; after `stop_after_refusals` refusals in a row with reason
+about every 0.5 s (the engine's late fraction and the video frames dropped before the
+encoders, `server.overload`). A refused attempt (`SessionRefused`) is recorded with its
+status, reason, detail and Retry-After and the number of sessions open then; after `stop_after_refusals` refusals in a row with reason
 "overloaded" (or one "draining") the ramp stops attempting and keeps the admitted sessions
 speaking `hold_s` seconds more. At the end each admitted session's server info and the
 client's video figures are collected, and all clients are closed.
@@ -94,6 +94,7 @@ async def ramp(
                 "open": len(clients),
                 "server_sessions": body.get("sessions"),
                 "engine_late_fraction": late,
+                "video_drop_fraction": body.get("video_drop_fraction"),
             }
         )
         return late if isinstance(late, int | float) else None

@@ -33,3 +33,5 @@ async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> 
         assert s["video_frames"] > 10 and s["frame_interval_ms_p99"] is not None, s
         assert s["engine_late_frames"] > 0 and "error" not in s, s
     assert max(x["engine_late_fraction"] or 0 for x in result["readyz_samples"]) > 0.02
+    # /readyz also reports the host's side (frames dropped before the encoders) once it judges
+    assert any(x["video_drop_fraction"] is not None for x in result["readyz_samples"])

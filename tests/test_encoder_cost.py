@@ -3,20 +3,26 @@ frames: aiortc's own VP8 and H.264 encoders, k at once, and VP8 at set codec thr
 
 from __future__ import annotations
 
+import aiortc.codecs.h264 as h264
 import aiortc.codecs.vpx as vpx
+import av
 
 from engines.gpu.measure import encoder_cost
 
 
 def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:
-    res = encoder_cost(144, 256, frames=6, threads=(1, 2), vp8_codec_threads=(1, 2))
+    res = encoder_cost(
+        144, 256, frames=6, threads=(1, 2), vp8_codec_threads=(1, 2), h264_codec_threads=(1, 3)
+    )
     assert res["height"] == 144 and res["width"] == 256
     for codec in ("VP8", "H264"):
         r = res[codec]
         assert r["ms_per_frame_1_thread"] > 0
         assert r["fps_total_1_threads"] > 0 and r["fps_total_2_threads"] > 0
-    by = res["VP8"]["by_codec_threads"]
-    assert set(by) == {"1", "2"}
-    assert all(v["ms_per_frame"] > 0 and v["fps_total_2_threads"] > 0 for v in by.values())
-    # the server's default (one thread per VP8 codec) is back afterwards
+    for codec, counts in (("VP8", {"1", "2"}), ("H264", {"1", "3"})):
+        by = res[codec]["by_codec_threads"]
+        assert set(by) == counts
+        assert all(v["ms_per_frame"] > 0 and v["fps_total_2_threads"] > 0 for v in by.values())
+    # the server's defaults are back afterwards: one thread per VP8 codec, H.264 as aiortc has it
     assert vpx.number_of_threads(1280 * 720, 64) == 1
+    assert h264.av is av

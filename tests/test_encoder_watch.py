@@ -267,3 +267,22 @@ def test_video_encoder_threads_is_a_checked_setting() -> None:
     assert Settings.from_env({"LIPSTREAM_VIDEO_ENCODER_THREADS": "0"}).video_encoder_threads == 0
     with pytest.raises(SettingsError, match="video_encoder_threads"):
         Settings(video_encoder_threads=17)
+
+
+def test_h264_encoders_can_be_given_threads_for_the_bench() -> None:
+    """`set_h264_threads` (the bench's encoder_cost only): the libx264 codec an aiortc H.264
+    encoder opens gets the threads; 0 puts aiortc's module back as it was."""
+    import aiortc.codecs.h264 as h264
+    from aiortc.codecs import get_encoder
+
+    codec = next(c for c in get_capabilities("video").codecs if c.mimeType == "video/H264")
+    frame = av.VideoFrame.from_ndarray(np.zeros((144, 256, 3), np.uint8), format="rgb24")
+    frame.pts, frame.time_base = 0, Fraction(1, 90000)
+    try:
+        encoder_watch.set_h264_threads(3)
+        enc = get_encoder(codec)
+        payloads, _ = enc.encode(frame)  # type: ignore[attr-defined]
+        assert payloads and enc.codec.thread_count == 3  # type: ignore[attr-defined]
+    finally:
+        encoder_watch.set_h264_threads(0)
+    assert h264.av is av

@@ -141,11 +141,13 @@ def encoder_cost(
     frames: int = 50,
     threads: tuple[int, ...] = (1, 4, 8),
     vp8_codec_threads: tuple[int, ...] = (1, 2),
+    h264_codec_threads: tuple[int, ...] = (1, 4),
 ) -> dict[str, Any]:
     """aiortc's own VP8 and H.264 encoders on frames of the avatar's size: ms per frame on one
     thread, and aggregate frames/s with k encoders in k threads (k sessions), with aiortc's
-    codec threads and (VP8, `by_codec_threads`) with each of `vp8_codec_threads` threads per
-    codec (the server's default is 1: `server.encoder_watch.set_vp8_threads`).
+    codec threads and (`by_codec_threads`) with each of `vp8_codec_threads` /
+    `h264_codec_threads` threads per codec (the server's VP8 default is 1:
+    `server.encoder_watch.set_vp8_threads`; H.264 stays at FFmpeg's choice).
     Returns also CPU cores one 25 fps session needs."""
     try:
         from aiortc.codecs import get_encoder
@@ -191,6 +193,7 @@ def encoder_cost(
 
         # aiortc's own codec threads (2 per 720p VP8 encoder on 3+ cores), as earlier runs
         encoder_watch.set_vp8_threads(0)
+        encoder_watch.set_h264_threads(0)
         run(5)
         one = run(frames) / frames * 1e3
         res: dict[str, Any] = {"ms_per_frame_1_thread": one}
@@ -199,15 +202,19 @@ def encoder_cost(
         best = max(v for key, v in res.items() if key.startswith("fps_total"))
         res["cores_per_25fps_session"] = 25 * one / 1e3
         res["sessions_per_host_at_best_thread_scaling"] = best / 25
-        if mime == "video/VP8":  # set codec threads (the server's default: 1)
-            res["by_codec_threads"] = {}
-            for n in vp8_codec_threads:
-                encoder_watch.set_vp8_threads(n)
-                run(5)
-                res["by_codec_threads"][str(n)] = {
-                    "ms_per_frame": run(frames) / frames * 1e3,
-                    **{f"fps_total_{k}_threads": parallel(k) for k in threads},
-                }
+        # set codec threads (VP8: the server's default is 1; H.264: FFmpeg's, 0)
+        set_threads = (
+            encoder_watch.set_vp8_threads if mime == "video/VP8" else encoder_watch.set_h264_threads
+        )
+        res["by_codec_threads"] = {}
+        for n in vp8_codec_threads if mime == "video/VP8" else h264_codec_threads:
+            set_threads(n)
+            run(5)
+            res["by_codec_threads"][str(n)] = {
+                "ms_per_frame": run(frames) / frames * 1e3,
+                **{f"fps_total_{k}_threads": parallel(k) for k in threads},
+            }
         out[mime.split("/")[1]] = res
     encoder_watch.set_vp8_threads(1)
+    encoder_watch.set_h264_threads(0)
     return out

@@ -777,12 +777,12 @@ def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
 
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
     """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
-    [-cpaste][-melgraph|-eagermel][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no flag keeps the
-    server's default."""
+    [-cpaste][-split][-melgraph|-eagermel][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no
+    flag keeps the server's default."""
     from engines.gpu.pipeline import PipelineOptions
 
     backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste = 0, True, True, False, False
+    crop, fold, enc, tune, cpaste, split = 0, True, True, False, False, False
     mel_graph = PipelineOptions.log_mel_in_graph
     nhwc = PipelineOptions.nhwc_norm
     enc_batch = PipelineOptions.encoder_batch
@@ -799,6 +799,8 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
             tune = True
         elif flag == "cpaste":
             cpaste = True
+        elif flag == "split":
+            split = True
         elif flag == "stocknorm":
             nhwc = ""
         elif flag == "nhwcnorm":
@@ -825,6 +827,7 @@ def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
         nhwc_norm=nhwc,
         encoder_batch=enc_batch,
         log_mel_in_graph=mel_graph,
+        split_stages=split,
     )
 
 

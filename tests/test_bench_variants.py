@@ -12,7 +12,7 @@ def test_plain_compiled_has_the_server_defaults() -> None:
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
     assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
     assert not o.compile_paste and o.nhwc_norm == "channel" and o.encoder_batch == 4
-    assert o.log_mel_in_graph
+    assert o.log_mel_in_graph and not o.split_stages
     assert variant_options("compiled-stocknorm", (2,)).nhwc_norm == ""
 
 
@@ -27,6 +27,9 @@ def test_flags_combine() -> None:
     assert not variant_options("compiled-eagermel", (4,)).log_mel_in_graph
     assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
+    assert variant_options("compiled-split-tritonnorm", (4,)).split_stages
+    with pytest.raises(ValueError, match="split_stages needs the compiled backend"):
+        variant_options("torch-split", (4,))
     with pytest.raises(ValueError, match="encoder_batch"):
         variant_options("compiled-enc0", (4,))
 

@@ -128,8 +128,15 @@ class MuseTalkStep(nn.Module):
         self.register_buffer("timestep", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def forward(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return self.vae_part(self.unet_part(latents, audio))
+
+    def unet_part(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """The first stage: the UNet's predicted latents (B, 4, 32, 32)."""
         cond = audio + self.pe.to(audio.dtype)
-        pred = self.unet(latents, self.timestep, encoder_hidden_states=cond).sample
+        return self.unet(latents, self.timestep, encoder_hidden_states=cond).sample  # type: ignore[no-any-return]
+
+    def vae_part(self, pred: torch.Tensor) -> torch.Tensor:
+        """The second stage: predicted latents -> uint8 faces (B, 3, 256, 256)."""
         if self.decode_from_row:
             pred = pred[:, :, self.decode_from_row :, :]
         image = self.vae.decode((1 / self.scaling) * pred).sample

@@ -6,6 +6,9 @@ Three CUDA streams, one per stage, with events between them:
     stream B  UNet (t = 0) + VAE decode (eager or `compiled` CUDA graphs)
     stream C  paste-back into the avatar frames + RGB -> I420 + copy to pinned host memory
 
+(`split_stages`, opt-in: stream B runs the UNet only and a fourth stream D the VAE decode, so
+batch n+1's UNet can run beside batch n's decode; `engines.gpu.split_step`.)
+
 `launch` only enqueues work and returns a `Pending`; the caller (the scheduler thread) can
 launch the next batch at once, so batch n+1's encoder and UNet run while batch n is pasted
 and copied. `Pending.result()` (on a delivery thread) waits for batch n's last event and
@@ -33,6 +36,7 @@ from engines.gpu import paste
 from engines.gpu.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 from engines.gpu.features import ENCODER_BATCH, GpuFeaturizer
 from engines.gpu.nhwc_norm import check_norm_form
+from engines.gpu.split_step import SplitCompiledStep
 from engines.scheduler import LAUNCH_PHASES
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,10 @@ class PipelineOptions:
     # instead of ~25 eager ops + a replay). On the H200 at 16 sessions the featurizer's host
     # time per step fell from 6.5 to 3.5 ms (bench variant `-eagermel` for the old way)
     log_mel_in_graph: bool = True
+    # compiled: the UNet and the VAE decode as two graphs on two streams, so that one batch's
+    # UNet can run beside the previous batch's decode (engines.gpu.split_step). Opt-in, not
+    # yet measured (bench variant `-split`)
+    split_stages: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -80,6 +88,8 @@ class PipelineOptions:
             raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
+        if self.split_stages and self.backend != "compiled":
+            raise ValueError("split_stages needs the compiled backend")
 
 
 @dataclass
@@ -146,8 +156,11 @@ class GpuPipeline:
         self.build_report: dict[str, Any] = {}
         self.encoder: CompiledEncoder | None = None
         if self.options.backend == "compiled":
-            self.step = CompiledStep(
-                step, CompiledOptions(buckets=self.options.buckets, tune=self.options.tune)
+            compiled = CompiledOptions(buckets=self.options.buckets, tune=self.options.tune)
+            self.step = (
+                SplitCompiledStep(step, compiled)
+                if self.options.split_stages
+                else CompiledStep(step, compiled)
             )
             if self.options.compile_encoder:
                 self.encoder = CompiledEncoder(
@@ -172,7 +185,10 @@ class GpuPipeline:
             )
             self.step = trt_step
             self.features.run_encoder = trt_encoder
-        self.streams = {k: torch.cuda.Stream(self.device) for k in "ABC"}
+        # A features, B UNet+VAE (with split_stages: B the UNet, D the VAE), C paste-back
+        self.streams = {
+            k: torch.cuda.Stream(self.device) for k in ("ABCD" if self.split else "ABC")
+        }
         self._avatars: dict[str, paste.GpuAvatar] = {}
         # pinned output buffers by slot; a slot is taken by a launch and given back by its
         # Pending (or by the launch itself if it fails), so a free slot is never in flight
@@ -198,6 +214,11 @@ class GpuPipeline:
         if isinstance(self.step, CompiledStep):
             return self.step.warm_up()
         return {}
+
+    @property
+    def split(self) -> bool:
+        """Whether the UNet and the VAE decode run as two stages on two streams."""
+        return isinstance(self.step, SplitCompiledStep)
 
     def avatar(self, avatar_id: str) -> paste.GpuAvatar:
         gav = self._avatars.get(avatar_id)
@@ -325,10 +346,21 @@ class GpuPipeline:
                 perm.extend(idx)
             perm_t = torch.tensor(perm, dtype=torch.long).to(self.device, non_blocking=True)
             lat = torch.cat(lat_parts).to(self.engine.dtype)
-            faces = self.step(lat, feats.index_select(0, perm_t).to(self.engine.dtype))
+            audio = feats.index_select(0, perm_t).to(self.engine.dtype)
+            if self.split:
+                handle = self.step.unet_stage(lat, audio)
+            else:
+                faces = self.step(lat, audio)
             ev_b = torch.cuda.Event()
             ev_b.record(sb)
         feats.record_stream(sb)
+        if self.split:  # the decode on its own stream, after this batch's UNet
+            sd = self.streams["D"]
+            with torch.cuda.stream(sd):
+                sd.wait_event(ev_b)
+                faces = self.step.vae_stage(handle)
+                ev_b = torch.cuda.Event()
+                ev_b.record(sd)
         t2 = time.perf_counter()
         self.launch_s["unet_vae"] += t2 - t1
         host: dict[str, torch.Tensor] = {}

@@ -6,7 +6,12 @@
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 curl -sf http://127.0.0.1:8000/readyz >/dev/null || { echo "no ready server at 127.0.0.1:8000 (start soak_run.sh first)"; exit 3; }
-python3 -m lipstream bench --ramp --soak-url http://127.0.0.1:8000 --sessions "${RAMP_N:-24}" \
+CLI=()
+NCPU=$(nproc)
+if [ "${SOAK_SPLIT_CPUS:-0}" = 1 ] && [ "$NCPU" -ge 8 ]; then  # as soak_run.sh: clients on the last 3 cores
+    CLI=(taskset -c "$((NCPU - 3))-$((NCPU - 1))")
+fi
+"${CLI[@]}" python3 -m lipstream bench --ramp --soak-url http://127.0.0.1:8000 --sessions "${RAMP_N:-24}" \
     --ramp-every "${RAMP_EVERY:-4}" --soak-out /tmp/ramp.json
 echo "ramp finished: rc=$? $(date +%T)"
 cp /tmp/ramp.json "$OUT"/ 2>/dev/null

@@ -7,6 +7,6 @@ set -u
 SOAK_N=${SOAK_N:-16} SOAK_MIN=${SOAK_MIN:-1.5} SOAK_SPLIT_CPUS=${SOAK_SPLIT_CPUS:-0} bash bench/scripts/soak_run.sh
 cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null
 python3 -c "import json; d=json.load(open('/tmp/soak.json')); print(json.dumps({k: v for k, v in d.items() if k not in ('per_session', 'samples')}))" 2>&1 | cut -c1-3000
-RAMP_EVERY=${RAMP_EVERY:-3} bash bench/scripts/ramp.sh
+RAMP_EVERY=${RAMP_EVERY:-3} SOAK_SPLIT_CPUS=${SOAK_SPLIT_CPUS:-0} bash bench/scripts/ramp.sh
 tail -c 300000 /tmp/serve.log >"$OUT"/serve.log
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader

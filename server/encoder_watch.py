@@ -251,10 +251,11 @@ class _AvForH264:
 
 
 def set_h264_threads(threads: int) -> None:
-    """Threads each libx264 encoder aiortc opens from now on may use (0: FFmpeg's choice, as
-    aiortc leaves it). For `encoder_cost` (the bench) only, not a server setting: on 2 cores
-    two encoders made 61-69 frames/s together either way; the 16-core GPU host is where it
-    may matter (16 encoders there made 360 frames/s at FFmpeg's threads, one alone 179)."""
+    """Threads each libx264 encoder aiortc opens from now on may use (the setting
+    h264_encoder_threads; 0, the default: FFmpeg's choice, as aiortc leaves it). On 2 cores two
+    encoders made 61-69 frames/s together either way; the 16-core GPU host is where it may
+    matter (16 encoders there made 360 frames/s at FFmpeg's threads, one alone 179), so the
+    bench's `encoders` section measures both before any default changes."""
     if threads < 0:
         raise ValueError(f"H.264 encoder threads must be >= 0 (0: FFmpeg's choice), got {threads}")
     import aiortc.codecs.h264 as h264
@@ -263,17 +264,19 @@ def set_h264_threads(threads: int) -> None:
     h264.av = av if threads == 0 else _AvForH264(threads)  # type: ignore[assignment]
 
 
-def install(steady: bool = True, vp8_threads: int = 1) -> None:
+def install(steady: bool = True, vp8_threads: int = 1, h264_threads: int = 0) -> None:
     """Wrap the video encoders aiortc's senders make in this process from now on, behind the
     bitrate policy if `steady` (the setting steady_bitrate: one value per process; idempotent),
-    with `vp8_threads` threads per VP8 codec (`set_vp8_threads`). Audio encoders, which have
-    no bitrate, are left as they are."""
+    with `vp8_threads` threads per VP8 codec (`set_vp8_threads`) and `h264_threads` per
+    libx264 one (`set_h264_threads`). Audio encoders, which have no bitrate, are left as they
+    are."""
     global _installed, _steady
     import aiortc.rtcrtpsender as sender
     from aiortc.codecs import get_encoder
 
     _steady = steady
     set_vp8_threads(vp8_threads)
+    set_h264_threads(h264_threads)
     if _installed is not None and sender.get_encoder is _installed:
         return
 

@@ -222,6 +222,7 @@ class ShardMedia(MediaLink):
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
                     "video_encoder_threads": s.video_encoder_threads,
+                    "h264_encoder_threads": s.h264_encoder_threads,
                 }
             )
         except (MediaProcessError, TimeoutError) as exc:

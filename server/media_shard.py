@@ -79,6 +79,7 @@ class Peer:
             track_queue_frames=int(msg["queue"]),
             steady_bitrate=bool(msg.get("steady_bitrate", True)),
             video_encoder_threads=int(msg.get("video_encoder_threads", 1)),
+            h264_encoder_threads=int(msg.get("h264_encoder_threads", 0)),
         )
         events = MediaEvents(
             started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),

@@ -88,6 +88,10 @@ class Settings:
     # threads per VP8 encoder (server.encoder_watch.set_vp8_threads; 0: aiortc's choice, 2 at
     # 720p): the sessions are the parallelism, and libvpx's threads spin on a busy host
     video_encoder_threads: int = 1
+    # threads per H.264 (libx264) encoder (server.encoder_watch.set_h264_threads; 0: FFmpeg's
+    # choice, as aiortc leaves it). Not measured on a many-core host yet: `bench --sections
+    # encoders` reports both
+    h264_encoder_threads: int = 0
     # once ready, move the startup heap out of the garbage collector's walks (server.stall_watch)
     gc_freeze: bool = True
     # auth: None = no key asked for; several keys are separated by commas
@@ -144,11 +148,12 @@ class Settings:
             raise SettingsError(
                 f"admit_max_late must be -1 (auto) or in 0..1 (0: off), got {self.admit_max_late}"
             )
-        if not 0 <= self.video_encoder_threads <= 16:
-            raise SettingsError(
-                "video_encoder_threads must be in 0..16 (0: aiortc's choice), "
-                f"got {self.video_encoder_threads}"
-            )
+        for name in ("video_encoder_threads", "h264_encoder_threads"):
+            if not 0 <= getattr(self, name) <= 16:
+                raise SettingsError(
+                    f"{name} must be in 0..16 (0: the codec library's choice), "
+                    f"got {getattr(self, name)}"
+                )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")

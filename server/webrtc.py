@@ -55,8 +55,10 @@ def check_offer(sdp: object, settings: Settings) -> str:
 
 def make_peer(settings: Settings) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
-    # encodes timed; the bitrate policy or not; threads per VP8 encoder
-    encoder_watch.install(settings.steady_bitrate, settings.video_encoder_threads)
+    # encodes timed; the bitrate policy or not; threads per VP8 / H.264 encoder
+    encoder_watch.install(
+        settings.steady_bitrate, settings.video_encoder_threads, settings.h264_encoder_threads
+    )
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 

@@ -260,18 +260,21 @@ def test_vp8_encoders_use_the_configured_threads() -> None:
     assert _vp8_codec_threads(1280, 720) == 1
 
 
-def test_video_encoder_threads_is_a_checked_setting() -> None:
+def test_encoder_threads_are_checked_settings() -> None:
     from server.settings import Settings, SettingsError
 
-    assert Settings().video_encoder_threads == 1
+    assert Settings().video_encoder_threads == 1 and Settings().h264_encoder_threads == 0
     assert Settings.from_env({"LIPSTREAM_VIDEO_ENCODER_THREADS": "0"}).video_encoder_threads == 0
+    assert Settings.from_env({"LIPSTREAM_H264_ENCODER_THREADS": "2"}).h264_encoder_threads == 2
     with pytest.raises(SettingsError, match="video_encoder_threads"):
         Settings(video_encoder_threads=17)
+    with pytest.raises(SettingsError, match="h264_encoder_threads"):
+        Settings(h264_encoder_threads=-1)
 
 
-def test_h264_encoders_can_be_given_threads_for_the_bench() -> None:
-    """`set_h264_threads` (the bench's encoder_cost only): the libx264 codec an aiortc H.264
-    encoder opens gets the threads; 0 puts aiortc's module back as it was."""
+def test_h264_encoders_can_be_given_threads() -> None:
+    """`h264_encoder_threads` (default 0): the libx264 codec an aiortc H.264 encoder opens gets
+    the threads; 0 puts aiortc's module back as it was."""
     import aiortc.codecs.h264 as h264
     from aiortc.codecs import get_encoder
 
@@ -279,10 +282,10 @@ def test_h264_encoders_can_be_given_threads_for_the_bench() -> None:
     frame = av.VideoFrame.from_ndarray(np.zeros((144, 256, 3), np.uint8), format="rgb24")
     frame.pts, frame.time_base = 0, Fraction(1, 90000)
     try:
-        encoder_watch.set_h264_threads(3)
+        encoder_watch.install(h264_threads=3)  # the setting h264_encoder_threads=3
         enc = get_encoder(codec)
         payloads, _ = enc.encode(frame)  # type: ignore[attr-defined]
         assert payloads and enc.codec.thread_count == 3  # type: ignore[attr-defined]
     finally:
-        encoder_watch.set_h264_threads(0)
+        encoder_watch.install()  # the defaults
     assert h264.av is av

@@ -85,19 +85,23 @@ async def ramp(
     in_a_row = 0
     t0 = time.monotonic()
 
-    async def sample(http: httpx.AsyncClient) -> float | None:
+    async def sample(http: httpx.AsyncClient) -> tuple[float | None, float | None]:
+        """One /readyz sample; (engine-late, video-drop) fractions (None: not judged yet)."""
         body = await _readyz(http)
-        late = body.get("engine_late_fraction")
+        late, dropped = body.get("engine_late_fraction"), body.get("video_drop_fraction")
         samples.append(
             {
                 "t": round(time.monotonic() - t0, 2),
                 "open": len(clients),
                 "server_sessions": body.get("sessions"),
                 "engine_late_fraction": late,
-                "video_drop_fraction": body.get("video_drop_fraction"),
+                "video_drop_fraction": dropped,
             }
         )
-        return late if isinstance(late, int | float) else None
+        return (
+            late if isinstance(late, int | float) else None,
+            dropped if isinstance(dropped, int | float) else None,
+        )
 
     async def wait_sampling(http: httpx.AsyncClient, until: float) -> None:
         while time.monotonic() < until:
@@ -110,7 +114,7 @@ async def ramp(
             ready = await _readyz(http)
             t0 = time.monotonic()
             for attempt in range(1, max_sessions + 1):
-                late = await sample(http)
+                late, dropped = await sample(http)
                 t = time.monotonic() - t0
                 open_before = len(clients)
                 client = SoakClient(server_url)
@@ -119,6 +123,7 @@ async def ramp(
                     "attempt": attempt,
                     "open_before": open_before,
                     "engine_late_fraction_before": late,
+                    "video_drop_fraction_before": dropped,
                 }
                 try:
                     await client.open(avatar_id)
@@ -146,7 +151,8 @@ async def ramp(
                     in_a_row = 0
                 attempts.append(row)
                 print(
-                    f"ramp: attempt {attempt}, {open_before} open, late {_late_text(late)} -> "
+                    f"ramp: attempt {attempt}, {open_before} open, late {_late_text(late)}, "
+                    f"dropped {_late_text(dropped)} -> "
                     f"{row['status']}" + (f" {row['reason']}" if row["reason"] else ""),
                     file=sys.stderr,
                     flush=True,

@@ -317,7 +317,7 @@ class Session:
             self.stats.frames_dropped += 1
             self.metrics.frames_dropped.inc()
             if self.late_frames is not None:
-                self.late_frames.dropped(self.loop.time())
+                self.late_frames.dropped(self.loop.time(), self.id)
         else:
             self.stats.audio_dropped += 1
 
@@ -365,7 +365,7 @@ class Session:
         if tick.kind == "hold":
             self.metrics.late_frames.inc()
         if self.late_frames is not None:
-            self.late_frames.tick(now, tick.kind == "speech", tick.engine_late)
+            self.late_frames.tick(now, tick.kind == "speech", tick.engine_late, self.id)
         for event in tick.events:
             self.emit(event)
 

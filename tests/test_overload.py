@@ -40,19 +40,39 @@ def test_the_fraction_counts_late_against_speaking_ticks_in_the_window() -> None
 
 
 def test_the_drop_fraction_counts_dropped_against_all_video_frames() -> None:
-    """Frames dropped before the encoders (the host's CPU behind) against every tick of every
-    session's clock, idle ones included; either fraction over the limit refuses."""
+    """Frames dropped before the encoders against every tick of every session's clock, idle
+    ones included, leaving out the session that dropped most; either fraction over the limit
+    refuses."""
     w = LateFrames(window_s=10, min_ticks=100)
-    for k in range(200):
-        w.tick(100.0 + k * 0.01, speaking=False, late=False)  # idle ticks: video all the same
+    for k in range(50):
+        for sid in "abcd":  # idle ticks: video all the same
+            w.tick(100.0 + k * 0.04, speaking=False, late=False, session=sid)
     assert w.fraction(102.5) is None  # no speaking frames to judge the engine by
     assert w.drop_fraction(102.5) == 0.0 and w.why(102.5, 0.02) is None
-    for k in range(10):
-        w.dropped(102.0 + k * 0.01)
-    assert w.drop_fraction(102.5) == pytest.approx(0.05)
+    for sid in "abc":  # the host behind: every session drops
+        for k in range(3):
+            w.dropped(101.0 + k * 0.04, sid)
+    # 6 of the other sessions' 150 frames (one session's 3 left out)
+    assert w.drop_fraction(102.5) == pytest.approx(0.04)
     assert w.why(102.5, 0.02) == "dropped" and w.over(102.5, 0.02)
     assert w.why(102.5, 0.1) is None and w.why(102.5, 0.0) is None  # under; off
     assert w.drop_fraction(115.0) is None  # all of it left the window
+
+
+def test_one_session_dropping_frames_does_not_refuse_everyone() -> None:
+    """A peer that stopped reading (or one oversized avatar) drops its own frames: that is
+    not the host falling behind."""
+    w = LateFrames(window_s=10, min_ticks=100)
+    for k in range(50):
+        for sid in "abcd":
+            w.tick(100.0 + k * 0.04, speaking=True, late=False, session=sid)
+        w.dropped(100.0 + k * 0.04, "d")  # every one of d's frames
+    assert w.drop_fraction(102.5) == 0.0 and w.why(102.5, 0.02) is None
+    lone = LateFrames(window_s=10, min_ticks=100)  # a lone session: nothing to compare with
+    for k in range(200):
+        lone.tick(100.0 + k * 0.04, speaking=True, late=False, session="a")
+        lone.dropped(100.0 + k * 0.04, "a")
+    assert lone.drop_fraction(108.5) is None
 
 
 def test_window_arguments_are_checked() -> None:
@@ -95,10 +115,11 @@ async def test_the_manager_refuses_a_session_while_the_host_drops_frames() -> No
     manager = SessionManager(Settings(), ServerMetrics(), late_limit=0.02)
     manager.late = LateFrames(window_s=10, min_ticks=50)
     now = asyncio.get_running_loop().time()
-    for k in range(100):  # the engine on time, but 1 video frame in 20 dropped
-        manager.late.tick(now - 2 + k * 0.01, speaking=True, late=False)
-        if k % 20 == 0:
-            manager.late.dropped(now - 2 + k * 0.01)
+    for k in range(40):  # the engine on time, but 1 video frame in 20 dropped, everywhere
+        for sid in "abc":
+            manager.late.tick(now - 2 + k * 0.01, speaking=True, late=False, session=sid)
+            if k % 20 == 0:
+                manager.late.dropped(now - 2 + k * 0.01, sid)
     with pytest.raises(SessionLimitError, match="host is not keeping up") as err:
         async with manager.slot():
             pass

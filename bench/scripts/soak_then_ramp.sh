@@ -3,7 +3,21 @@
 # machine) and soaks SOAK_N (default 16) sessions for SOAK_MIN minutes (default 1.5); the same
 # server then gets ramp.sh (one more speaking session every RAMP_EVERY s, default 3). JSONs and
 # the server's log to $OUT.
+# ENCODERS=1 (default): first, on the quiet host, aiortc's encoders by codec threads
+# (engines.gpu.measure.encoder_cost, ~15 s) -> $OUT/encoders.json.
 set -u
+if [ "${ENCODERS:-1}" = 1 ]; then
+    . bench/scripts/device_env.sh
+    python3 -c "
+import json, os
+from engines.gpu.measure import encoder_cost
+r = encoder_cost(720, 1280, frames=40, threads=(1, 8, 16))
+open(os.path.join(os.environ['OUT'], 'encoders.json'), 'w').write(json.dumps(r, indent=1))
+for c in ('VP8', 'H264'):
+    print(c, {k: round(v) for k, v in r[c].items() if k.startswith('fps_total')},
+          {t: {k: round(v) for k, v in x.items()} for t, x in r[c]['by_codec_threads'].items()})
+"
+fi
 SOAK_N=${SOAK_N:-16} SOAK_MIN=${SOAK_MIN:-1.5} SOAK_SPLIT_CPUS=${SOAK_SPLIT_CPUS:-0} bash bench/scripts/soak_run.sh
 cp /tmp/soak.json /tmp/soak.log "$OUT"/ 2>/dev/null
 python3 -c "import json; d=json.load(open('/tmp/soak.json')); print(json.dumps({k: v for k, v in d.items() if k not in ('per_session', 'samples')}))" 2>&1 | cut -c1-3000

@@ -194,7 +194,8 @@ _aiortc_vp8_threads: Callable[[int, int], int] | None = None
 
 def set_vp8_threads(threads: int) -> None:
     """Threads each VP8 codec aiortc opens from now on may use (the setting
-    video_encoder_threads; 0: aiortc's own choice, 2 at 720p on 3+ cores, 3 above 1280x960).
+    video_encoder_threads; 0: aiortc's own choice, 2 at 720p on 3+ cores, 3 above 1280x960 on
+    6+, 8 at 1080p on 9+).
 
     libvpx's VP8 encoder threads wait for each other by spinning: with more codec threads than
     free cores they burn the cores they wait for. On 2 cores, two 720p encoders of 2 threads

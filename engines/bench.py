@@ -62,6 +62,9 @@ class BenchOptions:
     long_s: float = 60.0
     sweep_s: float = 12.0
     gather_s: float = GATHER_S  # streaming: SchedulerOptions.gather_s of the simulated scheduler
+    # streaming: session k starts k x this / n after the first; one 20 ms chunk (the first
+    # runs'), or 0.04: the frames' phases spread over a whole frame, as random starts are
+    phase_spread_s: float = 0.02
     clip_s: float = 10.0
     height: int = 720
     width: int = 1280
@@ -80,6 +83,8 @@ class BenchOptions:
             raise ValueError("sessions must be >= 1 and durations positive")
         if self.gather_s < 0:
             raise ValueError(f"gather_s must be >= 0, got {self.gather_s}")
+        if not 0 <= self.phase_spread_s <= 1:
+            raise ValueError(f"phase_spread_s must be in [0, 1] s, got {self.phase_spread_s}")
         unknown = {b.split("-")[0] for b in (*self.backends, *self.stream_backends)} - {
             "torch",
             "compiled",
@@ -468,7 +473,9 @@ class Bench:
                 print(
                     f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True
                 )
-                out[str(n)] = simulate(sched, self.avatar.id, n, secs, torch)
+                out[str(n)] = simulate(
+                    sched, self.avatar.id, n, secs, torch, self.o.phase_spread_s
+                )
                 self.res[f"{name}_partial"] = out
                 self.save()
         finally:
@@ -530,9 +537,18 @@ class _Item:
     seq: int = 0
 
 
-def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> dict[str, Any]:
+def simulate(
+    sched: Any,
+    avatar_id: str,
+    n: int,
+    seconds: float,
+    torch: Any,
+    phase_spread_s: float = CHUNK / SAMPLE_RATE,
+) -> dict[str, Any]:
     """N sessions each pushing `seconds` of speech in 20 ms chunks at real-time pace through
-    `sched`; frames are "played" at 25 fps from the first one's arrival."""
+    `sched`; frames are "played" at 25 fps from the first one's arrival. Session k starts
+    k * `phase_spread_s` / n after the first (default: all within one 20 ms chunk; 0.04 spreads
+    their frames' phases over a whole frame period, as sessions opened at random times are)."""
     from engines.stream import SpeechStream
 
     lock = threading.Lock()
@@ -560,23 +576,24 @@ def simulate(sched: Any, avatar_id: str, n: int, seconds: float, torch: Any) -> 
     phases0 = _launch_totals(sched)
     t_start = time.perf_counter()
     chunks = int(seconds * SAMPLE_RATE) // CHUNK
-    # sessions start 20 ms / n apart, as real ones would
-    for c in range(chunks):
-        tick = t_start + c * CHUNK / SAMPLE_RATE
-        for k, s in enumerate(sessions):
-            now = time.perf_counter()
-            wait = tick + k * (CHUNK / SAMPLE_RATE) / n - now
-            if wait > 0:
-                time.sleep(wait)
-            if c == 0:
-                s.first_audio = time.perf_counter()
-            s.stream.push(s.audio[c * CHUNK : (c + 1) * CHUNK])
-            jobs = s.stream.take()
-            if jobs:  # a view of the pushed audio (the featurizer reads audio[:horizon] only)
-                due = s.first_audio + 0.12 + jobs[0].index / FPS
-                sched.submit(
-                    _Item(s.key, avatar_id, s.audio[: s.stream.n_samples], jobs, due, done)
-                )
+    # every session's chunks in time order: session k's chunk c at c x 20 ms + k x spread / n
+    pushes = sorted(
+        (c * CHUNK / SAMPLE_RATE + k * phase_spread_s / n, c, k)
+        for c in range(chunks)
+        for k in range(n)
+    )
+    for at, c, k in pushes:
+        s = sessions[k]
+        wait = t_start + at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        if c == 0:
+            s.first_audio = time.perf_counter()
+        s.stream.push(s.audio[c * CHUNK : (c + 1) * CHUNK])
+        jobs = s.stream.take()
+        if jobs:  # a view of the pushed audio (the featurizer reads audio[:horizon] only)
+            due = s.first_audio + 0.12 + jobs[0].index / FPS
+            sched.submit(_Item(s.key, avatar_id, s.audio[: s.stream.n_samples], jobs, due, done))
     # wait for the stragglers
     expect = sum(s.stream.ready_frames for s in sessions)
     t_end = time.perf_counter() + 5
@@ -986,6 +1003,7 @@ if __name__ == "__main__":
     ap.add_argument("--long-s", type=float, default=60.0)
     ap.add_argument("--sweep-s", type=float, default=12.0)
     ap.add_argument("--gather-ms", type=float, default=GATHER_S * 1e3)
+    ap.add_argument("--phase-spread-ms", type=float, default=20.0)
     ap.add_argument("--sections", default=",".join(BenchOptions().sections))
     ap.add_argument("--backends", default="torch,compiled")
     ap.add_argument("--stream-backends", default="compiled")
@@ -996,6 +1014,7 @@ if __name__ == "__main__":
             long_s=a.long_s,
             sweep_s=a.sweep_s,
             gather_s=a.gather_ms / 1e3,
+            phase_spread_s=a.phase_spread_ms / 1e3,
             sections=tuple(a.sections.split(",")),
             backends=tuple(a.backends.split(",")),
             stream_backends=tuple(a.stream_backends.split(",")),

@@ -144,6 +144,11 @@ def bench_cmd(
     gather_ms: float = typer.Option(
         GATHER_S * 1e3, "--gather-ms", help="Streaming: the scheduler's gather_s in ms (0: off)."
     ),
+    phase_spread_ms: float = typer.Option(
+        20.0,
+        "--phase-spread-ms",
+        help="Streaming: the sessions start this spread apart in all (40: frame phases at random).",
+    ),
     backends: str = typer.Option(
         "torch,compiled", "--backends", help="Offline backends (name[-cropN])."
     ),
@@ -208,6 +213,7 @@ def bench_cmd(
             long_s=long_s,
             sweep_s=sweep_s,
             gather_s=gather_ms / 1e3,
+            phase_spread_s=phase_spread_ms / 1e3,
             backends=tuple(backends.split(",")),
             stream_backends=tuple(stream_backends.split(",")),
             sections=tuple(sections.split(",")) if sections else BenchOptions().sections,

@@ -155,6 +155,7 @@ def run_point(
     in_flight: int,
     lookahead_s: float,
     gather_s: float = 0.0,
+    phase_spread_s: float | None = None,
 ) -> dict[str, Any]:
     """One `engines.bench.simulate` run of `sessions` through the real scheduler on `model`."""
     # the scheduler imports this (and torch) at its first GPU launch: not inside the run
@@ -171,7 +172,8 @@ def run_point(
     sched.start()
     t0 = time.perf_counter()
     try:
-        res = simulate(sched, "modelled", sessions, seconds, None)
+        spread = {} if phase_spread_s is None else {"phase_spread_s": phase_spread_s}
+        res = simulate(sched, "modelled", sessions, seconds, None, **spread)
     finally:
         sched.stop()
         pipeline.close()
@@ -202,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lookahead", type=float, default=0.5)
     ap.add_argument("--gather-ms", default="0", help="SchedulerOptions.gather_s values (ms)")
     ap.add_argument("--seconds", type=float, default=12.0)
+    ap.add_argument(
+        "--phase-spread-ms",
+        type=float,
+        default=None,
+        help="sessions' start spread (the bench's default: 20 ms; 40: frame phases at random)",
+    )
     ap.add_argument("--calibration", default="h200-2026-12-01", choices=sorted(CALIBRATIONS))
     args = ap.parse_args(argv)
     base = CALIBRATIONS[args.calibration]()
@@ -216,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "seconds": args.seconds,
         "lookahead_s": args.lookahead,
+        "phase_spread_ms": args.phase_spread_ms,  # None: the bench's default (20 ms)
         "runs": {},
     }
     for speedup in (float(v) for v in args.speedup.split(",")):
@@ -229,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                     if gather_ms:
                         key += f"_gather{gather_ms:g}ms"
                     print(f"[modelled_gpu] {key} ...", file=sys.stderr, flush=True)
+                    spread = None if args.phase_spread_ms is None else args.phase_spread_ms / 1e3
                     r = run_point(
-                        model, n, args.seconds, in_flight, args.lookahead, gather_ms / 1e3
+                        model, n, args.seconds, in_flight, args.lookahead, gather_ms / 1e3, spread
                     )
                     res["runs"][key] = {k: r.get(k) for k in KEYS} | {"sessions": n}
                     print(f"[modelled_gpu] {key} {res['runs'][key]}", file=sys.stderr, flush=True)

@@ -77,6 +77,15 @@ def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
     assert stream_runs(o, long_run=False) == [(1, 12), (16, 12), (20, 12)]
 
 
+def test_phase_spread_is_a_checked_bench_option() -> None:
+    from engines.bench import BenchOptions
+
+    assert BenchOptions().phase_spread_s == 0.02
+    assert BenchOptions(phase_spread_s=0.04).phase_spread_s == 0.04
+    with pytest.raises(ValueError, match="phase_spread_s"):
+        BenchOptions(phase_spread_s=-0.01)
+
+
 def test_gather_is_a_bench_option() -> None:
     from engines.bench import BenchOptions
 

@@ -111,3 +111,17 @@ def test_a_quiet_session_stops_holding_the_gather() -> None:
     with sched._cond:
         assert sched._all_active_queued()  # both quiet now: nothing to wait for
         assert sched._submitted == {}
+
+
+def test_sessions_at_random_phases_need_a_frame_long_gather() -> None:
+    """Sessions opened at random times have their frames ready at any point of the 40 ms
+    frame period (`phase_spread_s=0.04`): a 20 ms gather then catches only part of them (8
+    sessions: batches of ~5 on the model), a 40 ms one all of them, as for sessions started
+    together. Why the next GPU run measures `compiled-gather40` at a 40 ms spread."""
+    base = CALIBRATIONS["h200-2026-12-01"]()
+    short = run_point(base, 8, 2.0, 2, 0.5, gather_s=0.02, phase_spread_s=0.04)
+    frame = run_point(base, 8, 2.0, 2, 0.5, gather_s=0.04, phase_spread_s=0.04)
+    for r in (short, frame):
+        assert r["frames_delivered"] == r["frames_expected"]
+    assert frame["batch_mean"] > 1.3 * short["batch_mean"]
+    assert frame["batch_mean"] > 7.0

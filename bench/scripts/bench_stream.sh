@@ -1,13 +1,14 @@
 # Issue 4: the streaming bench for pipeline variants side by side, on the GPU machine (repo
 # root). BACKENDS (default compiled,compiled-cpaste; e.g. compiled,compiled-enc1 or
 # compiled,compiled-nhwcnorm), SESSIONS (default 1,12), SWEEP_S, GATHER_MS (the scheduler's
-# gather_s in ms, default 20 as the server; per variant: compiled-gather0). Each run's JSON carries
+# gather_s in ms, default 20 as the server; per variant: compiled-gather0), PHASE_SPREAD_MS
+# (the sessions' start spread, default 20; 40: their frames' phases at random). Each run's JSON carries
 # launch_ms_mean and launch_phase_ms_mean. Output: $OUT/bench_stream.json (+ the log). One
 # compiled warm-up per variant: ~4 minutes each on a fresh machine.
 . bench/scripts/device_env.sh
 timeout "${LIMIT:-560}" python3 -m engines.bench --sections streaming \
     --stream-backends "${BACKENDS:-compiled,compiled-cpaste}" --sessions "${SESSIONS:-1,12}" \
-    --long-s 0 --sweep-s "${SWEEP_S:-12}" --gather-ms "${GATHER_MS:-20}" --out "${OUT:-/tmp}/bench_stream.json" \
+    --long-s 0 --sweep-s "${SWEEP_S:-12}" --gather-ms "${GATHER_MS:-20}" --phase-spread-ms "${PHASE_SPREAD_MS:-20}" --out "${OUT:-/tmp}/bench_stream.json" \
     >"${OUT:-/tmp}/bench_stream.log" 2>&1
 echo "bench rc=$?"
 python3 - <<'PY'

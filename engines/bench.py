@@ -473,9 +473,7 @@ class Bench:
                 print(
                     f"[bench] streaming {n} sessions for {secs:.0f}s", file=sys.stderr, flush=True
                 )
-                out[str(n)] = simulate(
-                    sched, self.avatar.id, n, secs, torch, self.o.phase_spread_s
-                )
+                out[str(n)] = simulate(sched, self.avatar.id, n, secs, torch, self.o.phase_spread_s)
                 self.res[f"{name}_partial"] = out
                 self.save()
         finally:

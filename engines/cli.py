@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from avatars.avatar import Avatar
+from engines.bench import PHASE_SPREAD_S
 from engines.scheduler import GATHER_S
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def bench_cmd(
         GATHER_S * 1e3, "--gather-ms", help="Streaming: the scheduler's gather_s in ms (0: off)."
     ),
     phase_spread_ms: float = typer.Option(
-        20.0,
+        PHASE_SPREAD_S * 1e3,
         "--phase-spread-ms",
         help="Streaming: the sessions start this spread apart in all (40: frame phases at random).",
     ),

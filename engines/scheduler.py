@@ -217,7 +217,6 @@ class GpuScheduler(WorkQueue):
     def _batch_off_gpu(self) -> None:
         with self._cond:
             self._on_gpu -= 1
-            self._cond.notify_all()  # wakes a gather (and `_wait_for_work`) to look again
         self._in_flight.release()
 
     def submit(self, item: Any) -> None:

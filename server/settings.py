@@ -61,7 +61,8 @@ class Settings:
     # batch still runs (fewer, larger batches; 0: off). README "Benchmarks"
     gather_ms: float = GATHER_S * 1e3
     # a new session is refused (503, reason "overloaded") while more than this fraction of the
-    # speaking frames of the last 10 s came back from the engine too late (server.overload).
+    # speaking frames of the last 10 s came back from the engine too late, or of the video
+    # frames were dropped before the encoders (server.overload).
     # -1: auto, 0.02 with the GPU scheduler, off on the CPU; 0: off
     admit_max_late: float = -1.0
     # input limits

@@ -283,27 +283,47 @@ class CompiledStep:
         # largest first: with a dynamic batch axis, its compile serves every bucket > 1
         for b in sorted(buckets or self.options.buckets, reverse=True):
             t0 = time.perf_counter()
-            lat = torch.randn((b, *LATENT_SHAPE), device=self.device, dtype=self.dtype)
-            aud = torch.randn((b, AUDIO_TOKENS, AUDIO_DIM), device=self.device, dtype=self.dtype)
-            if self.options.compile and self.options.dynamic_batch and b > 1:
-                torch._dynamo.mark_dynamic(lat, 0)
-                torch._dynamo.mark_dynamic(aud, 0)
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._fn(lat, aud)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            if self.options.cuda_graphs:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                self._graphs[b] = _Graph(
-                    self._fn, b, self.dtype, self.device, self._pool, self.capture_stream
-                )
-                self._graphs[b].graph.replay()
-                torch.cuda.synchronize(self.device)
+            self._warm_bucket(b, side)
             self.warmup_s[b] = time.perf_counter() - t0
-            log.info("compiled bucket ready: batch=%d seconds=%.1f", b, self.warmup_s[b])
+            log.info(
+                "compiled bucket ready: batch=%d seconds=%.1f step=%s",
+                b,
+                self.warmup_s[b],
+                type(self).__name__,
+            )
         return dict(self.warmup_s)
+
+    def _warm_bucket(self, b: int, side: torch.cuda.Stream) -> None:
+        """Compile (on `side`) and, with CUDA graphs, capture and replay one bucket."""
+        lat, aud = self._warm_inputs(b)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._fn(lat, aud)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        if self.options.cuda_graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._graphs[b] = _Graph(
+                self._fn, b, self.dtype, self.device, self._pool, self.capture_stream
+            )
+            self._graphs[b].graph.replay()
+            torch.cuda.synchronize(self.device)
+
+    def dynamic_for(self, bucket: int) -> bool:
+        """Whether the warm-up marks this bucket's batch axis dynamic (one compile serves
+        every bucket > 1)."""
+        return self.options.compile and self.options.dynamic_batch and bucket > 1
+
+    def _warm_inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random (latents, audio) of one bucket for the warm-up, batch axis marked as
+        `dynamic_for` says."""
+        lat = torch.randn((bucket, *LATENT_SHAPE), device=self.device, dtype=self.dtype)
+        aud = torch.randn((bucket, AUDIO_TOKENS, AUDIO_DIM), device=self.device, dtype=self.dtype)
+        if self.dynamic_for(bucket):
+            torch._dynamo.mark_dynamic(lat, 0)
+            torch._dynamo.mark_dynamic(aud, 0)
+        return lat, aud
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,11 @@ def encoder_cost(
     base = cv2.GaussianBlur(base, (31, 31), 8)
     pics = [np.roll(base, 4 * i, axis=1) for i in range(frames)]
     out: dict[str, Any] = {"height": height, "width": width, "cpu_count": os.cpu_count()}
-    for mime in ("video/VP8", "video/H264"):
+    by_codec = {
+        "video/VP8": (encoder_watch.set_vp8_threads, vp8_codec_threads),
+        "video/H264": (encoder_watch.set_h264_threads, h264_codec_threads),
+    }
+    for mime in by_codec:
         codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
         vf = [
             VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(format="yuv420p")
@@ -203,11 +207,9 @@ def encoder_cost(
         res["cores_per_25fps_session"] = 25 * one / 1e3
         res["sessions_per_host_at_best_thread_scaling"] = best / 25
         # set codec threads (VP8: the server's default is 1; H.264: FFmpeg's, 0)
-        set_threads = (
-            encoder_watch.set_vp8_threads if mime == "video/VP8" else encoder_watch.set_h264_threads
-        )
+        set_threads, counts = by_codec[mime]
         res["by_codec_threads"] = {}
-        for n in vp8_codec_threads if mime == "video/VP8" else h264_codec_threads:
+        for n in counts:
             set_threads(n)
             run(5)
             res["by_codec_threads"][str(n)] = {

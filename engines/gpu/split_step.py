@@ -20,8 +20,6 @@ batch's `vae_stage` is always enqueued before the next batch's `unet_stage`.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,40 +91,29 @@ class SplitCompiledStep(CompiledStep):
     def capture_streams(self) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         return self.unet.capture_stream, self.vae.capture_stream
 
-    def _warm_up(self, buckets: Sequence[int] | None) -> dict[int, float]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        for b in sorted(buckets or self.options.buckets, reverse=True):
-            t0 = time.perf_counter()
-            lat = torch.randn((b, *LATENT_SHAPE), device=self.device, dtype=self.dtype)
-            aud = torch.randn((b, AUDIO_TOKENS, AUDIO_DIM), device=self.device, dtype=self.dtype)
-            dynamic = self.options.compile and self.options.dynamic_batch and b > 1
-            if dynamic:
-                torch._dynamo.mark_dynamic(lat, 0)
-                torch._dynamo.mark_dynamic(aud, 0)
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    pred = self.unet.fn(lat, aud)
-                # the decoder graph's input buffer is contiguous (the UNet's output may be
-                # channels-last): warm it on that layout, so its capture compiles nothing
-                pred = torch.zeros_like(pred, memory_format=torch.contiguous_format).copy_(pred)
-                if dynamic:
-                    torch._dynamo.mark_dynamic(pred, 0)
-                for _ in range(3):
-                    self.vae.fn(pred)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+    def _warm_bucket(self, b: int, side: torch.cuda.Stream) -> None:
+        """Both stages of one bucket: compiled on `side`, then captured and replayed."""
+        lat, aud = self._warm_inputs(b)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                pred = self.unet.fn(lat, aud)
+            # the decoder graph's input buffer is contiguous (the UNet's output may be
+            # channels-last): warm it on that layout, so its capture compiles nothing
+            pred = torch.zeros_like(pred, memory_format=torch.contiguous_format).copy_(pred)
+            if self.dynamic_for(b):
+                torch._dynamo.mark_dynamic(pred, 0)
+            for _ in range(3):
+                self.vae.fn(pred)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        if self.options.cuda_graphs:
+            self.unet.capture(
+                b, ((b, *LATENT_SHAPE), self.dtype), ((b, AUDIO_TOKENS, AUDIO_DIM), self.dtype)
+            )
+            self.vae.capture(b, (tuple(pred.shape), pred.dtype))
+            self.unet.graphs[b].replay()
+            self.vae.graphs[b].replay()
             torch.cuda.synchronize(self.device)
-            if self.options.cuda_graphs:
-                self.unet.capture(
-                    b, ((b, *LATENT_SHAPE), self.dtype), ((b, AUDIO_TOKENS, AUDIO_DIM), self.dtype)
-                )
-                self.vae.capture(b, (tuple(pred.shape), pred.dtype))
-                self.unet.graphs[b].replay()
-                self.vae.graphs[b].replay()
-                torch.cuda.synchronize(self.device)
-            self.warmup_s[b] = time.perf_counter() - t0
-            log.info("split compiled bucket ready: batch=%d seconds=%.1f", b, self.warmup_s[b])
-        return dict(self.warmup_s)
 
     @torch.inference_mode()
     def unet_stage(self, latents: torch.Tensor, audio: torch.Tensor) -> StageHandle:

@@ -979,6 +979,17 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
                     (round(e["ms_per_frame_1_thread"], 2), round(e["cores_per_25fps_session"], 3)),
                 )
             )
+            srv = e.get("server") or {}
+            if srv:
+                rows.append(
+                    (
+                        f"server's {k} ms/frame, cores/session",
+                        (
+                            round(srv["ms_per_frame_1_thread"], 2),
+                            round(srv["cores_per_25fps_session"], 3),
+                        ),
+                    )
+                )
     for name, val in rows:
         with contextlib.suppress(Exception):
             val = round(val, 2) if isinstance(val, float) else val

@@ -38,7 +38,10 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
+
+from server import encoder_tuning
+from server.encoder_tuning import EncoderTuning
 
 STEP = 0.1  # aiortc's encoders re-open for a change over 10 %; smaller ones are ignored
 CONGESTED = 0.95  # an estimate below this fraction of the sending rate: packets queue
@@ -189,95 +192,19 @@ class WatchedEncoder:
 
 _installed: Callable[[Any], Any] | None = None
 _steady = True
-_aiortc_vp8_threads: Callable[[int, int], int] | None = None
 
 
-def set_vp8_threads(threads: int) -> None:
-    """Threads each VP8 codec aiortc opens from now on may use (the setting
-    video_encoder_threads; 0: aiortc's own choice, 2 at 720p on 3+ cores, 3 above 1280x960 on
-    6+, 8 at 1080p on 9+).
-
-    libvpx's VP8 encoder threads wait for each other by spinning: with more codec threads than
-    free cores they burn the cores they wait for. On 2 cores, two 720p encoders of 2 threads
-    each made 53 frames/s together against 186 with 1 thread each (`README`, *Video
-    encoders*). A server with many sessions has its parallelism in the sessions already, so the
-    default is 1 thread per encoder. H.264 (libx264) is left alone: it did not collapse."""
-    global _aiortc_vp8_threads
-    if threads < 0:
-        raise ValueError(f"VP8 encoder threads must be >= 0 (0: aiortc's choice), got {threads}")
-    import aiortc.codecs.vpx as vpx
-
-    if _aiortc_vp8_threads is None:
-        _aiortc_vp8_threads = vpx.number_of_threads
-    own = _aiortc_vp8_threads
-
-    def fixed(pixels: int, cpus: int) -> int:
-        return threads
-
-    # aiortc's VP8 encoder looks this module function up each time it opens a codec
-    vpx.number_of_threads = own if threads == 0 else fixed  # type: ignore[assignment]
-
-
-class _CodecContexts:
-    """`av.CodecContext` as aiortc's H.264 module sees it under `set_h264_threads`: the
-    libx264 encoders it creates get `threads` threads; everything else is PyAV's."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def create(self, codec: str, mode: Literal["r", "w"] | None = None) -> Any:
-        import av
-
-        ctx = av.CodecContext.create(codec, mode)
-        if codec == "libx264" and mode == "w":
-            ctx.thread_count = self.threads  # before its first frame opens it
-        return ctx
-
-    def __getattr__(self, name: str) -> Any:
-        import av
-
-        return getattr(av.CodecContext, name)
-
-
-class _AvForH264:
-    """The `av` module for aiortc.codecs.h264, but with `_CodecContexts`."""
-
-    def __init__(self, threads: int) -> None:
-        self.CodecContext = _CodecContexts(threads)
-
-    def __getattr__(self, name: str) -> Any:
-        import av
-
-        return getattr(av, name)
-
-
-def set_h264_threads(threads: int) -> None:
-    """Threads each libx264 encoder aiortc opens from now on may use (the setting
-    h264_encoder_threads; 0, the default: FFmpeg's choice, as aiortc leaves it). On 2 cores two
-    encoders made 61-69 frames/s together either way; the 16-core GPU host is where it may
-    matter (16 encoders there made 360 frames/s at FFmpeg's threads, one alone 179), so the
-    bench's `encoders` section measures both before any default changes."""
-    if threads < 0:
-        raise ValueError(f"H.264 encoder threads must be >= 0 (0: FFmpeg's choice), got {threads}")
-    import aiortc.codecs.h264 as h264
-    import av
-
-    h264.av = av if threads == 0 else _AvForH264(threads)  # type: ignore[assignment]
-
-
-def install(steady: bool = True, vp8_threads: int = 1, h264_threads: int = 0) -> None:
+def install(steady: bool = True, tuning: EncoderTuning | None = None) -> None:
     """Wrap the video encoders aiortc's senders make in this process from now on, behind the
     bitrate policy if `steady` (the setting steady_bitrate: one value per process; idempotent),
-    with `vp8_threads` threads per VP8 codec (`set_vp8_threads`) and `h264_threads` per
-    libx264 one (`set_h264_threads`). Audio encoders, which have no bitrate, are left as they
-    are."""
+    their codecs set up by `tuning` (`server.encoder_tuning`; None: the server's defaults).
+    Audio encoders, which have no bitrate, are left as they are."""
     global _installed, _steady
     import aiortc.rtcrtpsender as sender
     from aiortc.codecs import get_encoder
 
     _steady = steady
-    set_vp8_threads(vp8_threads)
-    set_h264_threads(h264_threads)
+    encoder_tuning.apply(tuning or EncoderTuning())
     if _installed is not None and sender.get_encoder is _installed:
         return
 

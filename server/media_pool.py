@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from server import stall_watch
+from server.encoder_tuning import EncoderTuning
 from server.media_link import MediaEvents, MediaHost, MediaLink
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -221,8 +222,7 @@ class ShardMedia(MediaLink):
                     "ice": list(s.ice_servers),
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
-                    "video_encoder_threads": s.video_encoder_threads,
-                    "h264_encoder_threads": s.h264_encoder_threads,
+                    "encoders": EncoderTuning.from_settings(s).as_dict(),
                 }
             )
         except (MediaProcessError, TimeoutError) as exc:
@@ -314,7 +314,7 @@ class MediaPool(MediaHost):
         task.add_done_callback(self._restarts.discard)
 
     async def counts(self) -> list[dict[str, Any]]:
-        """Each live process's peers and asyncio tasks (for leak checks)."""
+        """Each live process's peers, asyncio tasks (for leak checks) and encoder tuning."""
         return [await s.request({"op": "count"}) for s in self.shards if s.alive]
 
     def available(self) -> bool:

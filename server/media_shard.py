@@ -4,11 +4,13 @@ Started by `server.media_pool` as `python -c "from server.media_shard import mai
 with FD one end of a Unix socket pair. It ignores SIGINT/SIGTERM (the server decides when it
 ends: op "quit", or the socket closing when the server dies) and runs one asyncio loop:
 
-- "open" {sid, sdp, ring, slots, shape, ice, queue}: a peer connection with a video track fed
-  from the session's `FrameRing` and an audio track -> reply {answer, sending} or {error};
+- "open" {sid, sdp, ring, slots, shape, ice, queue, steady_bitrate, encoders}: a peer
+  connection with a video track fed from the session's `FrameRing` and an audio track, its
+  encoders set up by `encoders` (`EncoderTuning.as_dict`) -> reply {answer, sending} or {error};
 - "tick" {sid, k} + int16 PCM payload (empty: no audio): queue tick k's picture and audio;
 - "packets" {sid} -> reply {packets}; "close" {sid} -> reply once closed;
-- "count" -> reply {peers, tasks} (leak checks); "quit": close every peer and exit.
+- "count" -> reply {peers, tasks, encoders} (leak checks; the tuning its encoders run with);
+  "quit": close every peer and exit.
 Events back: "started" {sid, kind}, "dropped" {sid, kind, n}, "state" {sid, state}.
 Every 10 s it logs a stats line (sessions, frames dropped, loop lag, encode times, codecs
 re-opened; `server.encoder_watch`, `server.stall_watch`): INFO, or WARNING when frames were
@@ -32,7 +34,8 @@ from typing import Any
 import av
 import numpy as np
 
-from server import encoder_watch, malloc_tuning, stall_watch
+from server import encoder_tuning, encoder_watch, malloc_tuning, stall_watch
+from server.encoder_tuning import EncoderTuning
 from server.media_link import LocalMedia, MediaEvents
 from server.media_wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
@@ -78,8 +81,7 @@ class Peer:
             ice_servers=tuple(msg.get("ice", ())),
             track_queue_frames=int(msg["queue"]),
             steady_bitrate=bool(msg.get("steady_bitrate", True)),
-            video_encoder_threads=int(msg.get("video_encoder_threads", 1)),
-            h264_encoder_threads=int(msg.get("h264_encoder_threads", 0)),
+            **EncoderTuning.from_dict(msg.get("encoders", {})).as_settings(),
         )
         events = MediaEvents(
             started=lambda kind: shard.emit({"op": "started", "sid": sid, "kind": kind}),
@@ -217,7 +219,13 @@ class Shard:
         elif op == "packets":
             self.spawn(self.packets(rid, sid))
         elif op == "count":
-            self.reply(rid, peers=len(self.peers), tasks=len(asyncio.all_tasks()))
+            tuning = encoder_tuning.applied()
+            self.reply(
+                rid,
+                peers=len(self.peers),
+                tasks=len(asyncio.all_tasks()),
+                encoders=tuning.as_dict() if tuning else None,
+            )
         else:
             self.reply(rid, error=f"unknown op {op!r}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.scheduler import GATHER_S
+from server.encoder_tuning import EncoderTuning
 from server.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
@@ -86,13 +87,16 @@ class Settings:
     # video encoders: only congestion or a limiting target move the bitrate (server.encoder_watch);
     # off: every bandwidth estimate reaches aiortc's encoder as aiortc does it
     steady_bitrate: bool = True
-    # threads per VP8 encoder (server.encoder_watch.set_vp8_threads; 0: aiortc's choice, 2 at
-    # 720p): the sessions are the parallelism, and libvpx's threads spin on a busy host
+    # the video codecs aiortc opens (server.encoder_tuning; README *Video encoders*).
+    # Threads per VP8 encoder (0: aiortc's choice, 2 at 720p): the sessions are the
+    # parallelism, and libvpx's threads spin on a busy host
     video_encoder_threads: int = 1
-    # threads per H.264 (libx264) encoder (server.encoder_watch.set_h264_threads; 0: FFmpeg's
-    # choice, as aiortc leaves it). Not measured on a many-core host yet: `bench --sections
-    # encoders` reports both
-    h264_encoder_threads: int = 0
+    vp8_cpu_used: int = -6  # libvpx speed, -16..16 (aiortc's -6)
+    vp8_noise_sensitivity: int = 0  # libvpx's denoiser, 0..6 (aiortc's 4: a camera's)
+    # threads per H.264 (libx264) encoder, 1 for the same reason (0: FFmpeg's choice, as
+    # aiortc leaves it: 1.5 per core, for every encoder)
+    h264_encoder_threads: int = 1
+    h264_preset: str = "superfast"  # x264 preset (aiortc leaves x264's medium: 3x the CPU)
     # once ready, move the startup heap out of the garbage collector's walks (server.stall_watch)
     gc_freeze: bool = True
     # auth: None = no key asked for; several keys are separated by commas
@@ -149,12 +153,10 @@ class Settings:
             raise SettingsError(
                 f"admit_max_late must be -1 (auto) or in 0..1 (0: off), got {self.admit_max_late}"
             )
-        for name in ("video_encoder_threads", "h264_encoder_threads"):
-            if not 0 <= getattr(self, name) <= 16:
-                raise SettingsError(
-                    f"{name} must be in 0..16 (0: the codec library's choice), "
-                    f"got {getattr(self, name)}"
-                )
+        try:
+            EncoderTuning.from_settings(self)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")

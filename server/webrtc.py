@@ -23,6 +23,7 @@ from aiortc import (
 )
 
 from server import encoder_watch
+from server.encoder_tuning import EncoderTuning
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,8 @@ def check_offer(sdp: object, settings: Settings) -> str:
 
 def make_peer(settings: Settings) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
-    # encodes timed; the bitrate policy or not; threads per VP8 / H.264 encoder
-    encoder_watch.install(
-        settings.steady_bitrate, settings.video_encoder_threads, settings.h264_encoder_threads
-    )
+    # encodes timed; the bitrate policy or not; the codecs' threads, speed, denoiser, preset
+    encoder_watch.install(settings.steady_bitrate, EncoderTuning.from_settings(settings))
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 

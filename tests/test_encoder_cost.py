@@ -1,13 +1,12 @@
 """engines.gpu.measure.encoder_cost (the bench's `encoders` section) on the CPU, small
-frames: aiortc's own VP8 and H.264 encoders, k at once, and VP8 at set codec threads."""
+frames: aiortc's own VP8 and H.264 encoders as aiortc and as the server set them up, k at
+once, and at set codec threads."""
 
 from __future__ import annotations
 
-import aiortc.codecs.h264 as h264
-import aiortc.codecs.vpx as vpx
-import av
-
 from engines.gpu.measure import encoder_cost
+from server import encoder_tuning
+from server.encoder_tuning import EncoderTuning
 
 
 def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:
@@ -22,7 +21,12 @@ def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:
     for codec, counts in (("VP8", {"1", "2"}), ("H264", {"1", "3"})):
         by = res[codec]["by_codec_threads"]
         assert set(by) == counts
-        assert all(v["ms_per_frame"] > 0 and v["fps_total_2_threads"] > 0 for v in by.values())
-    # the server's defaults are back afterwards: one thread per VP8 codec, H.264 as aiortc has it
-    assert vpx.number_of_threads(1280 * 720, 64) == 1
-    assert h264.av is av
+        assert all(
+            v["ms_per_frame_1_thread"] > 0 and v["fps_total_2_threads"] > 0 for v in by.values()
+        )
+        srv = res[codec]["server"]
+        assert srv["ms_per_frame_1_thread"] > 0 and srv["fps_total_2_threads"] > 0
+        assert res[codec]["server_speedup"] > 0
+    # the server's defaults are back afterwards
+    assert encoder_tuning.applied() == EncoderTuning()
+    assert res["server_tuning"] == EncoderTuning().as_dict()

@@ -27,6 +27,7 @@ import pytest
 
 from engines.preview import PreviewEngine
 from server.app import create_app
+from server.encoder_tuning import EncoderTuning
 from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.media_pool import MediaPool, ShardMedia
 from server.media_wire import FrameRing, WireError, pack, read_message
@@ -101,6 +102,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
         max_sessions=16,
         media_processes=2,
         connect_timeout_s=60.0,
+        vp8_cpu_used=-8,  # not the defaults: the media processes must be told
+        h264_preset="veryfast",
     )
     srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
     try:
@@ -176,6 +179,9 @@ async def test_sessions_stream_through_media_processes(
     counts = wait_idle(srv)
     assert [c["peers"] for c in counts] == [0, 0]
     assert [c["tasks"] for c in counts] == [c["tasks"] for c in base_counts]
+    # each process set its encoders up as the server's settings say
+    tuning = EncoderTuning(vp8_cpu_used=-8, h264_preset="veryfast").as_dict()
+    assert [c["encoders"] for c in counts] == [tuning, tuning]
     assert srv.app.state.sessions.sessions == {}
 
 

@@ -3,6 +3,8 @@ the real sizes, a synthetic avatar, the MuseTalk-way CPU paste-back and encoder 
 
 from __future__ import annotations
 
+import dataclasses
+import fractions
 import logging
 import os
 import statistics
@@ -135,6 +137,30 @@ def pil_paste_back(
     return np.asarray(body)
 
 
+def avatar_pictures(height: int, width: int, n: int) -> list[np.ndarray]:
+    """n RGB pictures like a talking avatar's: scikit-image's astronaut, fitted into the frame
+    on a flat background, the mouth region moving up and down, the whole picture swaying by up
+    to 2 px."""
+    import cv2
+    from skimage import data
+
+    side = min(height, width)
+    face = cv2.resize(data.astronaut(), (side, side))
+    base = np.empty((height, width, 3), np.uint8)
+    base[:] = (40, 60, 90)
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    base[y0 : y0 + side, x0 : x0 + side] = face
+    my, mx, mh, mw = int(side * 0.6), int(side * 0.38), int(side * 0.17), int(side * 0.22)
+    mouth = face[my : my + mh, mx : mx + mw]
+    out = []
+    for i in range(n):
+        pic = base.copy()
+        shift = round(side / 90 * float(np.sin(i * 0.7)))
+        pic[y0 + my : y0 + my + mh, x0 + mx : x0 + mx + mw] = np.roll(mouth, shift, axis=0)
+        out.append(np.roll(pic, round(2 * float(np.sin(i * 0.13))), axis=1))
+    return out
+
+
 def encoder_cost(
     height: int,
     width: int,
@@ -142,81 +168,101 @@ def encoder_cost(
     threads: tuple[int, ...] = (1, 4, 8),
     vp8_codec_threads: tuple[int, ...] = (1, 2),
     h264_codec_threads: tuple[int, ...] = (1, 4),
+    picture: str = "avatar",
 ) -> dict[str, Any]:
-    """aiortc's own VP8 and H.264 encoders on frames of the avatar's size: ms per frame on one
-    thread, and aggregate frames/s with k encoders in k threads (k sessions), with aiortc's
-    codec threads and (`by_codec_threads`) with each of `vp8_codec_threads` /
-    `h264_codec_threads` threads per codec (the server's VP8 default is 1:
-    `server.encoder_watch.set_vp8_threads`; H.264 stays at FFmpeg's choice).
-    Returns also CPU cores one 25 fps session needs."""
+    """aiortc's own VP8 and H.264 encoders on frames of the avatar's size, per codec:
+
+    - as aiortc sets them up (`EncoderTuning.aiortc()`: VP8 with its denoiser and 2 threads at
+      720p on 3+ cores, x264's medium preset): ms per frame on one thread
+      (`ms_per_frame_1_thread`), aggregate frames/s with k encoders in k threads (k sessions,
+      `fps_total_<k>_threads`), CPU cores one 25 fps session needs;
+    - `server`: the same with the server's defaults (`EncoderTuning()`), and
+      `server_speedup`, aiortc's ms per frame over the server's;
+    - `by_codec_threads`: the server's defaults with each of `vp8_codec_threads` /
+      `h264_codec_threads` threads per codec.
+
+    `picture` "avatar" (`avatar_pictures`: a face, its mouth moving, the whole picture swaying
+    a pixel or two, as a video avatar's does) or "noise" (blurred noise moving 4 px a frame:
+    every block changes; the pictures of the runs before 2026-12-01's tuning). The server's
+    defaults are back in place afterwards."""
     try:
         from aiortc.codecs import get_encoder
         from aiortc.rtcrtpparameters import RTCRtpCodecParameters
         from av import VideoFrame
 
-        from server import encoder_watch
+        from server import encoder_tuning
+        from server.encoder_tuning import EncoderTuning
     except ImportError as exc:
         return {"error": f"aiortc/av not importable: {exc}"}
-    rng = np.random.default_rng(0)
-    base: np.ndarray = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    import cv2
+    if picture == "avatar":
+        pics = avatar_pictures(height, width, frames)
+    elif picture == "noise":
+        import cv2
 
-    base = cv2.GaussianBlur(base, (31, 31), 8)
-    pics = [np.roll(base, 4 * i, axis=1) for i in range(frames)]
-    out: dict[str, Any] = {"height": height, "width": width, "cpu_count": os.cpu_count()}
-    by_codec = {
-        "video/VP8": (encoder_watch.set_vp8_threads, vp8_codec_threads),
-        "video/H264": (encoder_watch.set_h264_threads, h264_codec_threads),
+        rng = np.random.default_rng(0)
+        base: np.ndarray = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        base = cv2.GaussianBlur(base, (31, 31), 8)
+        pics = [np.roll(base, 4 * i, axis=1) for i in range(frames)]
+    else:
+        raise ValueError(f"picture must be 'avatar' or 'noise', got {picture!r}")
+    out: dict[str, Any] = {
+        "height": height,
+        "width": width,
+        "picture": picture,
+        "cpu_count": os.cpu_count(),
     }
-    for mime in by_codec:
-        codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
-        vf = [
-            VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(format="yuv420p")
-            for p in pics
-        ]
-        for i, f in enumerate(vf):
-            f.pts = i * 3600
-            f.time_base = __import__("fractions").Fraction(1, 90000)
+    server = EncoderTuning()
+    thread_field = {"video/VP8": "vp8_threads", "video/H264": "h264_threads"}
+    codec_threads = {"video/VP8": vp8_codec_threads, "video/H264": h264_codec_threads}
+    try:
+        for mime, field in thread_field.items():
+            codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
+            vf = [
+                VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(
+                    format="yuv420p"
+                )
+                for p in pics
+            ]
+            for i, f in enumerate(vf):
+                f.pts = i * 3600
+                f.time_base = fractions.Fraction(1, 90000)
 
-        def run(n_frames: int, codec=codec, vf=vf) -> float:
-            enc = get_encoder(codec)
-            t0 = time.perf_counter()
-            for i in range(n_frames):
-                enc.encode(vf[i % len(vf)], force_keyframe=(i == 0))
-            return time.perf_counter() - t0
+            def run(n_frames: int, codec=codec, vf=vf) -> float:
+                enc = get_encoder(codec)
+                t0 = time.perf_counter()
+                for i in range(n_frames):
+                    enc.encode(vf[i % len(vf)], force_keyframe=(i == 0))
+                return time.perf_counter() - t0
 
-        def parallel(k: int, run=run) -> float:
-            """Frames/s of k encoders in k threads together."""
-            ts = [threading.Thread(target=run, args=(frames,)) for _ in range(k)]
-            t0 = time.perf_counter()
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            return k * frames / (time.perf_counter() - t0)
+            def measured(tuning: EncoderTuning, run=run) -> dict[str, float]:
+                """ms per frame alone, then frames/s of k encoders in k threads together."""
+                encoder_tuning.apply(tuning)
+                run(5)
+                res = {"ms_per_frame_1_thread": run(frames) / frames * 1e3}
+                for k in threads:
+                    ts = [threading.Thread(target=run, args=(frames,)) for _ in range(k)]
+                    t0 = time.perf_counter()
+                    for t in ts:
+                        t.start()
+                    for t in ts:
+                        t.join()
+                    res[f"fps_total_{k}_threads"] = k * frames / (time.perf_counter() - t0)
+                best = max(v for key, v in res.items() if key.startswith("fps_total"))
+                res["cores_per_25fps_session"] = 25 * res["ms_per_frame_1_thread"] / 1e3
+                res["sessions_per_host_at_best_thread_scaling"] = best / 25
+                return res
 
-        # aiortc's own codec threads (2 per 720p VP8 encoder on 3+ cores), as earlier runs
-        encoder_watch.set_vp8_threads(0)
-        encoder_watch.set_h264_threads(0)
-        run(5)
-        one = run(frames) / frames * 1e3
-        res: dict[str, Any] = {"ms_per_frame_1_thread": one}
-        for k in threads:
-            res[f"fps_total_{k}_threads"] = parallel(k)
-        best = max(v for key, v in res.items() if key.startswith("fps_total"))
-        res["cores_per_25fps_session"] = 25 * one / 1e3
-        res["sessions_per_host_at_best_thread_scaling"] = best / 25
-        # set codec threads (VP8: the server's default is 1; H.264: FFmpeg's, 0)
-        set_threads, counts = by_codec[mime]
-        res["by_codec_threads"] = {}
-        for n in counts:
-            set_threads(n)
-            run(5)
-            res["by_codec_threads"][str(n)] = {
-                "ms_per_frame": run(frames) / frames * 1e3,
-                **{f"fps_total_{k}_threads": parallel(k) for k in threads},
+            res: dict[str, Any] = measured(EncoderTuning.aiortc())
+            res["server"] = measured(server)
+            res["server_speedup"] = (
+                res["ms_per_frame_1_thread"] / res["server"]["ms_per_frame_1_thread"]
+            )
+            res["by_codec_threads"] = {
+                str(n): measured(dataclasses.replace(server, **{field: n}))  # type: ignore[arg-type]
+                for n in codec_threads[mime]
             }
-        out[mime.split("/")[1]] = res
-    encoder_watch.set_vp8_threads(1)
-    encoder_watch.set_h264_threads(0)
+            out[mime.split("/")[1]] = res
+    finally:
+        encoder_tuning.apply(server)
+    out["server_tuning"] = server.as_dict()
     return out

@@ -3,8 +3,8 @@
 # machine) and soaks SOAK_N (default 16) sessions for SOAK_MIN minutes (default 1.5); the same
 # server then gets ramp.sh (one more speaking session every RAMP_EVERY s, default 3). JSONs and
 # the server's log to $OUT.
-# ENCODERS=1 (default): first, on the quiet host, aiortc's encoders by codec threads
-# (engines.gpu.measure.encoder_cost, ~15 s) -> $OUT/encoders.json.
+# ENCODERS=1 (default): first, on the quiet host, aiortc's encoders as aiortc and as the server
+# set them up, and by codec threads (engines.gpu.measure.encoder_cost, ~25 s) -> $OUT/encoders.json.
 set -u
 if [ "${ENCODERS:-1}" = 1 ]; then
     . bench/scripts/device_env.sh
@@ -14,7 +14,8 @@ from engines.gpu.measure import encoder_cost
 r = encoder_cost(720, 1280, frames=40, threads=(1, 8, 16))
 open(os.path.join(os.environ['OUT'], 'encoders.json'), 'w').write(json.dumps(r, indent=1))
 for c in ('VP8', 'H264'):
-    print(c, {k: round(v) for k, v in r[c].items() if k.startswith('fps_total')},
+    print(c, 'aiortc', {k: round(v, 1) for k, v in r[c].items() if not isinstance(v, dict)},
+          'server', {k: round(v, 1) for k, v in r[c]['server'].items()},
           {t: {k: round(v) for k, v in x.items()} for t, x in r[c]['by_codec_threads'].items()})
 "
 fi

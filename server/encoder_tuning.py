@@ -29,6 +29,7 @@ picture (`README`, *Video encoders*):
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,6 +44,8 @@ X264_PRESETS = (
     "slower",
     "veryslow",
 )
+log = logging.getLogger(__name__)
+
 MAX_THREADS = 16
 # EncoderTuning's fields and the server settings they come from
 SETTING_NAMES = {
@@ -203,6 +206,8 @@ def apply(tuning: EncoderTuning) -> None:
     import aiortc.codecs.h264 as h264
     import aiortc.codecs.vpx as vpx
 
+    if tuning != _applied:  # once per process and change (the soak's logs show which ran)
+        log.info("video encoders: %s", tuning)
     vpx.av = _Av(_CodecContexts("libvpx", *tuning.vp8()))  # type: ignore[assignment]
     h264.av = _Av(_CodecContexts("libx264", *tuning.h264()))  # type: ignore[assignment]
     _applied = tuning

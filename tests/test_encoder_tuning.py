@@ -158,3 +158,11 @@ def test_a_media_process_gets_the_tuning_back_or_a_clear_error() -> None:
     for bad in ({"vp8_threads": "2"}, {"threads": 2}, {"h264_preset": "fastest"}, [1]):
         with pytest.raises(ValueError):
             EncoderTuning.from_dict(bad)  # type: ignore[arg-type]
+
+
+def test_a_change_of_tuning_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="server.encoder_tuning")
+    encoder_tuning.apply(EncoderTuning(vp8_cpu_used=-9))
+    encoder_tuning.apply(EncoderTuning(vp8_cpu_used=-9))
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.encoder_tuning"]
+    assert len(lines) == 1 and "vp8_cpu_used=-9" in lines[0]

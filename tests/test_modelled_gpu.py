@@ -73,8 +73,10 @@ def test_gathering_does_not_hold_back_a_lone_session() -> None:
     gathered = run_point(base, 1, 2.0, 2, 0.5, gather_s=0.03)
     assert gathered["frames_delivered"] == gathered["frames_expected"] > 40
     assert gathered["batch_mean"] == 1
-    # frames of one session: the interval stays one frame, the lateness stays near zero
-    assert gathered["frame_lateness_ms_p99"] < 12.0
+    # frames of one session: the lateness stays what it is without the gather (the old bug
+    # added the whole 30 ms gather to every frame). Against the plain run, not a fixed bound:
+    # on a loaded 2-core machine the modelled GPU's sleeps alone overshoot by 10-15 ms
+    assert gathered["frame_lateness_ms_p99"] < plain["frame_lateness_ms_p99"] + 15.0
     assert gathered["first_frame_ms_p50"] < plain["first_frame_ms_p50"] + 12.0
 
 
@@ -86,8 +88,10 @@ def test_gathering_waits_for_each_active_session() -> None:
     base = CALIBRATIONS["h200-2026-12-01"]()
     r = run_point(base, 8, 2.0, 2, 0.5, gather_s=0.02)
     assert r["frames_delivered"] == r["frames_expected"]
-    assert r["batch_mean"] > 7.0
-    assert r["frame_interval_ms_p99"] < 50.0
+    assert r["batch_mean"] > 7.0  # what tells the rule: ending at an idle GPU split them
+    # paced at a frame (40 ms); two frame times allow the jitter of a loaded CI machine's
+    # sleeps (59 ms seen once in the whole suite on 2 cores)
+    assert r["frame_interval_ms_p99"] < 80.0
 
 
 def test_a_quiet_session_stops_holding_the_gather() -> None:

@@ -121,7 +121,8 @@ class EncoderTuning:
         """`as_dict`'s output back (missing fields: the defaults); ValueError if malformed."""
         if not isinstance(d, dict) or not set(d) <= set(SETTING_NAMES):
             raise ValueError(f"not an encoder tuning: {d!r:.200}")
-        if not all(isinstance(v, str if k == "h264_preset" else int) for k, v in d.items()):
+        defaults = cls()
+        if not all(isinstance(v, type(getattr(defaults, k))) for k, v in d.items()):
             raise ValueError(f"encoder tuning of the wrong types: {d!r:.200}")
         return cls(**d)
 

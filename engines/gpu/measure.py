@@ -212,10 +212,13 @@ def encoder_cost(
         "cpu_count": os.cpu_count(),
     }
     server = EncoderTuning()
-    thread_field = {"video/VP8": "vp8_threads", "video/H264": "h264_threads"}
-    codec_threads = {"video/VP8": vp8_codec_threads, "video/H264": h264_codec_threads}
+    # per codec: the EncoderTuning field of its threads, and the counts to measure
+    per_codec = {
+        "video/VP8": ("vp8_threads", vp8_codec_threads),
+        "video/H264": ("h264_threads", h264_codec_threads),
+    }
     try:
-        for mime, field in thread_field.items():
+        for mime, (field, counts) in per_codec.items():
             codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
             vf = [
                 VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(
@@ -259,7 +262,7 @@ def encoder_cost(
             )
             res["by_codec_threads"] = {
                 str(n): measured(dataclasses.replace(server, **{field: n}))  # type: ignore[arg-type]
-                for n in codec_threads[mime]
+                for n in counts
             }
             out[mime.split("/")[1]] = res
     finally:

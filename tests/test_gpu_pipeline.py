@@ -264,7 +264,11 @@ def _reserved_by_pool() -> tuple[int, int]:
 def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     """`split_stages`: the UNet and the decode as two graphs on two streams give the frames of
     the one-graph step, with batches launched back to back (two in flight), which exercises
-    the hand-over of the UNet graph's output buffer between batches."""
+    the hand-over of the UNet graph's output buffer between batches: with bucket 1 alone,
+    every frame is its own batch and reuses the one buffer. Bucket 1 only also keeps the
+    test's compiles static: with buckets (1, 2, 4) each stage compiled twice (a dynamic batch
+    axis and batch 1), which ran past the GPU suite's 300 s per-test limit on the H200 host
+    (session 13; on 2 CPU cores the UNet stage's dynamic compile took 97 s, its static 47 s)."""
     from engines.gpu.pipeline import GpuPipeline, PipelineOptions
 
     eng, av = gpu_engine
@@ -275,7 +279,7 @@ def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ign
         pipe = GpuPipeline(
             eng,
             PipelineOptions(
-                backend="compiled", output="rgb", buckets=(1, 2, 4), split_stages=split
+                backend="compiled", output="rgb", buckets=(1,), split_stages=split
             ),
         )
         pipe.warm_up()

@@ -278,9 +278,7 @@ def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ign
     for split in (False, True):
         pipe = GpuPipeline(
             eng,
-            PipelineOptions(
-                backend="compiled", output="rgb", buckets=(1,), split_stages=split
-            ),
+            PipelineOptions(backend="compiled", output="rgb", buckets=(1,), split_stages=split),
         )
         pipe.warm_up()
         assert pipe.split == split and len(pipe.streams) == (4 if split else 3)

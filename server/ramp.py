@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from collections import Counter
@@ -206,9 +207,24 @@ async def ramp(
         "refusal_reasons": dict(reasons),
         "engine_late_frames": sum(int(p["engine_late_frames"] or 0) for p in per),
         "frames_dropped": sum(int(p["frames_dropped"] or 0) for p in per),
+        **_what_they_saw(per),
         "attempts": attempts,
         "readyz_samples": samples,
         "per_session": per,
+    }
+
+
+def _what_they_saw(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the admitted sessions were clean, not only admitted: their speaking frames,
+    held ticks and frames missing at the clients, summed, and their p99 frame intervals
+    (median and worst of the sessions; None without any)."""
+    p99 = sorted(p["frame_interval_ms_p99"] for p in per if p["frame_interval_ms_p99"] is not None)
+    return {
+        "speech_frames": sum(int(p["speech_frames"] or 0) for p in per),
+        "held_frames": sum(int(p["held_frames"] or 0) for p in per),
+        "frames_missing_at_client": sum(int(p["frames_missing_at_client"] or 0) for p in per),
+        "frame_interval_ms_p99_median": statistics.median(p99) if p99 else None,
+        "frame_interval_ms_p99_max": p99[-1] if p99 else None,
     }
 
 

@@ -16,3 +16,4 @@ fi
 echo "ramp finished: rc=$? $(date +%T)"
 cp /tmp/ramp.json "$OUT"/ 2>/dev/null
 python3 -c "import json; d=json.load(open('/tmp/ramp.json')); [print(f\"t={a['t']:6.1f} open={a['open_before']:2d} {a['status']} {a['reason'] or '-':10s} late={'n/a' if a['engine_late_fraction_before'] is None else format(a['engine_late_fraction_before'], '.1%')} dropped={'n/a' if a.get('video_drop_fraction_before') is None else format(a['video_drop_fraction_before'], '.1%')}\") for a in d['attempts']]"
+python3 -c "import json; d=json.load(open('/tmp/ramp.json')); print({k: d.get(k) for k in ('admitted', 'speech_frames', 'engine_late_frames', 'held_frames', 'frames_missing_at_client', 'frame_interval_ms_p99_median', 'frame_interval_ms_p99_max')})" 2>&1

@@ -51,22 +51,33 @@ def tensorrt_problem() -> str | None:
 
 
 def select_backend(requested: str) -> str:
-    """`auto` -> tensorrt where it imports, else compiled on a GPU, else torch; an explicit
-    `tensorrt` where it cannot run is an EngineError naming the reason."""
+    """`auto` -> tensorrt where it imports, else compiled on a GPU whose host can build its
+    kernels (`engines.gpu.toolchain`), else torch; an explicit `tensorrt` or `compiled` where
+    it cannot run is an EngineError naming the reason."""
+    from engines.gpu.toolchain import compiled_problem
+
     if requested == "auto":
         if not torch.cuda.is_available():
             return "torch"
         problem = tensorrt_problem()
         if problem is None:
             return "tensorrt"
+        compiled = compiled_problem()
+        if compiled is not None:
+            log.warning("backend auto chose torch (eager): compiled cannot run here: %s", compiled)
+            return "torch"
         log.info("backend auto chose compiled: %s", problem)
         return "compiled"
     if requested == "tensorrt":
         problem = tensorrt_problem()
         if problem is not None:
             raise EngineError(f"backend tensorrt unavailable: {problem}")
-    if requested == "compiled" and not torch.cuda.is_available():
-        raise EngineError("backend compiled needs a CUDA GPU")
+    if requested == "compiled":
+        if not torch.cuda.is_available():
+            raise EngineError("backend compiled needs a CUDA GPU")
+        problem = compiled_problem()
+        if problem is not None:
+            raise EngineError(f"backend compiled unavailable: {problem}")
     if requested not in ("torch", "compiled", "tensorrt"):
         raise EngineError(f"unknown backend {requested!r}: use auto, torch, compiled or tensorrt")
     return requested

@@ -35,6 +35,7 @@ from server.overload import LateFrames
 from server.player import Made, Playout, Tick
 from server.settings import Settings
 from server.tracks import I420Cache, i420_image, i420_shape, to_i420
+from server.turnaround import Turnaround, lead_for
 from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Session:
         self._ws_gone = asyncio.Event()
         self.ws: Any = None  # the attached websocket, if any
         self.late_frames: LateFrames | None = None  # the server's overload window (add)
+        self.turnaround: Turnaround | None = None  # the worker's recent turnarounds (add)
 
     # -- info ----------------------------------------------------------------------------
     @property
@@ -228,9 +230,13 @@ class Session:
         """Send the jobs whose audio is complete to the worker (within max_ahead)."""
         if self._closed:
             return
-        # a new utterance starts far enough ahead for its first frame to be made in time
-        step_frames = math.ceil(self.worker.step_ema / FRAME_S)
-        self.playout.lead = max(self.settings.start_lead_frames, step_frames)
+        # a new utterance starts far enough ahead for its frames to be made in time: past
+        # the engine's step time and, with `lead_quantile`, the worker's recent turnarounds
+        now = self.loop.time()
+        lead = max(self.settings.start_lead_frames, math.ceil(self.worker.step_ema / FRAME_S))
+        if self.turnaround is not None:
+            lead = max(lead, lead_for(self.turnaround.need(now), self._next_tick - now))
+        self.playout.lead = lead
         for taken in self.playout.take():
             due = self._next_tick + self.playout.due_in(taken.jobs[0].loop_position) * FRAME_S
             item = WorkItem(
@@ -242,6 +248,7 @@ class Session:
                 pcm=taken.pcm,
                 deadline=due,
                 done=self._work_done,
+                submitted=now,
             )
             try:
                 self.worker.submit(item)
@@ -274,6 +281,9 @@ class Session:
             )
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
             frames = [self._idle_image(j.loop_position) for j in item.jobs]
+        elif self.turnaround is not None:
+            now = self.loop.time()
+            self.turnaround.add(now, now - item.submitted)
         made = [
             Made(item.utterance, j.index, j.loop_position, j.horizon, frames[i], item.pcm[i])
             for i, j in enumerate(item.jobs)
@@ -378,6 +388,8 @@ class SessionManager:
         # refuse new sessions while more than this fraction of speaking frames come late (0: off)
         self.late_limit = late_limit
         self.late = LateFrames()
+        q = settings.lead_quantile
+        self.turnaround = Turnaround(q) if q > 0 else None
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.draining = False
@@ -431,6 +443,7 @@ class SessionManager:
 
     def add(self, session: Session) -> None:
         session.late_frames = self.late
+        session.turnaround = self.turnaround
         self.sessions[session.id] = session
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.set(len(self.sessions))

@@ -50,6 +50,10 @@ class Settings:
     # an utterance starts this many frames after its first frame is taken (at least; more
     # while the engine's steps take longer than a frame)
     start_lead_frames: int = 1
+    # ...and far enough ahead to cover this quantile of the frame worker's recent turnarounds
+    # (frames handed over -> back on the event loop, all sessions, last 5 s; server.turnaround),
+    # so an utterance does not start with less slack than the worker is taking. 0: off
+    lead_quantile: float = 0.98
     max_ahead_frames: int = 25  # frames made ahead of playback per session (memory bound)
     hold_frames: int = 3  # a late frame repeats the previous one this many times, then idle
     track_queue_frames: int = 10  # frames waiting for the encoder before the oldest is dropped
@@ -157,6 +161,10 @@ class Settings:
             EncoderTuning.from_settings(self)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        if not 0 <= self.lead_quantile < 1:
+            raise SettingsError(
+                f"lead_quantile must be in [0, 1) (0: off), got {self.lead_quantile}"
+            )
         for name in ("start_lead_frames", "hold_frames"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -49,6 +49,7 @@ class WorkItem:
     deadline: float  # monotonic time the first job is due to be shown
     done: Done  # called on the worker thread with (item, frames, None) or (item, None, error)
     seq: int = field(default=0, compare=False)
+    submitted: float = field(default=0.0, compare=False)  # loop time it was handed over
 
 
 class WorkerStopped(RuntimeError):

@@ -283,7 +283,7 @@ class Session:
             frames = [self._idle_image(j.loop_position) for j in item.jobs]
         elif self.turnaround is not None:
             now = self.loop.time()
-            self.turnaround.add(now, now - item.submitted)
+            self.turnaround.add(now, now - item.submitted, item.deadline - item.submitted)
         made = [
             Made(item.utterance, j.index, j.loop_position, j.horizon, frames[i], item.pcm[i])
             for i, j in enumerate(item.jobs)

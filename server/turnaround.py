@@ -28,6 +28,10 @@ MAX_SAMPLES = 4000  # at most this many kept (16 sessions give ~400 a second)
 REFRESH_S = 0.25  # the quantile is recomputed at most this often (pump runs per tick and chunk)
 MARGIN_S = 0.005  # the event loop's own delay between a frame arriving and its tick
 MAX_LEAD_FRAMES = 5  # 200 ms: past that the engine is overloaded, and more lead hides it
+# only frames handed over with at most this much slack count: those of speech arriving in real
+# time. A TTS that streams ahead hands frames over up to a second early, and the worker rightly
+# makes them later (earliest deadline first), which is no turnaround the lead must cover
+URGENT_S = (MAX_LEAD_FRAMES + 1) * FRAME_S
 
 
 class Turnaround:
@@ -42,8 +46,11 @@ class Turnaround:
         self._need = 0.0
         self._computed_at = -math.inf
 
-    def add(self, now: float, seconds: float) -> None:
-        self._samples.append((now, max(0.0, seconds)))
+    def add(self, now: float, seconds: float, slack_s: float) -> None:
+        """One item's turnaround, `slack_s` being its first frame's slack when handed over
+        (ignored past URGENT_S)."""
+        if slack_s <= URGENT_S:
+            self._samples.append((now, max(0.0, seconds)))
 
     def need(self, now: float) -> float:
         """The `quantile` of the turnarounds of the last `window_s` (0.0 without any)."""

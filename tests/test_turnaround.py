@@ -24,22 +24,36 @@ from engines.preview import PreviewEngine
 from server.app import create_app
 from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.settings import Settings
-from server.turnaround import FRAME_S, MARGIN_S, MAX_LEAD_FRAMES, Turnaround, lead_for
+from server.turnaround import FRAME_S, MARGIN_S, MAX_LEAD_FRAMES, URGENT_S, Turnaround, lead_for
 
 
 def test_need_is_the_quantile_of_the_window() -> None:
     t = Turnaround(0.9, window_s=5.0)
     assert t.need(0.0) == 0.0  # nothing measured: no extra lead
     for k in range(100):
-        t.add(1.0, 0.001 * k)  # 0 .. 99 ms
+        t.add(1.0, 0.001 * k, slack_s=0.05)  # 0 .. 99 ms
     assert t.need(1.0) == pytest.approx(np.quantile(np.arange(100) * 1e-3, 0.9))
-    t.add(1.1, 10.0)  # recomputed at most every REFRESH_S: not seen yet
+    t.add(1.1, 10.0, slack_s=0.05)  # recomputed at most every REFRESH_S: not seen yet
     assert t.need(1.1) == pytest.approx(0.0891)
     # over 5 s on, the first hundred are out of the window; only the 10 s one is left
     assert t.need(6.05) == pytest.approx(10.0)
     assert t.need(20.0) == 0.0
     with pytest.raises(ValueError, match="quantile"):
         Turnaround(1.0)
+
+
+def test_frames_handed_over_early_do_not_count() -> None:
+    """A TTS streaming ahead hands frames over up to a second before their tick; the worker
+    makes them later on purpose (earliest deadline first), which must not raise every
+    session's lead."""
+    t = Turnaround(0.5)
+    t.add(0.0, 0.03, slack_s=0.06)
+    for _ in range(50):
+        t.add(0.0, 0.8, slack_s=1.0)  # made 0.8 s after hand-over, due 1 s after it
+    t.add(0.0, 0.8, slack_s=URGENT_S + 0.001)
+    assert t.need(0.0) == pytest.approx(0.03)
+    t.add(0.3, 0.09, slack_s=URGENT_S)  # at the limit it counts
+    assert t.need(0.3) == pytest.approx(0.06)
 
 
 def test_lead_for_covers_the_need_with_the_fewest_ticks() -> None:

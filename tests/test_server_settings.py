@@ -31,6 +31,8 @@ def test_precedence_and_parsing() -> None:
     assert "api_key" not in s.public()
     assert s.gather_ms == 20.0  # the scheduler's default (engines.scheduler.GATHER_S)
     assert Settings.from_env({"LIPSTREAM_GATHER_MS": "0"}).gather_ms == 0.0
+    assert s.lead_quantile == 0.98
+    assert Settings.from_env({"LIPSTREAM_LEAD_QUANTILE": "0"}).lead_quantile == 0.0
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,8 @@ def test_precedence_and_parsing() -> None:
         ({"LIPSTREAM_API_KEY": "short"}, "api_key"),
         ({"LIPSTREAM_GATHER_MS": "-5"}, "gather_ms"),
         ({"LIPSTREAM_GATHER_MS": "500"}, "gather_ms"),
+        ({"LIPSTREAM_LEAD_QUANTILE": "1"}, "lead_quantile"),
+        ({"LIPSTREAM_LEAD_QUANTILE": "-0.1"}, "lead_quantile"),
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str], words: str) -> None:

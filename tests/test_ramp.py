@@ -33,12 +33,14 @@ async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> 
         assert s["video_frames"] > 10 and s["frame_interval_ms_p99"] is not None, s
         assert s["engine_late_frames"] > 0 and "error" not in s, s
     assert max(x["engine_late_fraction"] or 0 for x in result["readyz_samples"]) > 0.02
-    # what the admitted sessions saw: an engine at 20 fps holds about one tick in five, each
-    # an 80 ms interval at the client
+    # what the admitted sessions saw: an engine at 20 fps makes them hold ticks (80 ms
+    # intervals at the client); how many of them reach a session's p99 depends on how long it
+    # spoke, so the intervals are checked for their order only
     per = result["per_session"]
     assert result["speech_frames"] >= result["engine_late_frames"] > 0
     assert result["held_frames"] == sum(s["held_frames"] for s in per) > 0
-    assert result["frame_interval_ms_p99_max"] == max(s["frame_interval_ms_p99"] for s in per)
-    assert result["frame_interval_ms_p99_max"] >= result["frame_interval_ms_p99_median"] > 60
+    assert result["frames_missing_at_client"] == sum(s["frames_missing_at_client"] for s in per)
+    worst = max(s["frame_interval_ms_p99"] for s in per)
+    assert result["frame_interval_ms_p99_max"] == worst >= result["frame_interval_ms_p99_median"]
     # /readyz also reports the host's side (frames dropped before the encoders) once it judges
     assert any(x["video_drop_fraction"] is not None for x in result["readyz_samples"])

@@ -118,6 +118,7 @@ async def _start_parts(
     sessions = SessionManager(settings, metrics, late_limit=settings.admit_late_limit(gpu))
     sessions.start()
     metrics.speech_backlog.set_function(sessions.largest_backlog_s)
+    metrics.worker_turnaround.set_function(sessions.turnaround_need_s)
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.engine_reason = reason

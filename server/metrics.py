@@ -112,6 +112,12 @@ class ServerMetrics:
             "Speech received and not yet played, the largest over the sessions",
             registry=r,
         )
+        self.worker_turnaround = Gauge(
+            "lipstream_worker_turnaround_seconds",
+            "Frames handed to the worker -> back on the event loop, all sessions, last 5 s, at "
+            "lead_quantile: what a new utterance's lead covers (0 without samples or when off)",
+            registry=r,
+        )
         self.avatars = Gauge(
             "lipstream_avatars", "Avatars on disk, by status", ["status"], registry=r
         )

@@ -449,6 +449,12 @@ class SessionManager:
         self.metrics.sessions_active.set(len(self.sessions))
         session.start()
 
+    def turnaround_need_s(self) -> float:
+        """The turnaround new utterances' leads cover now (the /metrics gauge; 0 when off)."""
+        if self.turnaround is None:
+            return 0.0
+        return self.turnaround.need(time.monotonic())  # the event loop's clock
+
     def largest_backlog_s(self) -> float:
         """The largest speech backlog over the sessions (the /metrics gauge)."""
         return max((s.playout.backlog_s for s in list(self.sessions.values())), default=0.0)

@@ -169,6 +169,7 @@ COUNTERS = {
         for phase in LAUNCH_PHASES
     },
     "lipstream_speech_backlog_seconds": "backlog_s",
+    "lipstream_worker_turnaround_seconds": "turnaround_s",
     # the server's stalls (server.stall_watch): lag samples, those within 100 / 250 ms;
     # full collections and their seconds; malloc trims, their seconds, those within 50 ms
     "lipstream_event_loop_lag_seconds_count": "lag_n",
@@ -510,6 +511,12 @@ def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _max_ms(samples: list[dict[str, Any]], key: str) -> float | None:
+    """The largest of a gauge in seconds over `samples`, in ms (None: the server has none)."""
+    values = [s[key] for s in samples if key in s]
+    return round(1e3 * max(values), 1) if values else None
+
+
 def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     """Over the window: frames the engine made and speech frames played per second, the mean
     engine step and launch times, and the largest speech backlog (speech received and not
@@ -535,6 +542,9 @@ def _engine(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
         "worker_frames_per_step": per_step("rendered"),
         "speech_backlog_s_max": round(max(s["backlog_s"] for s in after), 2),
         "speech_backlog_s_end": round(b["backlog_s"], 2),
+        # the worker's turnaround at lead_quantile (server.turnaround), over the window
+        "turnaround_ms_max": _max_ms(after, "turnaround_s"),
+        "turnaround_ms_end": _max_ms([b], "turnaround_s"),
     }
 
 

@@ -119,7 +119,15 @@ async def _held_in_later_utterances(tmp_path: Path, lead_quantile: float) -> tup
             last = first
             for _ in range(4):
                 last = await utterance()
+            metrics = (await http.get("/metrics")).text
         assert last["speech_frames"] - first["speech_frames"] >= 140, last  # they spoke
+        gauge = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("lipstream_worker_turnaround_seconds ")
+        )
+        # the gauge is what the leads covered: the stalls (>= 120 ms) with the quantile on
+        assert gauge >= 0.12 if lead_quantile else gauge == 0.0, gauge
         return last["held_frames"] - first["held_frames"], last["playout"]["lead_frames"]
     finally:
         await client.close()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from avatars.avatar import Avatar
-from engines.base import FPS, Engine
+from engines.base import Engine
 from engines.stream import pcm16_to_float
 from server.limits import AudioRateLimiter
 from server.liveness import PeerWatch
@@ -35,7 +35,7 @@ from server.overload import LateFrames
 from server.player import Made, Playout, Tick
 from server.settings import Settings
 from server.tracks import I420Cache, i420_image, i420_shape, to_i420
-from server.turnaround import Turnaround, lead_for
+from server.turnaround import FRAME_S, Turnaround, lead_for
 from server.worker import Worker, WorkerStopped, WorkItem
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 # forgets an avatar's)
 IDLE_FRAMES = I420Cache()
 
-FRAME_S = 1.0 / FPS
 EVENT_QUEUE = 256
 ALL_TRACKS_WAIT_S = 2.0  # after the first track starts, how long the clock waits for the other
 WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say goodbye

@@ -11,8 +11,8 @@ Measured after a warm-up (the first 20% of the run, at most 60 s):
   over the same window (frames dropped before the encoder, late/held frames; `*_total`:
   since the session opened);
 - the RSS of the server process and its children (media processes; from /proc) and its GPU
-  memory (nvidia-smi, by pid, where present): at the end of the warm-up, at the end, the
-  growth between; sampled every 5 s with the server's frame counters (sent, speech, dropped, late,
+  memory (nvidia-smi, by pid, where present): at the end of the warm-up, at the last sample
+  with every session open (`lipstream_sessions_active`), the growth between; sampled every 5 s with the server's frame counters (sent, speech, dropped, late,
   rendered), engine step times and the largest speech backlog (`rendered_fps`, `speech_fps`,
   `worker_step_ms_mean`, `speech_backlog_s_max` over the window).
 
@@ -170,6 +170,7 @@ COUNTERS = {
     },
     "lipstream_speech_backlog_seconds": "backlog_s",
     "lipstream_worker_turnaround_seconds": "turnaround_s",
+    "lipstream_sessions_active": "open",
     # the server's stalls (server.stall_watch): lag samples, those within 100 / 250 ms;
     # full collections and their seconds; malloc trims, their seconds, those within 50 ms
     "lipstream_event_loop_lag_seconds_count": "lag_n",
@@ -492,9 +493,8 @@ def _report(
         "window_s": round(window, 1),
         **_totals(per),
         "frame_interval_ms_p99": _ms(_pct(all_iv, 99)),
-        **_memory(samples, warmup),
-        **_engine(samples, warmup),
-        **_stalls(samples, warmup),
+        # memory, engine and stall figures: after the warm-up, while every session was open
+        **_window_figures(samples, sessions, warmup),
         "per_session": per,
         "samples": samples,
     }
@@ -666,12 +666,32 @@ async def soak_with_client_processes(
         **_totals(per),
         # the worst of the processes' p99s (their intervals are not kept)
         "frame_interval_ms_p99": max(float(part["frame_interval_ms_p99"] or 0) for part in parts),
-        **_memory(samples, warmup),
-        **_engine(samples, warmup),
-        **_stalls(samples, warmup),
+        # memory, engine and stall figures: after the warm-up, while every session was open
+        **_window_figures(samples, sessions, warmup),
         "per_session": per,
         "samples": samples,
     }
+
+
+def _window_figures(samples: list[dict[str, Any]], sessions: int, warmup: float) -> dict[str, Any]:
+    held = all_open(samples, sessions)
+    return {
+        "samples_all_open": len(held),
+        **_memory(held, warmup),
+        **_engine(held, warmup),
+        **_stalls(held, warmup),
+    }
+
+
+def all_open(samples: list[dict[str, Any]], sessions: int) -> list[dict[str, Any]]:
+    """The samples taken while the server had at least `sessions` sessions open, from the
+    first such sample to the last one: the soak's window, without the ramp-up of the client
+    processes' sessions or the teardown of the first ones to finish (a teardown sample reads
+    hundreds of MB less RSS). Samples without a session count are all kept."""
+    if not any("open" in s for s in samples):
+        return samples
+    full = [n for n, s in enumerate(samples) if s.get("open", 0) >= sessions]
+    return samples[full[0] : full[-1] + 1] if full else []
 
 
 def _ms(v: float | None) -> float | None:

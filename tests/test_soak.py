@@ -62,6 +62,9 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
     assert result["rss_mb_after_warmup"] > 50
     assert result["rss_growth_mb"] is not None and abs(result["rss_growth_mb"]) < 200
+    # this soak samples only between opening its sessions and closing them
+    assert [s["open"] for s in result["samples"]] == [2] * len(result["samples"])
+    assert result["samples_all_open"] == len(result["samples"])
     # the server's stall counters were sampled (server.stall_watch's loop lag every 20 ms)
     assert set(result["stalls"]) >= {"loop_lags_over_250ms", "gc_full_collections", "malloc_trims"}
     lag_n = [s["lag_n"] for s in result["samples"] if "lag_n" in s]
@@ -104,6 +107,27 @@ def test_soak_with_client_processes_and_media_processes(tmp_path: Path) -> None:
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
     # this process plus its media process (~100 MB of its own)
     assert result["rss_mb_after_warmup"] > 100
+    # the window's figures come from samples with both sessions open: none of the ramp-up
+    # or the teardown (where RSS reads hundreds of MB lower at 20 sessions)
+    assert result["samples_all_open"] >= 2
+    assert any(s.get("open", 0) < 2 for s in result["samples"])  # ramp-up or teardown sampled
+    assert result["samples_all_open"] < len(result["samples"])
+
+
+def test_window_figures_leave_out_the_teardown() -> None:
+    """A soak's memory and engine figures span the samples with every session open; a
+    teardown sample (sessions closing, RSS falling) does not end the window."""
+    from server.soak import all_open
+
+    def sample(t: float, open_: int, rss: int) -> dict[str, float]:
+        return {"t": t, "open": open_, "rss": rss}
+
+    samples = [sample(0, 3, 10), sample(5, 20, 50), sample(10, 20, 52), sample(15, 20, 51)]
+    samples += [sample(20, 12, 20), sample(25, 0, 15)]
+    window = all_open(samples, 20)
+    assert [s["t"] for s in window] == [5, 10, 15]
+    assert all_open(samples, 21) == []
+    assert all_open([{"t": 0}, {"t": 5}], 20) == [{"t": 0}, {"t": 5}]  # no counts: all kept
 
 
 def test_client_processes_need_a_share_each() -> None:

@@ -890,6 +890,17 @@ def build_backends(
     return report
 
 
+def check_backends(options: BenchOptions) -> None:
+    """Fail before any measuring where a backend asked for cannot run on this host (a
+    compiled variant without Triton's compiler or headers, tensorrt without its wheels):
+    otherwise the bench would fail minutes in, at that backend's first compile."""
+    from engines.gpu.tensorrt import select_backend
+
+    wanted = dict.fromkeys(b.split("-")[0] for b in (*options.backends, *options.stream_backends))
+    for name in wanted:
+        select_backend(name)  # EngineError naming the reason
+
+
 def run_bench(options: BenchOptions, out: Path | None = None) -> dict[str, Any]:
     """Run the benchmark; writes JSON to `out` (default bench/results/<gpu>_<date>.json)."""
     import torch
@@ -898,6 +909,7 @@ def run_bench(options: BenchOptions, out: Path | None = None) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise EngineError("`lipstream bench` measures the GPU path and needs a CUDA GPU")
+    check_backends(options)
     if out is None:
         gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-")
         out = Path("bench/results") / f"bench_{gpu}_{time.strftime('%Y-%m-%d_%H%M')}.json"

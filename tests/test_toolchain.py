@@ -102,3 +102,24 @@ def test_auto_picks_compiled_where_it_can_build(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: None)
     assert tensorrt.select_backend("auto") == "compiled"
     assert tensorrt.select_backend("compiled") == "compiled"
+
+
+@pytest.mark.usefixtures("gpu_without_trt")
+def test_bench_refuses_a_backend_it_cannot_build_before_measuring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`lipstream bench --stream-backends compiled` asks for compiled explicitly: without a
+    compiler it fails at once, naming why, and not at the first compile minutes in."""
+    from engines.bench import BenchOptions, check_backends
+
+    monkeypatch.setattr(toolchain, "compiled_problem", lambda: "no C compiler on PATH")
+    eager = BenchOptions(backends=("torch",), stream_backends=("torch",))
+    check_backends(eager)  # eager needs no compiler
+    for opts in (
+        BenchOptions(backends=("torch",), stream_backends=("compiled-gather40",)),
+        BenchOptions(backends=("torch", "compiled-crop8"), stream_backends=("torch",)),
+    ):
+        with pytest.raises(EngineError, match="backend compiled unavailable: no C compiler"):
+            check_backends(opts)
+    with pytest.raises(EngineError, match="backend tensorrt unavailable"):
+        check_backends(BenchOptions(backends=("tensorrt",), stream_backends=("torch",)))

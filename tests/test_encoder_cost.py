@@ -17,6 +17,8 @@ def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:
     for codec in ("VP8", "H264"):
         r = res[codec]
         assert r["ms_per_frame_1_thread"] > 0
+        runs = r["ms_per_frame_1_thread_runs"]  # the figure is the median of 3 runs
+        assert len(runs) == 3 and sorted(runs)[1] == r["ms_per_frame_1_thread"]
         assert r["fps_total_1_threads"] > 0 and r["fps_total_2_threads"] > 0
     for codec, counts in (("VP8", {"1", "2"}), ("H264", {"1", "3"})):
         by = res[codec]["by_codec_threads"]

@@ -13,10 +13,11 @@ import json, os
 from engines.gpu.measure import encoder_cost
 r = encoder_cost(720, 1280, frames=40, threads=(1, 8, 16))
 open(os.path.join(os.environ['OUT'], 'encoders.json'), 'w').write(json.dumps(r, indent=1))
+def nums(d, nd=1):  # the figures only (each run's ms are a list)
+    return {k: round(v, nd) for k, v in d.items() if isinstance(v, (int, float))}
 for c in ('VP8', 'H264'):
-    print(c, 'aiortc', {k: round(v, 1) for k, v in r[c].items() if not isinstance(v, dict)},
-          'server', {k: round(v, 1) for k, v in r[c]['server'].items()},
-          {t: {k: round(v) for k, v in x.items()} for t, x in r[c]['by_codec_threads'].items()})
+    print(c, 'aiortc', nums(r[c]), 'server', nums(r[c]['server']),
+          {t: nums(x, 0) for t, x in r[c]['by_codec_threads'].items()})
 "
 fi
 SOAK_N=${SOAK_N:-16} SOAK_MIN=${SOAK_MIN:-1.5} SOAK_SPLIT_CPUS=${SOAK_SPLIT_CPUS:-0} bash bench/scripts/soak_run.sh

@@ -125,8 +125,8 @@ def bench_cmd(
     soak_clients: int = typer.Option(
         1,
         "--soak-clients",
-        help="--soak-url: client processes to spread the sessions over (one Python process "
-        "decoding a dozen 720p streams is itself the bottleneck)",
+        help="--soak-url, --ramp: client processes to spread the sessions over (one Python "
+        "process receiving a dozen 720p streams is itself the bottleneck)",
     ),
     soak_decode: bool = typer.Option(
         True,
@@ -183,7 +183,13 @@ def bench_cmd(
                 f"--ramp: --sessions is one number of attempts, got {sessions!r}"
             ) from None
         try:
-            run_ramp(soak_url, soak_out, every_s=ramp_every, max_sessions=attempts)
+            run_ramp(
+                soak_url,
+                soak_out,
+                every_s=ramp_every,
+                max_sessions=attempts,
+                client_processes=soak_clients,
+            )
         except (ValueError, RuntimeError, httpx.HTTPError) as exc:
             raise _fail(f"the ramp against {soak_url}: {exc}") from exc
         return

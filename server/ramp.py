@@ -8,7 +8,9 @@ encoders, `server.overload`). A refused attempt (`SessionRefused`) is recorded w
 status, reason, detail and Retry-After and the number of sessions open then; after `stop_after_refusals` refusals in a row with reason
 "overloaded" (or one "draining") the ramp stops attempting and keeps the admitted sessions
 speaking `hold_s` seconds more. At the end each admitted session's server info and the
-client's video figures are collected, and all clients are closed.
+client's video figures are collected, and all clients are closed. With `client_processes`
+> 1 the clients live in that many child processes (`server.ramp_clients`), so that the
+intervals they measure are not those of one GIL-bound process receiving every stream.
 
 The question it answers: how many sessions does the server admit before it starts refusing
 them as overloaded, and how did the sessions it admitted fare (late and dropped frames)?
@@ -18,10 +20,8 @@ The result is a JSON document (a summary printed, all of it written to `out` whe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -31,14 +31,12 @@ from typing import Any
 
 import httpx
 
-from server.loopback import SessionRefused
-from server.soak import SoakClient, _first_ready, _info, _ms, _pct, _speak, skip_video_decoding
+from server.ramp_clients import ADMITTED_STATUS, LocalClients, ProcessClients
+from server.soak import _first_ready, skip_video_decoding
 
 log = logging.getLogger(__name__)
 
 READYZ_EVERY_S = 0.5
-FIRST_FRAMES_WITHIN_S = 60.0
-ADMITTED_STATUS = 201  # what POST /v1/sessions answers when it opens a session
 LONG_LISTS = ("attempts", "readyz_samples", "per_session")
 
 
@@ -51,14 +49,6 @@ async def _readyz(http: httpx.AsyncClient) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-async def _session_life(client: SoakClient, seed: int) -> int:
-    """An admitted session: wait for its first frames, measure its video from then on, and
-    speak until cancelled (the ramp's end)."""
-    await client.first_frames(1, within=FIRST_FRAMES_WITHIN_S)
-    client.video.measuring = True
-    return await _speak(client, math.inf, seed)
-
-
 def _late_text(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{fraction:.1%}"
 
@@ -69,15 +59,18 @@ async def ramp(
     max_sessions: int = 24,
     stop_after_refusals: int = 3,
     hold_s: float = 10.0,
+    client_processes: int = 1,
 ) -> dict[str, Any]:
-    """The ramp (see the module docstring); returns its JSON-ready result."""
+    """The ramp (see the module docstring); returns its JSON-ready result. `client_processes`
+    > 1 spreads the admitted sessions' clients over that many child processes
+    (`server.ramp_clients`)."""
     if every_s <= 0 or max_sessions < 1 or stop_after_refusals < 1 or hold_s < 0:
         raise ValueError(
             "the ramp needs every_s > 0, max_sessions >= 1, stop_after_refusals >= 1, hold_s >= 0"
         )
-    clients: list[SoakClient] = []  # the admitted ones
-    opened_at: list[float] = []
-    speakers: list[asyncio.Task[int]] = []
+    if client_processes < 1:
+        raise ValueError(f"the ramp needs client_processes >= 1, got {client_processes}")
+    clients: LocalClients | ProcessClients | None = None
     attempts: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     first_refused_open: int | None = None
@@ -93,7 +86,7 @@ async def ramp(
         samples.append(
             {
                 "t": round(time.monotonic() - t0, 2),
-                "open": len(clients),
+                "open": clients.admitted if clients else 0,
                 "server_sessions": body.get("sessions"),
                 "engine_late_fraction": late,
                 "video_drop_fraction": dropped,
@@ -113,42 +106,31 @@ async def ramp(
         async with httpx.AsyncClient(base_url=server_url, timeout=30) as http:
             avatar_id = await _first_ready(http)
             ready = await _readyz(http)
+            if client_processes > 1:
+                clients = ProcessClients(server_url, avatar_id, client_processes)
+                await clients.start()
+            else:
+                clients = LocalClients(server_url, avatar_id)
             t0 = time.monotonic()
             for attempt in range(1, max_sessions + 1):
                 late, dropped = await sample(http)
                 t = time.monotonic() - t0
-                open_before = len(clients)
-                client = SoakClient(server_url)
+                open_before = clients.admitted
                 row: dict[str, Any] = {
                     "t": round(t, 2),
                     "attempt": attempt,
                     "open_before": open_before,
                     "engine_late_fraction_before": late,
                     "video_drop_fraction_before": dropped,
+                    **await clients.open(attempt, t),
                 }
-                try:
-                    await client.open(avatar_id)
-                except SessionRefused as exc:
-                    with contextlib.suppress(Exception):
-                        await client.close(delete=False)
-                    row.update(
-                        status=exc.status,
-                        reason=exc.reason,
-                        detail=exc.detail,
-                        retry_after=exc.retry_after,
-                    )
-                    if exc.reason == "overloaded":
-                        in_a_row += 1
-                        if first_refused_open is None:
-                            first_refused_open, late_at_first_refusal = open_before, late
-                    else:
-                        in_a_row = 0
+                if row["status"] == ADMITTED_STATUS:
+                    in_a_row = 0
+                elif row["reason"] == "overloaded":
+                    in_a_row += 1
+                    if first_refused_open is None:
+                        first_refused_open, late_at_first_refusal = open_before, late
                 else:
-                    clients.append(client)
-                    opened_at.append(t)
-                    await client.connect_audio()
-                    speakers.append(asyncio.create_task(_session_life(client, attempt)))
-                    row.update(status=ADMITTED_STATUS, reason=None, detail=None, retry_after=None)
                     in_a_row = 0
                 attempts.append(row)
                 print(
@@ -167,27 +149,12 @@ async def ramp(
                 if attempt < max_sessions:
                     await wait_sampling(http, t0 + attempt * every_s)
             await wait_sampling(http, time.monotonic() + hold_s)
-            infos = []
-            for c in clients:
-                try:
-                    infos.append(await _info(http, c))
-                except (httpx.HTTPError, ValueError) as exc:
-                    infos.append({"error": repr(exc)})
-            for task in speakers:
-                task.cancel()
-            ended = await asyncio.gather(*speakers, return_exceptions=True)
+            admitted = clients.admitted
+            per = await clients.finish(http)
             duration = time.monotonic() - t0
     finally:
-        for task in speakers:
-            task.cancel()
-        await asyncio.gather(*speakers, return_exceptions=True)
-        for c in clients:
-            with contextlib.suppress(Exception):
-                await c.close()
-    per = [
-        _per_session(c, at, info, end)
-        for c, at, info, end in zip(clients, opened_at, infos, ended, strict=True)
-    ]
+        if clients is not None:
+            await clients.close()
     reasons = Counter(
         a["reason"] or f"http_{a['status']}" for a in attempts if a["status"] != ADMITTED_STATUS
     )
@@ -201,7 +168,8 @@ async def ramp(
         "hold_s": hold_s,
         "stopped": stopped,  # max_sessions (all attempts made), overloaded or draining
         "duration_s": round(duration, 1),
-        "admitted": len(clients),
+        "client_processes": client_processes,
+        "admitted": admitted,
         "first_refused_open": first_refused_open,
         "engine_late_fraction_at_first_refusal": late_at_first_refusal,
         "refusal_reasons": dict(reasons),
@@ -226,30 +194,6 @@ def _what_they_saw(per: list[dict[str, Any]]) -> dict[str, Any]:
         "frame_interval_ms_p99_median": statistics.median(p99) if p99 else None,
         "frame_interval_ms_p99_max": p99[-1] if p99 else None,
     }
-
-
-def _per_session(
-    client: SoakClient, opened_at: float, info: dict[str, Any], ended: Any
-) -> dict[str, Any]:
-    iv = client.video.intervals
-    row = {
-        "session_id": client.session.get("session_id"),
-        "opened_at_s": round(opened_at, 2),
-        "state": info.get("state"),
-        "speech_frames": info.get("speech_frames"),
-        "engine_late_frames": info.get("engine_late_frames"),
-        "frames_dropped": info.get("frames_dropped"),
-        "held_frames": info.get("held_frames"),
-        "video_frames": client.video.frames,
-        "frames_missing_at_client": client.video.missing,
-        "frame_interval_ms_p50": _ms(_pct(iv, 50)),
-        "frame_interval_ms_p99": _ms(_pct(iv, 99)),
-    }
-    if "error" in info:
-        row["info_error"] = info["error"]
-    if isinstance(ended, BaseException) and not isinstance(ended, asyncio.CancelledError):
-        row["error"] = repr(ended)  # its first frames never came, or its websocket failed
-    return row
 
 
 def run_ramp(url: str, out: Path | None = None, **opts: Any) -> dict[str, Any]:

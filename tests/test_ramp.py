@@ -4,11 +4,16 @@ peers: sessions are admitted one at a time until the engine falls behind, then r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from test_overload import slow_server
 
+from engines.preview import PreviewEngine
+from server.app import create_app
+from server.loopback import ServerThread, wait_first_avatar_ready
 from server.ramp import ramp
+from server.settings import Settings
 
 
 async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> None:
@@ -44,3 +49,29 @@ async def test_the_ramp_admits_until_the_engine_falls_behind(tmp_path: Path) -> 
     assert result["frame_interval_ms_p99_max"] == worst >= result["frame_interval_ms_p99_median"]
     # /readyz also reports the host's side (frames dropped before the encoders) once it judges
     assert any(x["video_drop_fraction"] is not None for x in result["readyz_samples"])
+
+
+async def test_the_ramp_spreads_its_clients_over_processes(tmp_path: Path) -> None:
+    """`client_processes=2`: each attempt goes to the child process holding the fewest
+    sessions; the children receive the video and report their sessions at the end."""
+    settings = Settings(engine="preview", avatars_dir=tmp_path / "avatars", demo_avatar=True)
+    srv = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
+    try:
+        wait_first_avatar_ready(srv.base_url)
+        result = await ramp(
+            srv.base_url, every_s=1.0, max_sessions=3, hold_s=2.0, client_processes=2
+        )
+        assert not srv.app.state.sessions.sessions  # the children closed their sessions
+    finally:
+        srv.stop()
+    assert result["client_processes"] == 2 and result["stopped"] == "max_sessions"
+    assert [a["status"] for a in result["attempts"]] == [201, 201, 201]
+    assert [a["open_before"] for a in result["attempts"]] == [0, 1, 2]
+    per = result["per_session"]
+    assert result["admitted"] == len(per) == 3
+    pids = [p["client_pid"] for p in per]
+    assert os.getpid() not in pids and len(set(pids)) == 2  # 2 in one child, 1 in the other
+    assert len({p["session_id"] for p in per}) == 3
+    assert [p["opened_at_s"] for p in per] == sorted(p["opened_at_s"] for p in per)
+    for p in per:
+        assert p["video_frames"] > 10 and p["speech_frames"] > 0 and "error" not in p, p

@@ -12,9 +12,10 @@ Measured after a warm-up (the first 20% of the run, at most 60 s):
   since the session opened);
 - the RSS of the server process and its children (media processes; from /proc) and its GPU
   memory (nvidia-smi, by pid, where present): at the end of the warm-up, at the last sample
-  with every session open (`lipstream_sessions_active`), the growth between; sampled every 5 s with the server's frame counters (sent, speech, dropped, late,
-  rendered), engine step times and the largest speech backlog (`rendered_fps`, `speech_fps`,
-  `worker_step_ms_mean`, `speech_backlog_s_max` over the window).
+  with every session open (`lipstream_sessions_active`), the growth between; sampled every
+  5 s with the server's frame counters (sent, speech, dropped, late, rendered), engine step
+  times and the largest speech backlog (`rendered_fps`, `speech_fps`, `worker_step_ms_mean`,
+  `speech_backlog_s_max` over the window).
 
 The result is a JSON document (printed, and written to `out` where given).
 """

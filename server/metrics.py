@@ -165,6 +165,9 @@ def percentile(values: deque[float] | list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+FIRST_PARTS = ("audio", "made", "wait")
+
+
 @dataclass
 class SessionStats:
     """One session's counters; `snapshot()` is what GET /v1/sessions/{id} shows."""
@@ -184,6 +187,8 @@ class SessionStats:
     audio_refused_bytes: int = 0  # dropped by the audio rate limit
     latencies: deque[float] = field(default_factory=deque)
     first_frame: deque[float] = field(default_factory=deque)
+    # each first frame's (audio, made, wait) seconds (server.player.Tick.first_parts)
+    first_parts: deque[tuple[float, float, float]] = field(default_factory=deque)
     _tick_times: deque[float] = field(default_factory=lambda: deque(maxlen=51))
 
     def tick(self, kind: str, now: float | None = None, engine_late: bool = False) -> None:
@@ -202,10 +207,14 @@ class SessionStats:
         while len(self.latencies) > self.window:
             self.latencies.popleft()
 
-    def first(self, seconds: float) -> None:
+    def first(self, seconds: float, parts: tuple[float, float, float] | None = None) -> None:
         self.first_frame.append(seconds)
         while len(self.first_frame) > self.window:
             self.first_frame.popleft()
+        if parts is not None:
+            self.first_parts.append(parts)
+            while len(self.first_parts) > self.window:
+                self.first_parts.popleft()
 
     @property
     def fps(self) -> float | None:
@@ -242,5 +251,14 @@ class SessionStats:
                 "p50": ms(percentile(self.first_frame, 50)),
                 "p99": ms(percentile(self.first_frame, 99)),
                 "n": len(self.first_frame),
+            },
+            # where the first frames' time goes, the median of each part: the audio until
+            # frame 0 can be made (its lookahead), the engine's turnaround, the wait to the tick
+            "first_frame_parts_ms": {
+                **{
+                    name: ms(percentile([p[k] for p in self.first_parts], 50))
+                    for k, name in enumerate(FIRST_PARTS)
+                },
+                "n": len(self.first_parts),
             },
         }

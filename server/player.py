@@ -51,6 +51,8 @@ class Utterance:
     stream: SpeechStream = field(default_factory=SpeechStream)
     arrivals: deque[tuple[int, float]] = field(default_factory=deque)  # (first sample, time)
     first_arrival: float | None = None
+    first_taken: float | None = None  # frame 0 handed to the engine
+    first_made: float | None = None  # frame 0 back from the engine
     base: int | None = None  # loop position of frame 0, fixed when frame 0 is taken
     taken: int = 0
     played: int = 0
@@ -105,6 +107,9 @@ class Tick:
     events: list[dict[str, Any]]
     latencies: list[float]
     first_frame: float | None = None
+    # where first_frame went: (audio: first sample in -> frame 0 handed to the engine, made:
+    # -> back from it, wait: -> shown); None where a part was not seen
+    first_parts: tuple[float, float, float] | None = None
     late_start: bool = False
     # a frame of the utterance being played was handed to the engine and is not back in time
     # (not: its audio has not come yet); what the server's overload check counts
@@ -199,8 +204,9 @@ class Playout:
         return sum(u.taken - u.played for u in self.utterances)
 
     # -- engine side ---------------------------------------------------------------------
-    def take(self) -> list[TakenJobs]:
-        """Jobs ready to be made, oldest utterance first, within `max_ahead`."""
+    def take(self, now: float | None = None) -> list[TakenJobs]:
+        """Jobs ready to be made, oldest utterance first, within `max_ahead` (`now`: when
+        they are handed to the engine, for the first frame's breakdown)."""
         budget = self.max_ahead - self.outstanding
         out: list[TakenJobs] = []
         prev: Utterance | None = None
@@ -219,6 +225,8 @@ class Playout:
                         )
                         for j in jobs
                     ]
+                    if jobs[0].index == 0 and now is not None:
+                        utt.first_taken = now
                     utt.taken += len(jobs)
                     budget -= len(jobs)
                     out.append(TakenJobs(utt.id, audio, jobs, pcm))
@@ -244,14 +252,17 @@ class Playout:
             # the utterance stalled and the idle loop went on: continue from there
             utt.stream.start_loop_position = self.loop_position + self.lead - utt.taken
 
-    def deliver(self, made: list[Made]) -> int:
-        """Store made frames; frames of utterances dropped meanwhile are discarded."""
-        live = {u.id for u in self.utterances}
+    def deliver(self, made: list[Made], now: float | None = None) -> int:
+        """Store made frames; frames of utterances dropped meanwhile are discarded (`now`:
+        when they came back, for the first frame's breakdown)."""
+        live = {u.id: u for u in self.utterances}
         kept = 0
         for m in made:
             if m.utterance in live:
                 self.ready[(m.utterance, m.index)] = m
                 kept += 1
+                if m.index == 0 and now is not None:
+                    live[m.utterance].first_made = now
         return kept
 
     def due_in(self, loop_position: int) -> int:
@@ -303,11 +314,17 @@ class Playout:
                 "late utterance start", extra={"behind": self.loop_position - made.loop_position}
             )
         head.played += 1
-        first = None
+        first = parts = None
         if made.index == 0:
             events.append({"type": "playback_started"})
             if head.first_arrival is not None:
                 first = now - head.first_arrival
+                if head.first_taken is not None and head.first_made is not None:
+                    parts = (
+                        head.first_taken - head.first_arrival,
+                        head.first_made - head.first_taken,
+                        now - head.first_made,
+                    )
         latencies = head.latencies(made.horizon, now)
         self.loop_position = made.loop_position + 1
         self._in_run = True
@@ -315,7 +332,15 @@ class Playout:
         self._last = made
         self._retire(events)
         return Tick(
-            "speech", made.image, made.pcm, made.loop_position, events, latencies, first, late
+            "speech",
+            made.image,
+            made.pcm,
+            made.loop_position,
+            events,
+            latencies,
+            first,
+            parts,
+            late,
         )
 
     def _retire(self, events: list[dict[str, Any]]) -> None:

@@ -236,7 +236,7 @@ class Session:
         if self.turnaround is not None:
             lead = max(lead, lead_for(self.turnaround.need(now), self._next_tick - now))
         self.playout.lead = lead
-        for taken in self.playout.take():
+        for taken in self.playout.take(now):
             due = self._next_tick + self.playout.due_in(taken.jobs[0].loop_position) * FRAME_S
             item = WorkItem(
                 key=self.id,
@@ -273,6 +273,7 @@ class Session:
     ) -> None:
         if self._closed:
             return
+        now = self.loop.time()
         if frames is None:
             # keep the utterance going (audio on time, mouth still) and tell the client
             log.warning(
@@ -281,13 +282,12 @@ class Session:
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
             frames = [self._idle_image(j.loop_position) for j in item.jobs]
         elif self.turnaround is not None:
-            now = self.loop.time()
             self.turnaround.add(now, now - item.submitted, item.deadline - item.submitted)
         made = [
             Made(item.utterance, j.index, j.loop_position, j.horizon, frames[i], item.pcm[i])
             for i, j in enumerate(item.jobs)
         ]
-        self.playout.deliver(made)
+        self.playout.deliver(made, now)
 
     def _as_i420(self, frame: np.ndarray) -> np.ndarray:
         """A worker's frame (RGB (H, W, 3), or the GPU's flat I420) in the track's layout."""
@@ -367,7 +367,7 @@ class Session:
             self.stats.latency(lat)
             self.metrics.audio_latency.observe(lat)
         if tick.first_frame is not None:
-            self.stats.first(tick.first_frame)
+            self.stats.first(tick.first_frame, tick.first_parts)
             self.metrics.first_frame_latency.observe(tick.first_frame)
         if tick.late_start:
             self.stats.late_starts += 1

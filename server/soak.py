@@ -47,6 +47,7 @@ from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, MediaStreamTr
 
 from engines.scheduler import LAUNCH_PHASES
 from server.loopback import LoopbackClient
+from server.metrics import FIRST_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +483,7 @@ def _report(
                 "utterances": n,
                 "latency_ms": info.get("latency_ms"),
                 "first_frame_ms": info.get("first_frame_ms"),
+                "first_frame_parts_ms": info.get("first_frame_parts_ms"),
                 "playout_at_end": info.get("playout"),
             }
         )
@@ -509,7 +511,18 @@ def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
         "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
         "server_frames_dropped_total": sum(int(p["server_frames_dropped_total"] or 0) for p in per),
         "server_held_frames": sum(int(p["server_held_frames"] or 0) for p in per),
+        # the sessions' first-frame p50s and the parts of their first frames, medians over
+        # the sessions (the parts' medians need not add up to the whole's)
+        "first_frame_ms_p50_median": _median_of(per, "first_frame_ms", "p50"),
+        "first_frame_parts_ms_median": {
+            part: _median_of(per, "first_frame_parts_ms", part) for part in FIRST_PARTS
+        },
     }
+
+
+def _median_of(per: list[dict[str, Any]], key: str, part: str) -> float | None:
+    values = [p[key][part] for p in per if (p.get(key) or {}).get(part) is not None]
+    return round(float(np.median(values)), 1) if values else None
 
 
 def _max_ms(samples: list[dict[str, Any]], key: str) -> float | None:

@@ -307,6 +307,11 @@ def test_latency_and_counters_reported(recording: Recording) -> None:
     assert 20.0 < lat["p50"] < 400.0, lat
     first = info["first_frame_ms"]
     assert first["n"] == 2 and 120.0 <= first["p50"] < 600.0, first
+    # where it went: frame 0's audio (it reads 120 ms, complete ~100 ms after the first 20 ms
+    # chunk at real time; 101.5 ms here), the engine's turnaround, the wait for its tick
+    parts = info["first_frame_parts_ms"]
+    assert parts["n"] == 2 and parts["audio"] >= 80.0, parts
+    assert 0.0 <= parts["made"] < 200.0 and 0.0 <= parts["wait"] <= 200.0, parts
     assert 24.0 <= info["fps"] <= 26.0
 
 

@@ -257,6 +257,33 @@ def test_latency_of_each_chunk_is_measured_at_the_first_frame_reading_it() -> No
     assert ticks[1].latencies == pytest.approx([0.54 - 0.12, 0.54 - 0.14])
 
 
+def test_the_first_frame_is_split_into_audio_made_and_wait() -> None:
+    """`first_parts`: first sample in -> frame 0 handed to the engine (its lookahead) ->
+    back from the engine -> shown; the three add up to `first_frame`."""
+    p = Playout(idle_image, lead=1)
+    for k in range(10):  # 20 ms chunks from t=0 (frame 0 reads [0, 1920): complete at 0.1 s)
+        p.push(ramp(320, offset=320 * k), now=0.02 * k)
+    taken = p.take(now=0.2)
+    assert taken and taken[0].jobs[0].index == 0
+    made = [
+        Made(t.utterance, j.index, j.loop_position, j.horizon, speech_image(0, j.index), pcm)
+        for t in taken
+        for j, pcm in zip(t.jobs, t.pcm, strict=True)
+    ]
+    p.deliver(made, now=0.23)
+    ticks = [p.tick(0.24 + 0.04 * i) for i in range(2)]
+    first = next(t for t in ticks if t.first_frame is not None)
+    assert first.first_parts == pytest.approx((0.2, 0.03, first.first_frame - 0.23))
+    assert sum(first.first_parts) == pytest.approx(first.first_frame)
+    assert first.first_parts[2] >= 0
+    # without the times (a caller that does not pass them) there is no breakdown
+    q = Playout(idle_image, lead=0)
+    q.push(ramp(4000), now=0.0)
+    make_all(q)
+    tick = q.tick(0.3)
+    assert tick.first_frame == pytest.approx(0.3) and tick.first_parts is None
+
+
 def test_utterance_length_limit_raises() -> None:
     p = Playout(idle_image)
     p.utterances.clear()

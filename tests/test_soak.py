@@ -56,6 +56,11 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert result["worker_launch_ms_mean"] > 0  # the synchronous worker's launch is its step
     assert result["speech_backlog_s_max"] < 5.0, result["samples"]
     assert all(p["playout_at_end"]["backlog_s"] < 5.0 for p in result["per_session"])
+    # where the first frames' time went (server.player's breakdown), medians over the sessions
+    parts = result["first_frame_parts_ms_median"]
+    assert parts["audio"] is not None and parts["audio"] >= 50.0, parts  # frame 0's lookahead
+    assert parts["made"] is not None and parts["wait"] is not None, parts
+    assert result["first_frame_ms_p50_median"] >= parts["audio"]
     # the worker's turnaround gauge (server.turnaround) was sampled while they spoke
     assert result["turnaround_ms_max"] is not None and 0 < result["turnaround_ms_max"] < 1000
     # memory sampled every 5 s from the given pid, growth computed over the window

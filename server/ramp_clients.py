@@ -141,7 +141,12 @@ class _Child:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write((json.dumps(message) + "\n").encode())
         await self.proc.stdin.drain()
-        return await asyncio.wait_for(self._reply(), REPLY_TIMEOUT_S)
+        try:
+            return await asyncio.wait_for(self._reply(), REPLY_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"a ramp client process did not answer {message} within {REPLY_TIMEOUT_S:g} s"
+            ) from None
 
     async def _reply(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

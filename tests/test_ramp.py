@@ -4,15 +4,19 @@ peers: sessions are admitted one at a time until the engine falls behind, then r
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from pathlib import Path
 
+import pytest
 from test_overload import slow_server
 
 from engines.preview import PreviewEngine
 from server.app import create_app
 from server.loopback import ServerThread, wait_first_avatar_ready
 from server.ramp import ramp
+from server.ramp_clients import _Child
 from server.settings import Settings
 
 
@@ -75,3 +79,39 @@ async def test_the_ramp_spreads_its_clients_over_processes(tmp_path: Path) -> No
     assert [p["opened_at_s"] for p in per] == sorted(p["opened_at_s"] for p in per)
     for p in per:
         assert p["video_frames"] > 10 and p["speech_frames"] > 0 and "error" not in p, p
+
+
+async def test_a_ramp_client_process_reply_skips_noise_and_a_dead_one_is_an_error() -> None:
+    """The ramp's side of the protocol (`server.ramp_clients._Child`): lines without the
+    REPLY prefix (a library's print) are skipped, an error reply and a child that exits are
+    RuntimeErrors naming what happened."""
+
+    async def child(code: str) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        return _Child(proc)
+
+    echo = await child(
+        "import sys\n"
+        "for line in sys.stdin:\n"
+        "    print('some library talking', flush=True)\n"
+        "    print('REPLY {\"status\": 201, \"got\": ' + line.strip() + '}', flush=True)\n"
+    )
+    assert await echo.ask({"open": 1, "t": 0.5}) == {"status": 201, "got": {"open": 1, "t": 0.5}}
+    assert echo.proc.stdin is not None
+    echo.proc.stdin.close()
+    assert await echo.proc.wait() == 0
+
+    failing = await child('import sys; sys.stdin.readline(); print(\'REPLY {"error": "boom"}\')')
+    with pytest.raises(RuntimeError, match="failed: boom"):
+        await failing.ask({"open": 1, "t": 0.0})
+    await failing.proc.wait()
+
+    dead = await child("import sys; sys.stdin.readline(); sys.exit(3)")
+    with pytest.raises(RuntimeError, match="ended \\(exit code 3\\)"):
+        await dead.ask({"finish": True})

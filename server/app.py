@@ -1,7 +1,9 @@
 """The FastAPI application: `create_app(settings, engine=None)`.
 
 The lifespan builds the parts in order (engine -> frame worker -> avatar service -> session
-manager) and takes them down in reverse: sessions end, preparation stops, the worker joins.
+manager) behind an open port (`server.starting`: /readyz says `starting` with the warm-up's
+progress meanwhile) and takes them down in reverse: sessions end, preparation stops, the
+worker joins.
 The frame worker is the GPU scheduler where the engine is MuseTalk on a CUDA device (backend
 from the settings), else the synchronous FrameWorker (`server.gpu_worker.create_worker`).
 """
@@ -34,6 +36,7 @@ from server.media_pool import MediaPool
 from server.metrics import ServerMetrics
 from server.sessions import SessionManager
 from server.settings import Settings
+from server.starting import StartingGate, cancel_start, start_in_background, starting_body
 from server.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -62,16 +65,20 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await _start(app, settings, engine, reason)
+        # the port opens now; the parts start behind it (server.starting)
+        task = start_in_background(app, lambda: _start(app, settings, engine, reason))
         try:
             yield
         finally:
+            await cancel_start(task)
             await _stop(app)
 
     app = FastAPI(title="lipstream", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
+    app.state.started = False
     app.state.draining = False
+    app.add_middleware(StartingGate)
     app.include_router(avatars_api.router)
     app.include_router(sessions_api.router)
     app.include_router(audio_ws.router)
@@ -102,6 +109,7 @@ async def _start_parts(
     log.info("engine chosen", extra={"engine": engine.name, "reason": reason})
     # GPU: builds the pipeline and warms its backend up (compiled: compiles, minutes)
     worker = await asyncio.to_thread(create_worker, engine, settings, metrics)
+    app.state.worker = worker  # now, so that a shutdown during the rest of the start stops it
     worker.start()
     metrics.worker_queued.set_function(worker.queued)
     warmup = getattr(engine, "warmup", None)
@@ -122,13 +130,13 @@ async def _start_parts(
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.engine_reason = reason
-    app.state.worker = worker
     app.state.avatars = avatars
     app.state.sessions = sessions
     if settings.demo_avatar:
         await asyncio.to_thread(register_demo_avatar, avatars)
     _watch_stalls(app, settings, metrics)
     app.state.ready = True
+    app.state.started = True
     log.info(
         "server ready",
         extra={
@@ -208,6 +216,8 @@ def _health_routes(app: FastAPI) -> None:
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> Response:
         state = request.app.state
+        if not state.started:  # the port is open, the parts are still starting (or failed)
+            return JSONResponse(starting_body(state), status_code=503)
         ok = bool(state.ready) and not state.draining and state.worker.alive
         status = "ready" if ok else ("draining" if state.draining else "starting")
         if ok and not state.media.available():

@@ -108,3 +108,7 @@ def serve(
         timeout_graceful_shutdown=max(1, int(reserve_s(settings.drain_grace_s))),
     )
     DrainingServer(config, app, settings.drain_grace_s).run()
+    error = getattr(app.state, "start_error", None)
+    if error is not None:  # the parts failed to start behind the open port (server.starting)
+        typer.echo(f"error: the server failed to start: {error}", err=True)
+        raise typer.Exit(1)

@@ -79,6 +79,11 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
+        # a start that fails behind the open port (server.starting) shuts the server down
+        app.state.on_start_failed = self._start_failed
+
+    def _start_failed(self) -> None:
+        self.should_exit = True
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()

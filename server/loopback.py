@@ -38,7 +38,11 @@ class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()` (or the with-block ends)."""
 
     def __init__(
-        self, app: FastAPI, ws_max_size: int = 1024 * 1024, start_timeout: float = 60.0
+        self,
+        app: FastAPI,
+        ws_max_size: int = 1024 * 1024,
+        start_timeout: float = 60.0,
+        wait_started: bool = True,
     ) -> None:
         config = uvicorn.Config(
             app,
@@ -53,6 +57,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.app = app
         self._timeout = start_timeout
+        self._wait_started = wait_started  # False: return once the port is open
         self._thread = threading.Thread(
             target=self.server.run, name="uvicorn-loopback", daemon=True
         )
@@ -76,6 +81,17 @@ class ServerThread:
                 raise TimeoutError("the server did not start in time")
             time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        # the port opens before the parts have started (server.starting): wait for them too
+        state = self.app.state
+        while self._wait_started and not getattr(state, "started", True):
+            error = getattr(state, "start_error", None)
+            if error is not None:
+                self.stop()
+                raise RuntimeError(f"the server failed to start: {error}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("the server did not start in time")
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ import httpx
 from engines.preview import PreviewEngine
 from server.app import create_app
 from server.settings import Settings
+from server.starting import wait_started
 
 HOSTILE = Path(__file__).parent / "hostile" / "sdp"
 BASE = (HOSTILE / "aiortc_offer.sdp").read_bytes().decode()
@@ -207,6 +208,7 @@ async def _fuzz(avatars_dir: Path, n: int, seed: int, with_crafted: bool) -> dic
     bad: list[tuple[int, str]] = []
     offers = [*crafted(), BASE] if with_crafted else []
     async with app.router.lifespan_context(app):
+        await wait_started(app)  # the lifespan opens the port before the parts have started
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
             avatar_id = (await c.get("/v1/avatars")).json()["avatars"][0]["id"]

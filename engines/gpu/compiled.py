@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engines.base import EngineError
+from engines.warm_up_progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ class CompiledStep:
                 self.warmup_s[b],
                 type(self).__name__,
             )
+            progress.step_done(f"batch {b}", self.warmup_s[b])  # WarmUpCancelled: shutting down
         return dict(self.warmup_s)
 
     def _warm_bucket(self, b: int, side: torch.cuda.Stream) -> None:

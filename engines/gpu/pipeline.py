@@ -205,15 +205,21 @@ class GpuPipeline:
         """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
         encoder kernels), so a session's first frame pays none of it."""
         from engines.base import ready_horizon
+        from engines.warm_up_progress import progress
 
+        step = self.step if isinstance(self.step, CompiledStep) else None
+        buckets = len(step.options.buckets) if step is not None else 0
+        progress.begin(
+            (self.encoder is not None) + buckets, f"{self.options.backend} backend warm-up"
+        )
         if self.encoder is not None:
+            t0 = time.perf_counter()
             self.encoder.warm_up()
+            progress.step_done("whisper encoder", time.perf_counter() - t0)
         jobs = [FrameJob(0, ready_horizon(0), 0)]
         self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])
         torch.cuda.synchronize(self.device)
-        if isinstance(self.step, CompiledStep):
-            return self.step.warm_up()
-        return {}
+        return step.warm_up() if step is not None else {}  # each bucket a step of the progress
 
     @property
     def split(self) -> bool:

@@ -124,6 +124,9 @@ def _per_session(
         "frames_missing_at_client": client.video.missing,
         "frame_interval_ms_p50": _ms(_pct(iv, 50)),
         "frame_interval_ms_p99": _ms(_pct(iv, 99)),
+        # its utterances' first frames (the server's figures), and where their time went
+        "first_frame_ms": info.get("first_frame_ms"),
+        "first_frame_parts_ms": info.get("first_frame_parts_ms"),
     }
     if "error" in info:
         row["info_error"] = info["error"]

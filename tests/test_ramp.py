@@ -79,6 +79,10 @@ async def test_the_ramp_spreads_its_clients_over_processes(tmp_path: Path) -> No
     assert [p["opened_at_s"] for p in per] == sorted(p["opened_at_s"] for p in per)
     for p in per:
         assert p["video_frames"] > 10 and p["speech_frames"] > 0 and "error" not in p, p
+        assert p["first_frame_ms"]["n"] >= 1 and p["first_frame_parts_ms"]["n"] >= 1, p
+    # frame 0's audio is its 120 ms lookahead (~100 ms after the first chunk at real time)
+    assert result["first_frame_parts_ms_median"]["audio"] >= 50.0, result
+    assert result["first_frame_ms_p50_median"] >= result["first_frame_parts_ms_median"]["audio"]
 
 
 async def test_a_ramp_client_process_reply_skips_noise_and_a_dead_one_is_an_error() -> None:

@@ -128,6 +128,8 @@ class EncoderStats:
         self.encodes = 0
         self.encode_s = 0.0
         self.reopened = 0
+        self.raised = 0  # targets the policy raised (room) / lowered (congestion)
+        self.lowered = 0
         self._slowest_s = 0.0
 
     def encoded(self, took: float, reopened: bool) -> None:
@@ -137,6 +139,13 @@ class EncoderStats:
             self._slowest_s = max(self._slowest_s, took)
             self.reopened += int(reopened)
 
+    def target_changed(self, old: int, new: int) -> None:
+        with self._lock:
+            if new > old:
+                self.raised += 1
+            elif new < old:
+                self.lowered += 1
+
     def take(self) -> dict[str, float]:
         """Totals so far and the slowest encode since the last call."""
         with self._lock:
@@ -144,6 +153,8 @@ class EncoderStats:
                 "encodes": self.encodes,
                 "encode_s": self.encode_s,
                 "reopened": self.reopened,
+                "raised": self.raised,
+                "lowered": self.lowered,
                 "slowest_s": self._slowest_s,
             }
             self._slowest_s = 0.0
@@ -184,10 +195,12 @@ class WatchedEncoder:
         if self.policy is None:  # aiortc's own way: every estimate
             self.inner.target_bitrate = bitrate
             return
+        old = int(self.inner.target_bitrate)
         new = self.policy.propose(int(bitrate), self.rate.bps())
         if new is not None:
             self.inner.target_bitrate = new  # the encoder clamps it to its codec's range
             self.policy.current = int(self.inner.target_bitrate)
+            self.stats.target_changed(old, self.policy.current)
 
 
 _installed: Callable[[Any], Any] | None = None

@@ -31,9 +31,8 @@ from typing import Any
 
 import httpx
 
-from server.metrics import FIRST_PARTS
 from server.ramp_clients import ADMITTED_STATUS, LocalClients, ProcessClients
-from server.soak import _first_ready, _median_of, skip_video_decoding
+from server.soak import _first_ready, first_frame_medians, skip_video_decoding
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +193,8 @@ def _what_they_saw(per: list[dict[str, Any]]) -> dict[str, Any]:
         "frames_missing_at_client": sum(int(p["frames_missing_at_client"] or 0) for p in per),
         "frame_interval_ms_p99_median": statistics.median(p99) if p99 else None,
         "frame_interval_ms_p99_max": p99[-1] if p99 else None,
-        # the first frames: the median of the sessions' p50s, and their parts' medians
-        # (server.soak's figures; a session opened late spoke under the most load)
-        "first_frame_ms_p50_median": _median_of(per, "first_frame_ms", "p50"),
-        "first_frame_parts_ms_median": {
-            part: _median_of(per, "first_frame_parts_ms", part) for part in FIRST_PARTS
-        },
+        # the first frames (a session opened late spoke under the most load)
+        **first_frame_medians(per),
     }
 
 

@@ -511,8 +511,14 @@ def _totals(per: list[dict[str, Any]]) -> dict[str, Any]:
         "server_frames_dropped": sum(int(p["server_frames_dropped"] or 0) for p in per),
         "server_frames_dropped_total": sum(int(p["server_frames_dropped_total"] or 0) for p in per),
         "server_held_frames": sum(int(p["server_held_frames"] or 0) for p in per),
-        # the sessions' first-frame p50s and the parts of their first frames, medians over
-        # the sessions (the parts' medians need not add up to the whole's)
+        **first_frame_medians(per),
+    }
+
+
+def first_frame_medians(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sessions' first-frame p50s and the parts of their first frames, medians over the
+    sessions (the parts' medians need not add up to the whole's)."""
+    return {
         "first_frame_ms_p50_median": _median_of(per, "first_frame_ms", "p50"),
         "first_frame_parts_ms_median": {
             part: _median_of(per, "first_frame_parts_ms", part) for part in FIRST_PARTS

@@ -355,6 +355,8 @@ class Bench:
 
             run()
             out[backend] = {"fps": statistics.median([run() for _ in range(3)]), "frames": n}
+            self.res["pipeline"] = {**out, "partial": True}  # kept if a later variant dies
+            self.save()
         return out
 
     def render(self) -> dict[str, Any]:
@@ -1026,6 +1028,11 @@ if __name__ == "__main__":
     ap.add_argument("--sections", default=",".join(BenchOptions().sections))
     ap.add_argument("--backends", default="torch,compiled")
     ap.add_argument("--stream-backends", default="compiled")
+    ap.add_argument(
+        "--buckets",
+        default=",".join(str(b) for b in BenchOptions().buckets),
+        help="the compiled backends' batch buckets (offline only needs the largest)",
+    )
     a = ap.parse_args()
     run_bench(
         BenchOptions(
@@ -1037,6 +1044,7 @@ if __name__ == "__main__":
             sections=tuple(a.sections.split(",")),
             backends=tuple(a.backends.split(",")),
             stream_backends=tuple(a.stream_backends.split(",")),
+            buckets=tuple(int(x) for x in a.buckets.split(",")),
         ),
         a.out,
     )

@@ -157,6 +157,16 @@ def bench_cmd(
         "compiled", "--stream-backends", help="Streaming backends."
     ),
     sections: str = typer.Option("", "--sections", help="Comma list (default: all)."),
+    buckets: str | None = typer.Option(
+        None,
+        "--buckets",
+        help="The compiled backends' batch buckets, e.g. 48 for offline alone (default: "
+        "2,4,...,48).",
+    ),
+    clip_s: float = typer.Option(10.0, "--clip-s", help="Offline: seconds of speech per run."),
+    rounds: int = typer.Option(
+        5, "--rounds", help="Offline pipeline: interleaved timed runs per variant."
+    ),
 ) -> None:
     """Measure throughput and streaming latency against MuseTalk's own way (needs a GPU);
     with --soak, soak a real server over WebRTC instead; with --ramp, find where a running
@@ -224,6 +234,11 @@ def bench_cmd(
             backends=tuple(backends.split(",")),
             stream_backends=tuple(stream_backends.split(",")),
             sections=tuple(sections.split(",")) if sections else BenchOptions().sections,
+            buckets=tuple(int(x) for x in buckets.split(","))
+            if buckets
+            else BenchOptions().buckets,
+            clip_s=clip_s,
+            rounds=rounds,
         )
         run_bench(opts, out)
     except (EngineError, ValueError) as exc:

@@ -66,6 +66,19 @@ def test_unknown_sections_are_refused() -> None:
         BenchOptions(sections=("full_pipeline",))
 
 
+def test_offline_options_are_checked() -> None:
+    from engines.bench import BenchOptions
+
+    assert BenchOptions(buckets=(48,), rounds=3, clip_s=19.2).buckets == (48,)
+    for bad in ((), (48, 16), (0, 4), (4, 4)):
+        with pytest.raises(ValueError, match="buckets must be"):
+            BenchOptions(buckets=bad)
+    with pytest.raises(ValueError, match="rounds must be"):
+        BenchOptions(rounds=0)
+    with pytest.raises(ValueError, match="clip_s positive"):
+        BenchOptions(clip_s=0)
+
+
 def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
     """`--long-s 0` used to drop the 20-session point from the first backend's sweep."""
     from engines.bench import BenchOptions, stream_runs

@@ -2,13 +2,15 @@
 # for pipeline variants side by side, MuseTalk's way measured in the same run, on the GPU
 # machine (repo root). VARIANTS (default compiled,compiled-split,compiled-tuned; the eager
 # `torch` pipeline always runs first), BUCKETS (default 48: offline batches are full, so one
-# bucket saves each compiled variant ~35 s of captures). Each variant's fps lands in the
+# bucket saves each compiled variant ~35 s of captures), CLIP_S (default 19.2: 480 frames, ten
+# full batches of 48), ROUNDS (timed rounds per variant, interleaved, default 5). Each variant's fps lands in the
 # JSON as soon as it is measured, so a run cut short keeps the ones before.
 # Output: $OUT/bench_offline.json (+ the log).
 . bench/scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${LIMIT:-520}" python3 -m engines.bench --sections reference,pipeline \
     --backends "torch,${VARIANTS:-compiled,compiled-split,compiled-tuned}" --buckets "${BUCKETS:-48}" \
+    --clip-s "${CLIP_S:-19.2}" --rounds "${ROUNDS:-5}" \
     --out "${OUT:-/tmp}/bench_offline.json" >"${OUT:-/tmp}/bench_offline.log" 2>&1
 echo "bench rc=$?"
 python3 - <<'PY'
@@ -18,7 +20,7 @@ ref = (d.get("reference") or {}).get("fps")
 print("gpu", (d.get("setup") or {}).get("gpu"), "reference fps", ref)
 for k, v in (d.get("pipeline") or {}).items():
     if isinstance(v, dict):
-        print("pipeline", k, round(v["fps"], 1), f"{v['fps'] / ref:.2f}x" if ref else "")
+        print("pipeline", k, round(v["fps"], 1), f"{v['fps'] / ref:.2f}x" if ref else "", [round(x) for x in v.get("fps_rounds", [])])
 for k, v in (d.get("warmup") or {}).items():
     print("warmup", k, round(v["total_s"], 1))
 PY

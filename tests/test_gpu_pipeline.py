@@ -128,6 +128,25 @@ def test_compiled_encoder_with_the_log_mel_in_its_graph(gpu_engine) -> None:  # 
         CompiledEncoder(graphed.encoder, 2, 80, 3000, log_mel=graphed.log_mel)
 
 
+def test_one_bucket_over_one_compiles_static() -> None:
+    """A dynamic batch axis only pays where several buckets > 1 share the compile; a lone
+    one (an offline bench's `--buckets 48`) compiles static, which is quicker. Checked on
+    the warm-up's own rule, without a GPU (CompiledStep itself needs one)."""
+    from types import SimpleNamespace
+
+    from engines.gpu.compiled import CompiledOptions, CompiledStep
+
+    def dynamic(buckets: tuple[int, ...], b: int, **kw: bool) -> bool:
+        fake = SimpleNamespace(options=CompiledOptions(buckets=buckets, **kw))
+        return CompiledStep.dynamic_for(fake, b)  # type: ignore[arg-type]
+
+    assert dynamic((1, 2, 4, 48), 48) and dynamic((1, 2, 4, 48), 2)
+    assert not dynamic((1, 2, 4, 48), 1)
+    assert not dynamic((48,), 48) and not dynamic((1, 48), 48)
+    assert not dynamic((2, 4), 4, dynamic_batch=False)
+    assert not dynamic((2, 4), 4, compile=False)
+
+
 @pytest.mark.gpu
 @cuda
 @caches

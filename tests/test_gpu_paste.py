@@ -130,3 +130,56 @@ def test_compiled_paste_stage_matches_eager_across_batch_sizes() -> None:
             want = paste.paste_flat(gav, idx, faces, i420)
             got = compiled(gav, idx, faces, i420)
             assert got.shape == want.shape and torch.equal(got, want), (n, i420)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [(360, 640), (240, 322)])
+def test_region_i420_is_the_whole_frame_conversion_bit_for_bit(
+    device: str, size: tuple[int, int]
+) -> None:
+    """The I420 stage converts only each face region of the avatar's pre-converted frames;
+    its bytes must equal converting the whole pasted frame: boxes on odd rows and columns,
+    one box in the frame's corner, one reaching the top-left edge, a frame with no face,
+    repeated frames and an empty batch."""
+    av = synthetic_avatar(6, *size, seed=7)
+    height, width = size
+    x1, y1, x2, y2 = (int(v) for v in av.face_boxes[2])
+    av.face_boxes[2] = [x1 | 1, y1 | 1, x2 | 1, y2 | 1]  # odd origin and far edge
+    w, h = x2 - x1, y2 - y1
+    av.face_boxes[3] = [0, 0, w, h]  # the top-left edge (its crop box leaves the frame)
+    av.face_boxes[4] = -1  # no face: the avatar frame as it is
+    av.crop_boxes[4] = -1
+    av.masks[4] = np.zeros((0, 0), np.uint8)
+    gav = paste.upload_avatar(av, device)
+    assert gav.i420 is not None and gav.i420.shape == (6, paste.i420_size(height, width))
+    origin = gav.origin.cpu().numpy()
+    assert (origin % 2 == 0).all(), "regions start on even rows and columns"
+    rh, rw = gav.region
+    assert rh % 2 == 0 and rw % 2 == 0
+    for i in np.flatnonzero(av.has_face):  # every face box lies inside its region
+        bx1, by1, bx2, by2 = av.face_boxes[i]
+        assert origin[i, 0] <= by1 and by2 <= origin[i, 0] + rh
+        assert origin[i, 1] <= bx1 and bx2 <= origin[i, 1] + rw
+    faces = torch.from_numpy(_faces(9, seed=5)).permute(0, 3, 1, 2).to(device)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 2, 1, 0], device=device)
+    want = paste.rgb_to_i420(paste.paste_back(gav, idx, faces))
+    got = paste.paste_i420(gav, idx, faces)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    assert torch.equal(paste.paste_flat(gav, idx, faces, True), want)  # the pipeline's stage
+    assert not torch.equal(got[0], gav.i420[0])  # the face really changed the picture
+    assert torch.equal(got[4], gav.i420[4])  # no face: unchanged
+    assert paste.paste_i420(gav, idx[:0], faces[:0]).shape == (0, want.shape[1])
+
+
+def test_odd_frames_convert_whole_frames() -> None:
+    """An odd frame size cannot align regions to the 2x2 chroma blocks: no I420 frames are
+    kept, the stage converts whole frames, and paste_i420 says why it cannot run."""
+    av = synthetic_avatar(3, 121, 203)
+    gav = paste.upload_avatar(av, "cpu")
+    assert gav.i420 is None
+    faces = torch.from_numpy(_faces(3, seed=2)).permute(0, 3, 1, 2)
+    idx = torch.arange(3)
+    want = paste.rgb_to_i420(paste.paste_back(gav, idx, faces))
+    assert torch.equal(paste.paste_flat(gav, idx, faces, True), want)
+    with pytest.raises(ValueError, match="even frame size"):
+        paste.paste_i420(gav, idx, faces)

@@ -13,6 +13,14 @@ a fixed-size *region* (the largest face box of the avatar) that holds its face b
 lies inside the frame, and the mask cut to that region (zero outside the face box). A
 batch then runs as a handful of batched kernels: one `grid_sample` for every resize, one
 gather, one blend, one scatter, whatever the boxes' sizes. No PIL/numpy on the hot path.
+
+I420 output (what the video tracks send) is made the same way: each avatar frame's I420
+picture is computed once, at upload, and a generated frame is that picture with only the
+region converted again. Regions start on even rows and columns (where the frame's size is
+even), so they cover whole 2x2 chroma blocks and every Y, U and V sample outside them is the
+avatar frame's own: the result is bit-identical to converting the whole pasted frame
+(`rgb_to_i420(paste_back(...))`), for about a tenth of the memory traffic (720p: the RGB
+frame copy and a float32 conversion of all 921,600 pixels per frame are gone).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class GpuAvatar:
     origin   (N, 2) int64: top-left (y0, x0) of each frame's region in the frame
     box      (N, 4) float32: face box inside the region: (dy, dx, h, w)
     masks    (N, Rh, Rw) uint8: blend weight of the face inside the region (0 outside the box)
+    i420     (N, i420_size) uint8: each frame as I420, for frames whose size is even (regions
+             are then chroma-aligned, see the module notes); None otherwise
     """
 
     avatar_id: str
@@ -48,6 +58,7 @@ class GpuAvatar:
     box: torch.Tensor
     masks: torch.Tensor
     region: tuple[int, int]
+    i420: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -55,25 +66,38 @@ class GpuAvatar:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.frames, self.origin, self.box, self.masks)
-        )
+        parts = (self.frames, self.origin, self.box, self.masks, self.i420)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def chroma_aligned(height: int, width: int) -> bool:
+    """Whether regions can cover whole 2x2 chroma blocks (even frame size): the I420 output
+    is then made from the region alone."""
+    return height % 2 == 0 and width % 2 == 0
 
 
 def _region_size(avatar: Avatar) -> tuple[int, int]:
+    """The largest face box; where the frame's size is even, one more row and column rounded
+    up to even (a box starting on an odd row still fits in a region starting on the even row
+    above it), within the frame."""
     faces = avatar.face_boxes[avatar.has_face]
     if faces.size == 0:
         return 1, 1
-    h = int((faces[:, 3] - faces[:, 1]).max())
-    w = int((faces[:, 2] - faces[:, 0]).max())
-    return max(h, 1), max(w, 1)
+    h = max(int((faces[:, 3] - faces[:, 1]).max()), 1)
+    w = max(int((faces[:, 2] - faces[:, 0]).max()), 1)
+    height, width = avatar.size
+    if chroma_aligned(height, width):
+        h, w = min(h + 2 - h % 2, height), min(w + 2 - w % 2, width)
+    return h, w
 
 
 def region_masks(avatar: Avatar) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """CPU pre-computation (once per avatar): origins, boxes in the region, region masks."""
+    """CPU pre-computation (once per avatar): origins, boxes in the region, region masks.
+    Where the frame's size is even, every origin is even (see `_region_size`)."""
     n = avatar.n_frames
     height, width = avatar.size
     rh, rw = _region_size(avatar)
+    align = 2 if chroma_aligned(height, width) else 1
     origin = np.zeros((n, 2), np.int64)
     box = np.zeros((n, 4), np.float32)
     box[:, 2:] = 1.0  # harmless size for frames with no face (their mask is all zero)
@@ -84,8 +108,8 @@ def region_masks(avatar: Avatar) -> tuple[np.ndarray, np.ndarray, np.ndarray, tu
         h, w = y2 - y1, x2 - x1
         if h <= 0 or w <= 0:
             continue
-        y0 = min(y1, height - rh)
-        x0 = min(x1, width - rw)
+        y0 = min(y1 - y1 % align, height - rh)  # height - rh is even where align is 2
+        x0 = min(x1 - x1 % align, width - rw)
         origin[i] = (y0, x0)
         box[i] = (y1 - y0, x1 - x0, h, w)
         mask = avatar.masks[i]
@@ -109,13 +133,18 @@ def upload_avatar(avatar: Avatar, device: torch.device | str) -> GpuAvatar:
     """Make the avatar's frames and paste-back geometry resident on `device`."""
     origin, box, masks, region = region_masks(avatar)
     dev = torch.device(device)
+    frames = _resident(avatar.frames, dev)
+    i420 = None
+    if chroma_aligned(*avatar.size):  # in slices: the float32 temporaries stay small
+        i420 = torch.cat([rgb_to_i420(frames[k : k + 8]) for k in range(0, len(frames), 8)])
     gav = GpuAvatar(
         avatar_id=avatar.id,
-        frames=_resident(avatar.frames, dev),
+        frames=frames,
         origin=_resident(origin, dev),
         box=_resident(box, dev),
         masks=_resident(masks, dev),
         region=region,
+        i420=i420,
     )
     log.info(
         "avatar resident on %s: id=%s frames=%d region=%s bytes=%d",
@@ -133,21 +162,31 @@ def faces_to_uint8(faces: torch.Tensor) -> torch.Tensor:
     return (faces.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Frames (B, H, W, 3) uint8 on the device: avatar frames `frame_idx` (B,) with the
-    generated faces (B, 3, 256, 256), uint8 or float in [0, 1], blended in."""
+def _region_pixels(
+    gav: GpuAvatar, frame_idx: torch.Tensor, rows: int, cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, the (rows, cols) window at the row's region origin: its pixels' row
+    and column in the frame, (B, rows) and (B, cols)."""
+    dev = gav.frames.device
+    origin = gav.origin.index_select(0, frame_idx)
+    ys = origin[:, 0:1] + torch.arange(rows, device=dev)[None, :]
+    xs = origin[:, 1:2] + torch.arange(cols, device=dev)[None, :]
+    return ys, xs
+
+
+def blend_region(
+    gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pasted pixels of each frame's region: (blended (B, Rh * Rw, 3) uint8, their
+    linear index in the frame (B, Rh * Rw) int64). `faces` (B, 3, 256, 256) uint8 or float
+    in [0, 1]; `frame_idx` (B,) long on the avatar's device."""
     if faces.dtype != torch.uint8:
         faces = faces_to_uint8(faces)
-    frame_idx = frame_idx.to(gav.frames.device, torch.long)
     b = int(frame_idx.shape[0])
     height, width = gav.size
     rh, rw = gav.region
     dev = gav.frames.device
-    out = gav.frames.index_select(0, frame_idx)  # (B, H, W, 3), a fresh copy
-    if b == 0:
-        return out
     box = gav.box.index_select(0, frame_idx)  # (B, 4) dy, dx, h, w
-    origin = gav.origin.index_select(0, frame_idx)
     mask = gav.masks.index_select(0, frame_idx).float()  # (B, Rh, Rw)
 
     # Bilinear resize 256 -> (h, w) with half-pixel centres (cv2 INTER_LINEAR), via one
@@ -162,16 +201,55 @@ def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> 
     ).round_()  # (B, 3, Rh, Rw), uint8 values as cv2.resize gives
     resized = resized.permute(0, 2, 3, 1).reshape(b, rh * rw, 3)
 
-    # Gather the frame under each region, blend, scatter back (regions lie inside the frame,
-    # so their pixels are distinct and the scatter has no collisions).
-    ys = origin[:, 0:1] + torch.arange(rh, device=dev)[None, :]  # (B, Rh)
-    xs = origin[:, 1:2] + torch.arange(rw, device=dev)[None, :]
-    lin = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, rh * rw, 1).expand(b, rh * rw, 3)
-    flat = out.view(b, height * width, 3)
-    body = torch.gather(flat, 1, lin).float()
+    # Gather the frame under each region and blend (regions lie inside the frame, so their
+    # pixels are distinct and a scatter back has no collisions).
+    ys, xs = _region_pixels(gav, frame_idx, rh, rw)
+    lin = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, rh * rw)
+    frame_base = (frame_idx * (height * width))[:, None]
+    flat = gav.frames.view(-1, 3)
+    body = flat.index_select(0, (frame_base + lin).reshape(-1)).view(b, rh * rw, 3).float()
     m = mask.reshape(b, rh * rw, 1)
     blended = ((resized * m + body * (255.0 - m)) / 255.0).round_().clamp_(0, 255).to(torch.uint8)
-    flat.scatter_(1, lin, blended)
+    return blended, lin
+
+
+def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Frames (B, H, W, 3) uint8 on the device: avatar frames `frame_idx` (B,) with the
+    generated faces (B, 3, 256, 256), uint8 or float in [0, 1], blended in."""
+    frame_idx = frame_idx.to(gav.frames.device, torch.long)
+    b = int(frame_idx.shape[0])
+    height, width = gav.size
+    out = gav.frames.index_select(0, frame_idx)  # (B, H, W, 3), a fresh copy
+    if b == 0:
+        return out
+    blended, lin = blend_region(gav, frame_idx, faces)
+    out.view(b, height * width, 3).scatter_(1, lin[:, :, None].expand(-1, -1, 3), blended)
+    return out
+
+
+def paste_i420(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """`rgb_to_i420(paste_back(...))`, bit for bit, from the avatar's I420 frames with only
+    each region converted (needs `gav.i420`: an even frame size). (B, i420_size) uint8."""
+    if gav.i420 is None:
+        raise ValueError("paste_i420 needs the avatar's I420 frames (an even frame size)")
+    frame_idx = frame_idx.to(gav.frames.device, torch.long)
+    b = int(frame_idx.shape[0])
+    out = gav.i420.index_select(0, frame_idx)  # (B, i420_size), a fresh copy
+    if b == 0:
+        return out
+    height, width = gav.size
+    rh, rw = gav.region
+    blended, _ = blend_region(gav, frame_idx, faces)
+    x = blended.view(b, rh, rw, 3).float()
+    y, u, v = _yuv(x[..., 0], x[..., 1], x[..., 2], x[:, ::2, ::2])
+    ys, xs = _region_pixels(gav, frame_idx, rh, rw)
+    cw, n_y = width // 2, height * width
+    n_c = (height // 2) * cw
+    y_at = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, -1)
+    c_at = ((ys[:, ::2, None] // 2) * cw + xs[:, None, ::2] // 2).reshape(b, -1)
+    at = torch.cat((y_at, n_y + c_at, n_y + n_c + c_at), dim=1)
+    values = torch.cat((y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)), dim=1)
+    out.scatter_(1, at, values.to(torch.uint8))
     return out
 
 
@@ -180,6 +258,8 @@ def paste_flat(
 ) -> torch.Tensor:
     """The pipeline's paste stage: `paste_back`, then each frame flat (B, bytes): I420
     (`rgb_to_i420`) or RGB. One function, so that it can be compiled as one graph."""
+    if i420 and gav.i420 is not None:
+        return paste_i420(gav, frame_idx, faces)
     pictures = paste_back(gav, frame_idx, faces)
     return rgb_to_i420(pictures) if i420 else pictures.reshape(pictures.shape[0], -1)
 
@@ -194,15 +274,23 @@ def rgb_to_i420(frames: torch.Tensor) -> torch.Tensor:
     at the top-left pixel of each 2x2 block, as `cv2.cvtColor(.., COLOR_RGB2YUV_I420)`
     (within 1 level of it), so the GPU and CPU paths send the same pictures."""
     b = frames.shape[0]
-    x = frames.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-    r, g, bl = x[:, 0], x[:, 1], x[:, 2]
-    y = (16.0 + (65.481 * r + 128.553 * g + 24.966 * bl) / 255.0).round_().clamp_(0, 255)
-    c = x[:, :, ::2, ::2]  # (B, 3, ceil(H/2), ceil(W/2))
-    r, g, bl = c[:, 0], c[:, 1], c[:, 2]
-    u = (128.0 + (-37.797 * r - 74.203 * g + 112.0 * bl) / 255.0).round_().clamp_(0, 255)
-    v = (128.0 + (112.0 * r - 93.786 * g - 18.214 * bl) / 255.0).round_().clamp_(0, 255)
+    x = frames.float()  # (B, H, W, 3)
+    y, u, v = _yuv(x[..., 0], x[..., 1], x[..., 2], x[:, ::2, ::2])
     out = torch.cat((y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)), dim=1)
     return out.to(torch.uint8)
+
+
+def _yuv(
+    r: torch.Tensor, g: torch.Tensor, b: torch.Tensor, chroma_rgb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BT.601 limited range, as float32 levels: Y of every pixel (`r`, `g`, `b`), U and V of
+    `chroma_rgb` (..., 3): each 2x2 block's top-left pixel. One formula for the whole-frame
+    conversion and the region's, so the two agree bit for bit."""
+    y = (16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0).round_().clamp_(0, 255)
+    r, g, b = chroma_rgb[..., 0], chroma_rgb[..., 1], chroma_rgb[..., 2]
+    u = (128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0).round_().clamp_(0, 255)
+    v = (128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0).round_().clamp_(0, 255)
+    return y, u, v
 
 
 def i420_planes(buf: np.ndarray | torch.Tensor, height: int, width: int) -> tuple:

@@ -29,9 +29,12 @@ def test_a_slow_gpu_makes_late_frames_and_a_fast_one_does_not() -> None:
     r_slow = run_point(slow, 4, 2.0, 2, 0.5)
     r_fast = run_point(fast, 4, 2.0, 2, 0.5)
     assert r_fast["frames_delivered"] == r_fast["frames_expected"] > 4 * 40
-    assert r_fast["late_frames_by_lead"][2] == 0
-    # 4 sessions at 4x the H200's batch time: about 1.3 GPUs' worth of work
-    assert r_slow["late_frames_by_lead"][2] > 20
+    # the model runs in real time on the host: a loaded CI host can make a fast GPU's frame
+    # late now and then (4 of 192 once, in a full local suite), a slow GPU most of them
+    expected = r_fast["frames_expected"]
+    assert r_fast["late_frames_by_lead"][2] <= 0.05 * expected
+    # 4 sessions at 4x the H200's batch time: about 1.3 GPUs' worth of work (148 of 192 late)
+    assert r_slow["late_frames_by_lead"][2] > 0.3 * expected
     assert r_slow["modelled_gpu_busy"] > 0.8 > r_fast["modelled_gpu_busy"]
     assert r_slow["batch_mean"] > r_fast["batch_mean"]  # batches grow with the backlog
 

@@ -175,11 +175,15 @@ def _region_pixels(
 
 
 def blend_region(
-    gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor
+    gav: GpuAvatar,
+    frame_idx: torch.Tensor,
+    faces: torch.Tensor,
+    pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pasted pixels of each frame's region: (blended (B, Rh * Rw, 3) uint8, their
     linear index in the frame (B, Rh * Rw) int64). `faces` (B, 3, 256, 256) uint8 or float
-    in [0, 1]; `frame_idx` (B,) long on the avatar's device."""
+    in [0, 1]; `frame_idx` (B,) long on the avatar's device; `pixels`: the regions'
+    `_region_pixels`, where the caller has them already."""
     if faces.dtype != torch.uint8:
         faces = faces_to_uint8(faces)
     b = int(frame_idx.shape[0])
@@ -203,7 +207,7 @@ def blend_region(
 
     # Gather the frame under each region and blend (regions lie inside the frame, so their
     # pixels are distinct and a scatter back has no collisions).
-    ys, xs = _region_pixels(gav, frame_idx, rh, rw)
+    ys, xs = pixels if pixels is not None else _region_pixels(gav, frame_idx, rh, rw)
     lin = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, rh * rw)
     frame_base = (frame_idx * (height * width))[:, None]
     flat = gav.frames.view(-1, 3)
@@ -239,13 +243,13 @@ def paste_i420(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> 
         return out
     height, width = gav.size
     rh, rw = gav.region
-    blended, _ = blend_region(gav, frame_idx, faces)
+    ys, xs = _region_pixels(gav, frame_idx, rh, rw)
+    # a pixel's index in the frame is also its Y sample's offset in the I420 buffer
+    blended, y_at = blend_region(gav, frame_idx, faces, (ys, xs))
     x = blended.view(b, rh, rw, 3).float()
     y, u, v = _yuv(x[..., 0], x[..., 1], x[..., 2], x[:, ::2, ::2])
-    ys, xs = _region_pixels(gav, frame_idx, rh, rw)
     cw, n_y = width // 2, height * width
     n_c = (height // 2) * cw
-    y_at = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, -1)
     c_at = ((ys[:, ::2, None] // 2) * cw + xs[:, None, ::2] // 2).reshape(b, -1)
     at = torch.cat((y_at, n_y + c_at, n_y + n_c + c_at), dim=1)
     values = torch.cat((y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)), dim=1)

@@ -191,7 +191,8 @@ class Bench:
         self.engine.load_avatar(self.avatar)
         from engines.gpu import paste
 
-        gav = paste.upload_avatar(self.avatar, self.dev)
+        # as the server's pipeline keeps it (I420 output: no RGB frames)
+        gav = paste.upload_avatar(self.avatar, self.dev, keep_frames=False)
         info["gpu_mem_per_avatar_MiB"] = (torch.cuda.memory_allocated() - mem1) / 2**20
         info["gpu_mem_per_avatar_frame_MiB"] = info["gpu_mem_per_avatar_MiB"] / self.avatar.n_frames
         info["avatar"] = {

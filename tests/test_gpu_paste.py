@@ -171,12 +171,32 @@ def test_region_i420_is_the_whole_frame_conversion_bit_for_bit(
     assert paste.paste_i420(gav, idx[:0], faces[:0]).shape == (0, want.shape[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_i420_only_avatars_keep_no_rgb_frames_and_paste_the_same_bytes(device: str) -> None:
+    """The server's pipeline (I420 output) uploads avatars with `keep_frames=False`: the I420
+    frames and the regions' pixels only. The stage's bytes are the same as from an avatar
+    that keeps its RGB frames, in a fraction of the memory; RGB paste-back says why it
+    cannot run."""
+    av = synthetic_avatar(5, 360, 640, seed=3)
+    full = paste.upload_avatar(av, device)
+    lean = paste.upload_avatar(av, device, keep_frames=False)
+    assert lean.frames is None and full.frames is not None
+    assert torch.equal(lean.i420, full.i420) and torch.equal(lean.regions, full.regions)
+    assert lean.nbytes < 0.5 * full.nbytes
+    faces = torch.from_numpy(_faces(7, seed=4)).permute(0, 3, 1, 2).to(device)
+    idx = torch.tensor([4, 3, 2, 1, 0, 0, 2], device=device)
+    want = paste.rgb_to_i420(paste.paste_back(full, idx, faces))
+    assert torch.equal(paste.paste_flat(lean, idx, faces, True), want)
+    with pytest.raises(ValueError, match="I420 output only"):
+        paste.paste_flat(lean, idx, faces, False)
+
+
 def test_odd_frames_convert_whole_frames() -> None:
     """An odd frame size cannot align regions to the 2x2 chroma blocks: no I420 frames are
     kept, the stage converts whole frames, and paste_i420 says why it cannot run."""
     av = synthetic_avatar(3, 121, 203)
-    gav = paste.upload_avatar(av, "cpu")
-    assert gav.i420 is None
+    gav = paste.upload_avatar(av, "cpu", keep_frames=False)  # kept anyway: needed here
+    assert gav.i420 is None and gav.frames is not None
     faces = torch.from_numpy(_faces(3, seed=2)).permute(0, 3, 1, 2)
     idx = torch.arange(3)
     want = paste.rgb_to_i420(paste.paste_back(gav, idx, faces))

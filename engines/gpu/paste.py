@@ -44,29 +44,33 @@ FACE_SIZE = 256
 class GpuAvatar:
     """An avatar's paste-back data, resident on one device.
 
-    frames   (N, H, W, 3) uint8
+    size     (H, W) of the frames
     origin   (N, 2) int64: top-left (y0, x0) of each frame's region in the frame
     box      (N, 4) float32: face box inside the region: (dy, dx, h, w)
     masks    (N, Rh, Rw) uint8: blend weight of the face inside the region (0 outside the box)
+    regions  (N, Rh, Rw, 3) uint8: the frame's pixels under its region
+    frames   (N, H, W, 3) uint8, for RGB output and frames of an odd size; else None
     i420     (N, i420_size) uint8: each frame as I420, for frames whose size is even (regions
              are then chroma-aligned, see the module notes); None otherwise
     """
 
     avatar_id: str
-    frames: torch.Tensor
+    size: tuple[int, int]
     origin: torch.Tensor
     box: torch.Tensor
     masks: torch.Tensor
     region: tuple[int, int]
+    regions: torch.Tensor
+    frames: torch.Tensor | None = None
     i420: torch.Tensor | None = None
 
     @property
-    def size(self) -> tuple[int, int]:
-        return int(self.frames.shape[1]), int(self.frames.shape[2])
+    def device(self) -> torch.device:
+        return self.origin.device
 
     @property
     def nbytes(self) -> int:
-        parts = (self.frames, self.origin, self.box, self.masks, self.i420)
+        parts = (self.frames, self.origin, self.box, self.masks, self.regions, self.i420)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -129,22 +133,40 @@ def _resident(a: np.ndarray, dev: torch.device) -> torch.Tensor:
     return host.to(dev, copy=True)
 
 
-def upload_avatar(avatar: Avatar, device: torch.device | str) -> GpuAvatar:
-    """Make the avatar's frames and paste-back geometry resident on `device`."""
+def upload_avatar(
+    avatar: Avatar, device: torch.device | str, keep_frames: bool = True
+) -> GpuAvatar:
+    """Make the avatar's paste-back data resident on `device`. `keep_frames=False` (I420
+    output only, as the server sends it) keeps the frames as I420 and the regions' pixels
+    alone, not the RGB frames: a 720p frame then takes 1.5 MiB instead of 4 (frames of an
+    odd size keep their RGB frames: their I420 is converted whole)."""
     origin, box, masks, region = region_masks(avatar)
     dev = torch.device(device)
-    frames = _resident(avatar.frames, dev)
-    i420 = None
-    if chroma_aligned(*avatar.size):  # in slices: the float32 temporaries stay small
-        i420 = torch.cat([rgb_to_i420(frames[k : k + 8]) for k in range(0, len(frames), 8)])
+    aligned = chroma_aligned(*avatar.size)
+    keep = keep_frames or not aligned
+    rh, rw = region
+    kept, i420, regions = [], [], []
+    for k in range(0, avatar.n_frames, 8):  # in slices: the temporaries stay small
+        part = _resident(avatar.frames[k : k + 8], dev)
+        if keep:
+            kept.append(part)
+        if aligned:
+            i420.append(rgb_to_i420(part))
+        for j, (y0, x0) in enumerate(origin[k : k + 8]):
+            regions.append(part[j, y0 : y0 + rh, x0 : x0 + rw])
+    height, width = avatar.size
     gav = GpuAvatar(
         avatar_id=avatar.id,
-        frames=frames,
+        size=(int(height), int(width)),
         origin=_resident(origin, dev),
         box=_resident(box, dev),
         masks=_resident(masks, dev),
         region=region,
-        i420=i420,
+        regions=torch.stack(regions)
+        if regions
+        else torch.zeros((0, rh, rw, 3), dtype=torch.uint8, device=dev),
+        frames=torch.cat(kept) if kept else None,
+        i420=torch.cat(i420) if i420 else None,
     )
     log.info(
         "avatar resident on %s: id=%s frames=%d region=%s bytes=%d",
@@ -167,7 +189,7 @@ def _region_pixels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per batch row, the (rows, cols) window at the row's region origin: its pixels' row
     and column in the frame, (B, rows) and (B, cols)."""
-    dev = gav.frames.device
+    dev = gav.device
     origin = gav.origin.index_select(0, frame_idx)
     ys = origin[:, 0:1] + torch.arange(rows, device=dev)[None, :]
     xs = origin[:, 1:2] + torch.arange(cols, device=dev)[None, :]
@@ -187,9 +209,9 @@ def blend_region(
     if faces.dtype != torch.uint8:
         faces = faces_to_uint8(faces)
     b = int(frame_idx.shape[0])
-    height, width = gav.size
+    width = gav.size[1]
     rh, rw = gav.region
-    dev = gav.frames.device
+    dev = gav.device
     box = gav.box.index_select(0, frame_idx)  # (B, 4) dy, dx, h, w
     mask = gav.masks.index_select(0, frame_idx).float()  # (B, Rh, Rw)
 
@@ -205,13 +227,11 @@ def blend_region(
     ).round_()  # (B, 3, Rh, Rw), uint8 values as cv2.resize gives
     resized = resized.permute(0, 2, 3, 1).reshape(b, rh * rw, 3)
 
-    # Gather the frame under each region and blend (regions lie inside the frame, so their
-    # pixels are distinct and a scatter back has no collisions).
+    # Blend over the frame's pixels under each region (regions lie inside the frame, so
+    # their pixels are distinct and a scatter back has no collisions).
     ys, xs = pixels if pixels is not None else _region_pixels(gav, frame_idx, rh, rw)
     lin = (ys[:, :, None] * width + xs[:, None, :]).reshape(b, rh * rw)
-    frame_base = (frame_idx * (height * width))[:, None]
-    flat = gav.frames.view(-1, 3)
-    body = flat.index_select(0, (frame_base + lin).reshape(-1)).view(b, rh * rw, 3).float()
+    body = gav.regions.index_select(0, frame_idx).view(b, rh * rw, 3).float()
     m = mask.reshape(b, rh * rw, 1)
     blended = ((resized * m + body * (255.0 - m)) / 255.0).round_().clamp_(0, 255).to(torch.uint8)
     return blended, lin
@@ -220,7 +240,12 @@ def blend_region(
 def paste_back(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Frames (B, H, W, 3) uint8 on the device: avatar frames `frame_idx` (B,) with the
     generated faces (B, 3, 256, 256), uint8 or float in [0, 1], blended in."""
-    frame_idx = frame_idx.to(gav.frames.device, torch.long)
+    if gav.frames is None:
+        raise ValueError(
+            f"avatar {gav.avatar_id} is resident for I420 output only (keep_frames=False): "
+            "no RGB frames to paste into"
+        )
+    frame_idx = frame_idx.to(gav.device, torch.long)
     b = int(frame_idx.shape[0])
     height, width = gav.size
     out = gav.frames.index_select(0, frame_idx)  # (B, H, W, 3), a fresh copy
@@ -236,7 +261,7 @@ def paste_i420(gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor) -> 
     each region converted (needs `gav.i420`: an even frame size). (B, i420_size) uint8."""
     if gav.i420 is None:
         raise ValueError("paste_i420 needs the avatar's I420 frames (an even frame size)")
-    frame_idx = frame_idx.to(gav.frames.device, torch.long)
+    frame_idx = frame_idx.to(gav.device, torch.long)
     b = int(frame_idx.shape[0])
     out = gav.i420.index_select(0, frame_idx)  # (B, i420_size), a fresh copy
     if b == 0:

@@ -230,7 +230,9 @@ class GpuPipeline:
         gav = self._avatars.get(avatar_id)
         if gav is None:
             res = self.engine._resident(avatar_id)
-            gav = self._avatars[avatar_id] = paste.upload_avatar(res.avatar, self.device)
+            gav = self._avatars[avatar_id] = paste.upload_avatar(
+                res.avatar, self.device, keep_frames=self.options.output == "rgb"
+            )
         return gav
 
     def prepare_avatar(self, avatar_id: str) -> None:

@@ -26,6 +26,15 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 LOOKAHEAD_SAMPLES = 1_920  # 120 ms past the frame's start
 
 
+def check_buckets(buckets: Sequence[int]) -> None:
+    """Batch buckets (the compiled backend's CUDA-graph batch sizes) must be positive and
+    strictly increasing; ValueError otherwise."""
+    if not buckets or any(b < 1 for b in buckets):
+        raise ValueError(f"buckets must be positive batch sizes, got {tuple(buckets)}")
+    if tuple(sorted(set(buckets))) != tuple(buckets):
+        raise ValueError(f"buckets must be strictly increasing, got {tuple(buckets)}")
+
+
 def frames_in(n_samples: int) -> int:
     """Frames an utterance of `n_samples` yields once complete: floor(duration x 25)."""
     return n_samples // SAMPLES_PER_FRAME

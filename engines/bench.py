@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import FPS, SAMPLE_RATE, frames_in
+from engines.base import FPS, SAMPLE_RATE, check_buckets, frames_in
 from engines.scheduler import GATHER_S
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,7 @@ class BenchOptions:
             raise ValueError("sessions must be >= 1 and durations positive")
         if self.rounds < 1 or self.clip_s <= 0:
             raise ValueError("rounds must be >= 1 and clip_s positive")
-        if not self.buckets or tuple(sorted(set(self.buckets))) != self.buckets:
-            raise ValueError(f"buckets must be increasing batch sizes, got {self.buckets}")
-        if self.buckets[0] < 1:
-            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+        check_buckets(self.buckets)
         if self.gather_s < 0:
             raise ValueError(f"gather_s must be >= 0, got {self.gather_s}")
         if not 0 <= self.phase_spread_s <= 1:

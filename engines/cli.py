@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from avatars.avatar import Avatar
-from engines.bench import PHASE_SPREAD_S
+from engines.bench import PHASE_SPREAD_S, BenchOptions
 from engines.scheduler import GATHER_S
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,13 @@ def bench_cmd(
         help="The compiled backends' batch buckets, e.g. 48 for offline alone (default: "
         "2,4,...,48).",
     ),
-    clip_s: float = typer.Option(10.0, "--clip-s", help="Offline: seconds of speech per run."),
+    clip_s: float = typer.Option(
+        BenchOptions.clip_s, "--clip-s", help="Offline: seconds of speech per run."
+    ),
     rounds: int = typer.Option(
-        5, "--rounds", help="Offline pipeline: interleaved timed runs per variant."
+        BenchOptions.rounds,
+        "--rounds",
+        help="Offline pipeline: interleaved timed runs per variant.",
     ),
 ) -> None:
     """Measure throughput and streaming latency against MuseTalk's own way (needs a GPU);

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engines.base import EngineError
+from engines.base import EngineError, check_buckets
 from engines.warm_up_progress import progress
 
 log = logging.getLogger(__name__)
@@ -167,10 +167,7 @@ class CompiledOptions:
     tune: bool = False
 
     def __post_init__(self) -> None:
-        if not self.buckets or any(b < 1 for b in self.buckets):
-            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
-        if tuple(sorted(set(self.buckets))) != tuple(self.buckets):
-            raise ValueError(f"buckets must be strictly increasing, got {self.buckets}")
+        check_buckets(self.buckets)
         if self.mode not in ("default", "max-autotune-no-cudagraphs"):
             raise ValueError(f"unsupported compile mode {self.mode!r}")
 

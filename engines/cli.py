@@ -225,7 +225,7 @@ def bench_cmd(
         )
         return
     from engines.base import EngineError
-    from engines.bench import BenchOptions, run_bench
+    from engines.bench import run_bench
 
     try:
         opts = BenchOptions(

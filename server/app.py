@@ -1,11 +1,11 @@
 """The FastAPI application: `create_app(settings, engine=None)`.
 
 The lifespan builds the parts in order (engine -> frame worker -> avatar service -> session
-manager) behind an open port (`server.starting`: /readyz says `starting` with the warm-up's
+manager) behind an open port (`server.ops.starting`: /readyz says `starting` with the warm-up's
 progress meanwhile) and takes them down in reverse: sessions end, preparation stops, the
 worker joins.
 The frame worker is the GPU scheduler where the engine is MuseTalk on a CUDA device (backend
-from the settings), else the synchronous FrameWorker (`server.gpu_worker.create_worker`).
+from the settings), else the synchronous FrameWorker (`server.session.gpu_worker.create_worker`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,21 @@ import client_demo
 from avatars.store import AvatarStore
 from engines.base import Engine
 from lipstream.paths import avatars_dir
-from server import audio_ws, avatars_api, malloc_tuning, sessions_api, stall_watch
+from server.api import audio_ws
+from server.api import avatars as avatars_api
+from server.api import sessions as sessions_api
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
-from server.gpu_worker import create_worker
-from server.limits import decode_limits
-from server.media_link import LocalHost, MediaHost
-from server.media_pool import MediaPool
+from server.media.link import LocalHost, MediaHost
+from server.media.pool import MediaPool
 from server.metrics import ServerMetrics
-from server.sessions import SessionManager
+from server.ops import malloc_tuning, stall_watch
+from server.ops.starting import StartingGate, cancel_start, start_in_background, starting_body
+from server.session.gpu_worker import create_worker
+from server.session.limits import decode_limits
+from server.session.session import SessionManager
+from server.session.worker import Worker
 from server.settings import Settings
-from server.starting import StartingGate, cancel_start, start_in_background, starting_body
-from server.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ _STATIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
 
 def build_engine(settings: Settings) -> tuple[Engine, str]:
     """The engine the settings ask for, and why it was chosen (raises EngineError)."""
-    from engines.factory import create_engine
+    from engines.backends import create_engine
 
     return create_engine(
         settings.engine,
@@ -65,7 +68,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # the port opens now; the parts start behind it (server.starting)
+        # the port opens now; the parts start behind it (server.ops.starting)
         task = start_in_background(app, lambda: _start(app, settings, engine, reason))
         try:
             yield
@@ -235,7 +238,7 @@ def _health_routes(app: FastAPI) -> None:
                 max_sessions=state.settings.max_sessions,
                 # speaking frames of the last 10 s made too late and video frames dropped
                 # before the encoders (None: too few to judge), and the fraction above which
-                # new sessions are refused (0: never; server.overload)
+                # new sessions are refused (0: never; server.session.overload)
                 engine_late_fraction=state.sessions.late.fraction(now),
                 video_drop_fraction=state.sessions.late.drop_fraction(now),
                 admit_max_late=state.sessions.late_limit,

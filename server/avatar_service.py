@@ -27,7 +27,7 @@ from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 from engines.base import Engine
 from server.metrics import ServerMetrics
-from server.worker import Worker
+from server.session.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class AvatarService:
             self._live.pop(avatar_id, None)
         if self._loaded.pop(avatar_id, None) is not None:
             await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
-        from server.sessions import IDLE_FRAMES
+        from server.session.session import IDLE_FRAMES
 
         IDLE_FRAMES.forget(avatar_id)
         self._load_locks.pop(avatar_id, None)

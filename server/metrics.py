@@ -30,12 +30,12 @@ class ServerMetrics:
         self.sessions_active = Gauge("lipstream_sessions_active", "Sessions open now", registry=r)
         self.engine_late_fraction = Gauge(
             "lipstream_engine_late_fraction",
-            "Speaking frames of the last 10 s the engine made too late (server.overload)",
+            "Speaking frames of the last 10 s the engine made too late (server.session.overload)",
             registry=r,
         )
         self.video_drop_fraction = Gauge(
             "lipstream_video_drop_fraction",
-            "Video frames of the last 10 s dropped before the encoders (server.overload)",
+            "Video frames of the last 10 s dropped before the encoders (server.session.overload)",
             registry=r,
         )
         self.sessions_total = Counter("lipstream_sessions_total", "Sessions opened", registry=r)
@@ -131,7 +131,7 @@ class ServerMetrics:
             "Websocket audio dropped by the rate limit (bytes)",
             registry=r,
         )
-        # stalls of this process (server.stall_watch; the soak reads these)
+        # stalls of this process (server.ops.stall_watch; the soak reads these)
         self.loop_lag = Histogram(
             "lipstream_event_loop_lag_seconds",
             "How late the event loop woke a 20 ms timer (its lag for every callback then)",
@@ -187,7 +187,7 @@ class SessionStats:
     audio_refused_bytes: int = 0  # dropped by the audio rate limit
     latencies: deque[float] = field(default_factory=deque)
     first_frame: deque[float] = field(default_factory=deque)
-    # each first frame's (audio, made, wait) seconds (server.player.Tick.first_parts)
+    # each first frame's (audio, made, wait) seconds (server.session.playout.Tick.first_parts)
     first_parts: deque[tuple[float, float, float]] = field(default_factory=deque)
     _tick_times: deque[float] = field(default_factory=lambda: deque(maxlen=51))
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.scheduler import GATHER_S
-from server.encoder_tuning import EncoderTuning
-from server.malloc_tuning import MAX_INTERVAL_S
+from engines.pipeline.scheduler import GATHER_S
+from server.media.encoder_tuning import EncoderTuning
+from server.ops.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
 ENGINE_KINDS = ("auto", "musetalk", "preview")
@@ -51,7 +51,7 @@ class Settings:
     # while the engine's steps take longer than a frame)
     start_lead_frames: int = 1
     # ...and far enough ahead to cover this quantile of the frame worker's recent turnarounds
-    # (frames handed over -> back on the event loop, all sessions, last 5 s; server.turnaround),
+    # (frames handed over -> back on the event loop, all sessions, last 5 s; server.session.turnaround),
     # so an utterance does not start with less slack than the worker is taking. 0: off
     lead_quantile: float = 0.98
     max_ahead_frames: int = 25  # frames made ahead of playback per session (memory bound)
@@ -67,7 +67,7 @@ class Settings:
     gather_ms: float = GATHER_S * 1e3
     # a new session is refused (503, reason "overloaded") while more than this fraction of the
     # speaking frames of the last 10 s came back from the engine too late, or of the video
-    # frames were dropped before the encoders (server.overload).
+    # frames were dropped before the encoders (server.session.overload).
     # -1: auto, 0.02 with the GPU scheduler, off on the CPU; 0: off
     admit_max_late: float = -1.0
     # input limits
@@ -86,12 +86,12 @@ class Settings:
     audio_rate: float = 1.1  # then at most this many seconds of audio per second
     peer_silence_s: float = 10.0  # a connected peer sending nothing this long has vanished
     drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
-    # free heap pages go back to the kernel this often (server.malloc_tuning; 0: never)
+    # free heap pages go back to the kernel this often (server.ops.malloc_tuning; 0: never)
     malloc_trim_interval_s: float = 5.0
-    # video encoders: only congestion or a limiting target move the bitrate (server.encoder_watch);
+    # video encoders: only congestion or a limiting target move the bitrate (server.media.encoder_watch);
     # off: every bandwidth estimate reaches aiortc's encoder as aiortc does it
     steady_bitrate: bool = True
-    # the video codecs aiortc opens (server.encoder_tuning; README *Video encoders*).
+    # the video codecs aiortc opens (server.media.encoder_tuning; README *Video encoders*).
     # Threads per VP8 encoder (0: aiortc's choice, 2 at 720p): the sessions are the
     # parallelism, and libvpx's threads spin on a busy host
     video_encoder_threads: int = 1
@@ -101,7 +101,7 @@ class Settings:
     # aiortc leaves it: 1.5 per core, for every encoder)
     h264_encoder_threads: int = 1
     h264_preset: str = "superfast"  # x264 preset (aiortc leaves x264's medium: 3x the CPU)
-    # once ready, move the startup heap out of the garbage collector's walks (server.stall_watch)
+    # once ready, move the startup heap out of the garbage collector's walks (server.ops.stall_watch)
     gc_freeze: bool = True
     # auth: None = no key asked for; several keys are separated by commas
     api_key: str | None = field(default=None, repr=False)

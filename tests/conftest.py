@@ -102,7 +102,7 @@ def espeak_speech(tmp: Path, seconds: float = SPEECH_SECONDS) -> np.ndarray | No
         )
     except (subprocess.SubprocessError, OSError):
         return None
-    from engines.audio_io import load_audio
+    from engines.render.audio_io import load_audio
 
     x = load_audio(out)
     n = int(seconds * SAMPLE_RATE)
@@ -124,7 +124,7 @@ def speech_pcm(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory: pytest.TempPathFactory, speech_pcm: np.ndarray) -> Path:
-    from engines.audio_io import write_wav
+    from engines.render.audio_io import write_wav
 
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
     write_wav(path, speech_pcm)

@@ -19,11 +19,13 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from bench.loopback import LoopbackClient, ServerThread
 from engines.preview import PreviewEngine
-from server import avatars_api, media_link, sessions_api
+from server.api import avatars as avatars_api
+from server.api import sessions as sessions_api
 from server.app import create_app
 from server.auth import key_matches, redact
-from server.loopback import LoopbackClient, ServerThread
+from server.media import link as media_link
 from server.settings import Settings, SettingsError
 
 KEY1 = "first-key-0123456789abcdef"

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from avatars import store as store_mod
 from avatars.avatar import FORMAT_VERSION, Avatar
-from avatars.cli import avatar_app
 from avatars.store import (
     AvatarNotFoundError,
     AvatarNotReadyError,
     AvatarStore,
     AvatarStoreError,
 )
+from lipstream.commands.avatar import avatar_app
 
 
 def make_avatar(

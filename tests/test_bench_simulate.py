@@ -1,4 +1,4 @@
-"""The streaming bench's simulation (`engines.bench.simulate`) through the real scheduler on
+"""The streaming bench's simulation (`bench.runner.simulate`) through the real scheduler on
 the CPU, with the preview engine standing in for the GPU pipeline (CI has no GPU): sessions
 pushing speech in real time get every frame, and the playout figures add up."""
 
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from engines.bench import MAX_LEAD_FRAMES, playout_holds, playout_lateness_ms, simulate
+from bench.runner import MAX_LEAD_FRAMES, playout_holds, playout_lateness_ms, simulate
 
 
 def test_playout_lateness_counts_from_the_first_frames_arrival() -> None:
@@ -35,8 +35,8 @@ def test_playout_holds_counts_what_the_player_repeats() -> None:
 
 
 def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> None:  # type: ignore[no-untyped-def]
+    from engines.pipeline.scheduler import SchedulerOptions, create_scheduler
     from engines.preview import PreviewEngine
-    from engines.scheduler import SchedulerOptions, create_scheduler
 
     engine = PreviewEngine()
     engine.load_avatar(preview_avatar)
@@ -60,7 +60,7 @@ def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> 
 
 
 def test_max_sessions_by_lead() -> None:
-    from engines.bench import max_sessions_by_lead
+    from bench.runner import max_sessions_by_lead
 
     def run(late: list[int], fps: float = 25.0, missing: int = 0) -> dict:
         return {
@@ -87,7 +87,7 @@ def test_max_sessions_by_lead() -> None:
 
 def test_max_sessions_issue_bar() -> None:
     """The issue's bar: all frames, >= 24.5 fps, p99 interval <= 60 ms (late frames aside)."""
-    from engines.bench import max_sessions_issue_bar
+    from bench.runner import max_sessions_issue_bar
 
     def run(p99: float, fps: float = 25.0, missing: int = 0) -> dict:
         return {

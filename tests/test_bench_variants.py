@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.bench import variant_options
+from bench.runner import variant_options
 
 
 def test_plain_compiled_has_the_server_defaults() -> None:
@@ -48,7 +48,7 @@ def test_unknown_backend_is_refused() -> None:
 def test_launch_phase_means_per_step_since_the_start() -> None:
     from types import SimpleNamespace
 
-    from engines.bench import _phase_means
+    from bench.runner import _phase_means
 
     pipeline = SimpleNamespace(launch_s={"features": 1.5, "paste": 0.9})
     sched = SimpleNamespace(pipeline=pipeline)
@@ -59,7 +59,7 @@ def test_launch_phase_means_per_step_since_the_start() -> None:
 
 
 def test_unknown_sections_are_refused() -> None:
-    from engines.bench import BenchOptions
+    from bench.runner import BenchOptions
 
     assert BenchOptions(sections=("pipeline", "accuracy")).sections == ("pipeline", "accuracy")
     with pytest.raises(ValueError, match="unknown sections \\['full_pipeline'\\]"):
@@ -67,7 +67,7 @@ def test_unknown_sections_are_refused() -> None:
 
 
 def test_offline_options_are_checked() -> None:
-    from engines.bench import BenchOptions
+    from bench.runner import BenchOptions
 
     assert BenchOptions(buckets=(48,), rounds=3, clip_s=19.2).buckets == (48,)
     for bad in ((), (48, 16), (0, 4), (4, 4)):
@@ -81,7 +81,7 @@ def test_offline_options_are_checked() -> None:
 
 def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
     """`--long-s 0` used to drop the 20-session point from the first backend's sweep."""
-    from engines.bench import BenchOptions, stream_runs
+    from bench.runner import BenchOptions, stream_runs
 
     o = BenchOptions(sessions=(1, 16, 20), long_sessions=20, long_s=0, sweep_s=12)
     assert stream_runs(o, long_run=True) == [(1, 12), (16, 12), (20, 12)]
@@ -91,7 +91,7 @@ def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
 
 
 def test_phase_spread_is_a_checked_bench_option() -> None:
-    from engines.bench import BenchOptions
+    from bench.runner import BenchOptions
 
     assert BenchOptions().phase_spread_s == 0.02
     assert BenchOptions(phase_spread_s=0.04).phase_spread_s == 0.04
@@ -100,7 +100,7 @@ def test_phase_spread_is_a_checked_bench_option() -> None:
 
 
 def test_gather_is_a_bench_option() -> None:
-    from engines.bench import BenchOptions
+    from bench.runner import BenchOptions
 
     assert BenchOptions(gather_s=0.02).gather_s == 0.02
     with pytest.raises(ValueError, match="gather_s"):
@@ -108,7 +108,7 @@ def test_gather_is_a_bench_option() -> None:
 
 
 def test_a_streaming_variant_can_name_its_gather() -> None:
-    from engines.bench import split_gather
+    from bench.runner import split_gather
 
     assert split_gather("compiled-gather20") == ("compiled", 0.02)
     assert split_gather("compiled-tritonnorm-gather5") == ("compiled-tritonnorm", 0.005)

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from server.drain import reserve_s
-from server.loopback import LoopbackClient
+from bench.loopback import LoopbackClient
+from server.ops.drain import reserve_s
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 6.0

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from avatars.store import AvatarStore
+from bench.loopback import LoopbackClient, Received, ServerThread
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, Received, ServerThread
 from server.settings import Settings
 
 SR = 16_000
@@ -351,9 +351,9 @@ def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:
     import os
     import shutil
 
-    from engines.factory import create_engine, weights_problem
+    from engines.backends import create_engine, weights_problem
     from engines.musetalk.weights import make_random
-    from server.gpu_worker import GpuWorker
+    from server.session.gpu_worker import GpuWorker
 
     backend = os.environ.get("LIPSTREAM_TEST_BACKEND", "compiled")
     made = os.environ.get("LIPSTREAM_TEST_AVATARS_DIR")

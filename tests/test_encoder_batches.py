@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engines.gpu.encoder_batches import main, step_costs
+from bench.gpu.encoder_batches import main, step_costs
 
 
 def test_step_costs_pick_the_cheapest_padding() -> None:

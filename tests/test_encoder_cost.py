@@ -1,12 +1,12 @@
-"""engines.gpu.measure.encoder_cost (the bench's `encoders` section) on the CPU, small
+"""bench.gpu.measure.encoder_cost (the bench's `encoders` section) on the CPU, small
 frames: aiortc's own VP8 and H.264 encoders as aiortc and as the server set them up, k at
 once, and at set codec threads."""
 
 from __future__ import annotations
 
-from engines.gpu.measure import encoder_cost
-from server import encoder_tuning
-from server.encoder_tuning import EncoderTuning
+from bench.gpu.measure import encoder_cost
+from server.media import encoder_tuning
+from server.media.encoder_tuning import EncoderTuning
 
 
 def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:

@@ -1,4 +1,4 @@
-"""server.encoder_tuning: the threads, speed, denoiser and x264 preset of the codecs aiortc's
+"""server.media.encoder_tuning: the threads, speed, denoiser and x264 preset of the codecs aiortc's
 real VP8 and H.264 encoders open, the settings behind them, and what a media process is told."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from skimage import data
 
-from server import encoder_tuning
-from server.encoder_tuning import EncoderTuning
+from server.media import encoder_tuning
+from server.media.encoder_tuning import EncoderTuning
 from server.settings import Settings, SettingsError
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
@@ -161,8 +161,8 @@ def test_a_media_process_gets_the_tuning_back_or_a_clear_error() -> None:
 
 
 def test_a_change_of_tuning_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="server.encoder_tuning")
+    caplog.set_level("INFO", logger="server.media.encoder_tuning")
     encoder_tuning.apply(EncoderTuning(vp8_cpu_used=-9))
     encoder_tuning.apply(EncoderTuning(vp8_cpu_used=-9))
-    lines = [r.getMessage() for r in caplog.records if r.name == "server.encoder_tuning"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.media.encoder_tuning"]
     assert len(lines) == 1 and "vp8_cpu_used=-9" in lines[0]

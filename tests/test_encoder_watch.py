@@ -1,4 +1,4 @@
-"""server.encoder_watch: which bandwidth estimates reach aiortc's video encoders (the policy on
+"""server.media.encoder_watch: which bandwidth estimates reach aiortc's video encoders (the policy on
 a fake clock; a real aiortc VP8 encoder behind it), encode timing and codec re-openings, and
 the count over real sessions on a real server; the media processes' stats line."""
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from aiortc.codecs import get_capabilities
 
-from server import encoder_watch
-from server.encoder_watch import BitratePolicy, EncoderStats, SendRate, WatchedEncoder
+from server.media import encoder_watch
+from server.media.encoder_watch import BitratePolicy, EncoderStats, SendRate, WatchedEncoder
 
 
 class Clock:
@@ -146,11 +146,11 @@ def test_real_sessions_reopen_few_codecs(tmp_path: Path) -> None:
     policy only a few re-openings are left."""
     from test_soak import _add_avatar
 
+    from bench.loopback import ServerThread
+    from bench.soak import soak
     from engines.preview import PreviewEngine
     from server.app import create_app
-    from server.loopback import ServerThread
     from server.settings import Settings
-    from server.soak import soak
 
     settings = Settings(engine="preview", avatars_dir=tmp_path / "avatars", max_sessions=4)
     app = create_app(settings, engine=PreviewEngine(), reason="encoder test")
@@ -172,8 +172,8 @@ def test_real_sessions_reopen_few_codecs(tmp_path: Path) -> None:
 
 
 def test_media_stats_line_warns_only_when_something_went_wrong() -> None:
-    from server.media_shard import Shard
-    from server.stall_watch import LoopLag
+    from server.media.shard import Shard
+    from server.ops.stall_watch import LoopLag
 
     lag = LoopLag()
     shard = Shard(None, None, lag)  # type: ignore[arg-type]  # the line needs no socket
@@ -198,8 +198,8 @@ def test_media_stats_line_warns_only_when_something_went_wrong() -> None:
 def test_media_stats_line_reports_the_encoders_pace_and_deepest_queue() -> None:
     from types import SimpleNamespace
 
-    from server.media_shard import RingVideoTrack, Shard
-    from server.media_wire import FrameRing
+    from server.media.shard import RingVideoTrack, Shard
+    from server.media.wire import FrameRing
 
     ring = FrameRing.create(4, (24, 16))
     try:

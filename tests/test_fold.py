@@ -1,4 +1,4 @@
-"""Folded upsampling (engines.gpu.fold): nearest 2x + 3x3 conv as one 2x2 conv on the
+"""Folded upsampling (engines.pipeline.fold): nearest 2x + 3x3 conv as one 2x2 conv on the
 low-resolution map must give the same output as diffusers' Upsample2D (CPU, float32)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.upsampling import Upsample2D
 
-from engines.gpu.compiled import MuseTalkStep
-from engines.gpu.fold import FoldedUpsample, can_fold, fold_upsamplers, folded_weight
+from engines.pipeline.compiled import MuseTalkStep
+from engines.pipeline.fold import FoldedUpsample, can_fold, fold_upsamplers, folded_weight
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 4, 4), (3, 6, 5, 9), (2, 6, 1, 1)])

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from engines.base import FrameJob, ready_horizon
-from engines.gpu.features import STAGING_SLOTS, GpuFeaturizer
 from engines.musetalk.audio_features import AudioFeaturizer
 from engines.musetalk.weights import load_whisper
+from engines.pipeline.features import STAGING_SLOTS, GpuFeaturizer
 
 W = 32_000  # tiny whisper's window in samples
 

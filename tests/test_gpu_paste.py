@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from avatars.blend import paste_back as cpu_paste_back
-from engines.gpu import paste
-from engines.gpu.measure import synthetic_avatar
+from bench.gpu.measure import synthetic_avatar
+from engines.pipeline import paste
 
 DEVICES = [
     "cpu",

@@ -22,7 +22,7 @@ caches = pytest.mark.allow_leaks("CUDA caches, graph pools and compile workers p
 def test_backend_selection_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from engines.gpu import tensorrt
+    from engines.tensorrt import engine as tensorrt
 
     real_import = builtins.__import__
 
@@ -42,7 +42,7 @@ def test_backend_selection_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture(scope="module")
 def gpu_engine(tiny_models_dir: Path):  # type: ignore[no-untyped-def]
-    from engines.gpu.measure import synthetic_avatar
+    from bench.gpu.measure import synthetic_avatar
     from engines.musetalk.engine import MuseTalkEngine
 
     eng = MuseTalkEngine(tiny_models_dir, device="cuda")
@@ -61,7 +61,7 @@ def _speech(n: int) -> np.ndarray:
 @cuda
 @caches
 def test_pipeline_matches_engine_render(gpu_engine) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+    from engines.pipeline.gpu import GpuPipeline, PipelineOptions
 
     eng, av = gpu_engine
     pipe = GpuPipeline(eng, PipelineOptions(backend="torch", output="rgb", buckets=(1, 2, 4, 8)))
@@ -83,7 +83,7 @@ def test_pipeline_matches_engine_render(gpu_engine) -> None:  # type: ignore[no-
 @cuda
 @caches
 def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.features import GpuFeaturizer
+    from engines.pipeline.features import GpuFeaturizer
 
     eng, _ = gpu_engine
     audio = _speech(ready_horizon(30))
@@ -100,8 +100,8 @@ def test_gpu_stream_features_match_engine(gpu_engine) -> None:  # type: ignore[n
 def test_compiled_encoder_with_the_log_mel_in_its_graph(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     """`log_mel_in_graph`: the encoder's CUDA graph takes the windows and computes the log-mel
     itself; the features match the eager featurizer's, and repeat bit for bit."""
-    from engines.gpu.compiled import CompiledEncoder
-    from engines.gpu.features import GpuFeaturizer
+    from engines.pipeline.compiled import CompiledEncoder
+    from engines.pipeline.features import GpuFeaturizer
 
     eng, _ = gpu_engine
     audio = _speech(ready_horizon(30))
@@ -134,7 +134,7 @@ def test_one_bucket_over_one_compiles_static() -> None:
     the warm-up's own rule, without a GPU (CompiledStep itself needs one)."""
     from types import SimpleNamespace
 
-    from engines.gpu.compiled import CompiledOptions, CompiledStep
+    from engines.pipeline.compiled import CompiledOptions, CompiledStep
 
     def dynamic(buckets: tuple[int, ...], b: int, **kw: bool) -> bool:
         fake = SimpleNamespace(options=CompiledOptions(buckets=buckets, **kw))
@@ -152,7 +152,7 @@ def test_one_bucket_over_one_compiles_static() -> None:
 @caches
 @pytest.mark.parametrize("nhwc_norm", ["", "channel", "group", "triton"])
 def test_compiled_matches_eager(gpu_engine, nhwc_norm: str) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.compiled import CompiledOptions, CompiledStep, MuseTalkStep
+    from engines.pipeline.compiled import CompiledOptions, CompiledStep, MuseTalkStep
 
     eng, _ = gpu_engine
     step = MuseTalkStep(eng.unet, eng.vae).to(eng.device)
@@ -178,8 +178,8 @@ def test_compiled_matches_eager(gpu_engine, nhwc_norm: str) -> None:  # type: ig
 def test_scheduler_on_gpu_delivers_pipeline_frames(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import dataclass, field
 
-    from engines.gpu.pipeline import Row
-    from engines.scheduler import SchedulerOptions, create_scheduler
+    from engines.pipeline.gpu import Row
+    from engines.pipeline.scheduler import SchedulerOptions, create_scheduler
 
     eng, av = gpu_engine
     sched = create_scheduler(eng, SchedulerOptions(max_batch=8, output="rgb"), backend="torch")
@@ -229,8 +229,8 @@ def test_scheduler_on_gpu_delivers_pipeline_frames(gpu_engine) -> None:  # type:
 def test_graph_families_have_their_own_capture_streams(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     """The encoder's graph (stream A) and the UNet+VAE graphs (stream B) replay at the same
     time: captured on one stream they would share one cuBLAS workspace (see
-    `engines.gpu.compiled.warm_and_capture`)."""
-    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+    `engines.pipeline.compiled.warm_and_capture`)."""
+    from engines.pipeline.gpu import GpuPipeline, PipelineOptions
 
     eng, _ = gpu_engine
     pipe = GpuPipeline(eng, PipelineOptions(backend="compiled", buckets=(1, 2)))
@@ -245,7 +245,7 @@ def test_graph_families_have_their_own_capture_streams(gpu_engine) -> None:  # t
 def test_prepared_pipeline_memory_stays_flat(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     """After prepare_avatar (its peak batches), streaming batches of any size up to the
     largest bucket, at and away from 30 s window boundaries, reserve no more GPU memory."""
-    from engines.gpu.pipeline import GpuPipeline, PipelineOptions, Row
+    from engines.pipeline.gpu import GpuPipeline, PipelineOptions, Row
 
     eng, av = gpu_engine
     pipe = GpuPipeline(eng, PipelineOptions(backend="torch", buckets=(1, 2, 4, 8)))
@@ -288,7 +288,7 @@ def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ign
     test's compiles static: with buckets (1, 2, 4) each stage compiled twice (a dynamic batch
     axis and batch 1), which ran past the GPU suite's 300 s per-test limit on the H200 host
     (session 13; on 2 CPU cores the UNet stage's dynamic compile took 97 s, its static 47 s)."""
-    from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+    from engines.pipeline.gpu import GpuPipeline, PipelineOptions
 
     eng, av = gpu_engine
     feats = eng.offline_features(_speech(16000))
@@ -313,8 +313,8 @@ def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ign
 
 
 def test_the_split_step_needs_a_gpu() -> None:
-    from engines.gpu.compiled import MuseTalkStep
-    from engines.gpu.split_step import SplitCompiledStep
+    from engines.pipeline.compiled import MuseTalkStep
+    from engines.pipeline.split_step import SplitCompiledStep
 
     if torch.cuda.is_available():
         pytest.skip("checks the refusal without a GPU")

@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.loopback import ServerThread
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import ServerThread
 from server.settings import Settings
 
 MEDIA = Path(__file__).parent / "hostile" / "media"

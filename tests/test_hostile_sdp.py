@@ -33,8 +33,8 @@ import httpx
 
 from engines.preview import PreviewEngine
 from server.app import create_app
+from server.ops.starting import wait_started
 from server.settings import Settings
-from server.starting import wait_started
 
 HOSTILE = Path(__file__).parent / "hostile" / "sdp"
 BASE = (HOSTILE / "aiortc_offer.sdp").read_bytes().decode()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engines.gpu import measure
-from engines.gpu.kernel_profile import conv_flops, kernel_kind, summarise
+from bench.gpu import measure
+from bench.gpu.kernel_profile import conv_flops, kernel_kind, summarise
 
 
 def test_conv_flops_match_torchs_own_flop_counter() -> None:
@@ -40,7 +40,7 @@ def test_kernels_are_sorted_into_kinds() -> None:
 def _smoke(tmp_path, *flags: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
     import json
 
-    from engines.gpu.kernel_profile import main
+    from bench.gpu.kernel_profile import main
 
     out = tmp_path / "profile.json"
     main([str(out), "--device", "cpu", "--size", "tiny", "--batch", "2", "--reps", "1", *flags])

@@ -21,11 +21,12 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from leakcheck import open_fds
 
+from bench import malloc_bench
+from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
-from server import malloc_bench, malloc_tuning
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
-from server.sessions import Session
+from server.ops import malloc_tuning
+from server.session.session import Session
 from server.settings import Settings
 
 # RSS is read in this process: `make test` runs this module in a pytest process of its own
@@ -177,7 +178,7 @@ async def test_connect_disconnect_cycles_return_to_the_starting_footprint(
 CLIENT = """
 import asyncio, sys, numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
-from server.loopback import LoopbackClient
+from bench.loopback import LoopbackClient
 
 async def main(base, aid, audio):
     client = LoopbackClient(base)

@@ -1,4 +1,4 @@
-"""server.malloc_tuning: a trimmer thread gives the free heap pages a burst of frames left
+"""server.ops.malloc_tuning: a trimmer thread gives the free heap pages a burst of frames left
 behind back to the kernel, in the server and in processes started from it. The memory cases
 run in fresh interpreters (the allocator's state is process-wide)."""
 
@@ -13,19 +13,19 @@ import time
 
 import pytest
 
-from server import malloc_tuning
+from server.ops import malloc_tuning
 from server.settings import Settings, SettingsError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc on Linux")
 
-# A burst of 200 720p frames freed after a steady few (`server.malloc_bench.burst_kept_mb`).
+# A burst of 200 720p frames freed after a steady few (`bench.malloc_bench.burst_kept_mb`).
 # argv[1]: "none" (no trimmer), "env" (start_from_env, as a media process does) or an interval
 # for start(). Prints whether the trimmer ran and the RSS (MB) still held 1 s after the burst.
 PROGRAM = textwrap.dedent(
     """
     import sys
-    from server import malloc_tuning
-    from server.malloc_bench import burst_kept_mb
+    from server.ops import malloc_tuning
+    from bench.malloc_bench import burst_kept_mb
 
     how = sys.argv[1]
     trimmer = None

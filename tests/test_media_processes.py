@@ -25,12 +25,12 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.encoder_tuning import EncoderTuning
-from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
-from server.media_pool import MediaPool, ShardMedia
-from server.media_wire import FrameRing, WireError, pack, read_message
+from server.media.encoder_tuning import EncoderTuning
+from server.media.pool import MediaPool, ShardMedia
+from server.media.wire import FrameRing, WireError, pack, read_message
 from server.settings import Settings
 
 

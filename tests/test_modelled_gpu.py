@@ -1,4 +1,4 @@
-"""The real scheduler on a modelled GPU (`engines.modelled_gpu`, CPU only): the model's
+"""The real scheduler on a modelled GPU (`bench.modelled_gpu`, CPU only): the model's
 arithmetic, and an end-to-end run where a GPU too slow for the load shows up as late frames
 and a fast one does not."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from engines.modelled_gpu import CALIBRATIONS, GpuModel, main, run_point
+from bench.modelled_gpu import CALIBRATIONS, GpuModel, main, run_point
 
 
 def test_gpu_time_interpolates_and_extends_the_measured_points() -> None:
@@ -60,7 +60,7 @@ def test_gathering_makes_fewer_larger_batches() -> None:
 
 
 def test_gather_must_not_be_negative() -> None:
-    from engines.scheduler import SchedulerOptions
+    from engines.pipeline.scheduler import SchedulerOptions
 
     with pytest.raises(ValueError, match="gather_s"):
         SchedulerOptions(gather_s=-0.01)
@@ -101,7 +101,7 @@ def test_a_quiet_session_stops_holding_the_gather() -> None:
     """A session that has submitted nothing for `ACTIVE_S` is no longer waited for."""
     import time
 
-    from engines.scheduler import ACTIVE_S, GpuScheduler
+    from engines.pipeline.scheduler import ACTIVE_S, GpuScheduler
 
     class Item:
         def __init__(self, key: str) -> None:

@@ -8,8 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from engines.gpu import measure
-from engines.gpu.nhwc_norm import ChannelsLastGroupNorm, shared_copy, swap_group_norms, swap_norms
+from bench.gpu import measure
+from engines.pipeline.nhwc_norm import (
+    ChannelsLastGroupNorm,
+    shared_copy,
+    swap_group_norms,
+    swap_norms,
+)
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 7, 5), (3, 64, 9), (2, 16, 4, 4, 3)])
@@ -84,7 +89,7 @@ class _Unet(nn.Module):
 
 @pytest.mark.parametrize("fold", [False, True])
 def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
-    from engines.gpu.compiled import MuseTalkStep
+    from engines.pipeline.compiled import MuseTalkStep
 
     _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
     plain = MuseTalkStep(_Unet(), vae).eval()
@@ -120,7 +125,7 @@ def test_a_swapped_shared_copy_shares_the_weights_and_leaves_the_original() -> N
 
 
 def test_swap_norms_takes_each_form_and_refuses_others() -> None:
-    from engines.gpu.nhwc_norm import NORM_FORMS
+    from engines.pipeline.nhwc_norm import NORM_FORMS
 
     assert NORM_FORMS == ("", "channel", "group", "triton")
     model = nn.Sequential(nn.GroupNorm(2, 8), nn.GroupNorm(4, 8))

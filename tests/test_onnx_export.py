@@ -36,7 +36,7 @@ def _close(got: np.ndarray, want: torch.Tensor) -> None:
 
 
 def test_unet_onnx_matches_torch(tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.onnx_export import UNetGraph, export_unet
+    from engines.tensorrt.onnx_export import UNetGraph, export_unet
 
     unet, _, _ = tiny_models
     path = export_unet(unet, tmp_path / "unet.onnx", batch=2)
@@ -48,7 +48,7 @@ def test_unet_onnx_matches_torch(tiny_models, tmp_path: Path) -> None:  # type: 
 
 
 def test_vae_decoder_onnx_matches_torch(tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.onnx_export import VaeDecoderGraph, export_vae_decoder
+    from engines.tensorrt.onnx_export import VaeDecoderGraph, export_vae_decoder
 
     _, vae, _ = tiny_models
     path = export_vae_decoder(vae, tmp_path / "vae.onnx", batch=2)
@@ -60,7 +60,7 @@ def test_vae_decoder_onnx_matches_torch(tiny_models, tmp_path: Path) -> None:  #
 
 
 def test_whisper_encoder_onnx_matches_torch(tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from engines.gpu.onnx_export import WhisperEncoderGraph, export_whisper_encoder
+    from engines.tensorrt.onnx_export import WhisperEncoderGraph, export_whisper_encoder
 
     _, _, encoder = tiny_models
     path = export_whisper_encoder(encoder, tmp_path / "enc.onnx", batch=2)

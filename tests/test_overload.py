@@ -1,4 +1,4 @@
-"""Overload admission (`server.overload`): while the engine makes too many speaking frames too
+"""Overload admission (`server.session.overload`): while the engine makes too many speaking frames too
 late, a new session is refused with 503 + Retry-After, and the sessions already open go on.
 
 The end-to-end test runs a real server on loopback with a real aiortc peer and speech over the
@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.loopback import LoopbackClient, ServerThread, SessionRefused, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread, SessionRefused, wait_first_avatar_ready
 from server.metrics import ServerMetrics
-from server.overload import LateFrames
-from server.sessions import SessionLimitError, SessionManager
+from server.session.overload import LateFrames
+from server.session.session import SessionLimitError, SessionManager
 from server.settings import Settings, SettingsError
 
 

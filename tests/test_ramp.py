@@ -1,4 +1,4 @@
-"""The admission ramp (`server.ramp`) against a real server on loopback with real aiortc
+"""The admission ramp (`bench.ramp`) against a real server on loopback with real aiortc
 peers: sessions are admitted one at a time until the engine falls behind, then refused with
 503 and reason "overloaded"; the admitted ones go on receiving video."""
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from test_overload import slow_server
 
+from bench.loopback import ServerThread, wait_first_avatar_ready
+from bench.ramp import ramp
+from bench.ramp_clients import _Child
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import ServerThread, wait_first_avatar_ready
-from server.ramp import ramp
-from server.ramp_clients import _Child
 from server.settings import Settings
 
 
@@ -86,7 +86,7 @@ async def test_the_ramp_spreads_its_clients_over_processes(tmp_path: Path) -> No
 
 
 async def test_a_ramp_client_process_reply_skips_noise_and_a_dead_one_is_an_error() -> None:
-    """The ramp's side of the protocol (`server.ramp_clients._Child`): lines without the
+    """The ramp's side of the protocol (`bench.ramp_clients._Child`): lines without the
     REPLY prefix (a library's print) are skipped, an error reply and a child that exits are
     RuntimeErrors naming what happened."""
 

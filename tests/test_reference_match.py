@@ -19,9 +19,9 @@ import reference_musetalk as ref
 import torch
 
 from avatars.avatar import Avatar
-from engines.audio_io import load_audio, write_wav
 from engines.base import Engine, frames_in
-from engines.render import RenderOptions, render_all
+from engines.render.audio_io import load_audio, write_wav
+from engines.render.offline import RenderOptions, render_all
 
 CLIP_SECONDS = 0.8
 TOLERANCE = 2  # /255 per pixel
@@ -42,7 +42,7 @@ def clip_wav(tmp_path_factory: pytest.TempPathFactory, speech_pcm: np.ndarray) -
 
 @pytest.fixture(scope="module")
 def engine(tiny_models_dir: Path) -> Engine:
-    from engines.factory import create_engine
+    from engines.backends import create_engine
 
     torch.manual_seed(0)
     eng, _ = create_engine("musetalk", tiny_models_dir, "cpu", "torch")

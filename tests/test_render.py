@@ -13,16 +13,16 @@ import typer
 from typer.testing import CliRunner
 
 from avatars.avatar import Avatar
-from engines.audio_io import AudioError, AudioLimits, load_audio, write_wav
 from engines.base import EngineError, frames_in
-from engines.video_io import Mp4Writer, even_size, read_pngs
+from engines.render.audio_io import AudioError, AudioLimits, load_audio, write_wav
+from engines.render.video_io import Mp4Writer, even_size, read_pngs
 
 MUSETALK_CLIP_S = 0.6  # model work is ~0.5 s a frame on the test CPU: 15 frames
 
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
-    from engines.cli import register
+    from lipstream.commands.engines import register
 
     app = typer.Typer()
     register(app)
@@ -163,7 +163,7 @@ def test_mp4_writer_exact_frames_odd_size_and_audio(tmp_path: Path, speech_pcm: 
 
 # -- factory ----------------------------------------------------------------------------
 def test_factory_never_silently_swaps_musetalk(tmp_path: Path) -> None:
-    from engines.factory import create_engine
+    from engines.backends import create_engine
 
     with pytest.raises(EngineError, match=r"no weights at .*: run `lipstream models download`"):
         create_engine("musetalk", tmp_path / "none", "cpu")
@@ -177,7 +177,7 @@ def test_factory_never_silently_swaps_musetalk(tmp_path: Path) -> None:
 
 
 def test_factory_builds_musetalk_from_weights(tiny_models_dir: Path) -> None:
-    from engines.factory import create_engine
+    from engines.backends import create_engine
 
     engine, reason = create_engine("musetalk", tiny_models_dir, "cpu", "torch")
     assert engine.name == "musetalk" and "musetalk" in reason
@@ -299,7 +299,7 @@ def test_auto_downloads_missing_weights_then_falls_back_when_offline(
     """With a GPU but no weights, `auto` tries the download; offline it says so and previews.
     (No GPU here: cuda_available is forced true, the download runs for real against an
     offline hub.)"""
-    from engines import factory
+    from engines import backends as factory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(factory, "cuda_available", lambda: True)

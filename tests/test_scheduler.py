@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from engines.base import SAMPLES_PER_FRAME, FrameJob, ready_horizon
-from engines.scheduler import LAUNCH_PHASES, GpuScheduler, SchedulerOptions, SchedulerStopped
+from engines.pipeline.scheduler import (
+    LAUNCH_PHASES,
+    GpuScheduler,
+    SchedulerOptions,
+    SchedulerStopped,
+)
 
 
 @dataclass
@@ -272,7 +277,7 @@ def test_a_cuda_error_stops_the_scheduler_and_is_reported(engine, preview_avatar
 
 class TimedPipeline(FailingPipeline):
     """A stand-in pipeline (no GPU here) that reports host time per launch phase, as
-    `engines.gpu.pipeline.GpuPipeline.launch_s` does."""
+    `engines.pipeline.gpu.GpuPipeline.launch_s` does."""
 
     def __init__(self) -> None:
         super().__init__(ValueError("unused"))

@@ -16,9 +16,9 @@ from engines.base import EngineError
 from engines.musetalk.engine import MuseTalkEngine, resolve_backend
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.gpu_worker import GpuWorker, create_worker, select_backend
+from server.session.gpu_worker import GpuWorker, create_worker, select_backend
+from server.session.worker import FrameWorker
 from server.settings import Settings
-from server.worker import FrameWorker
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_preview_engine_keeps_the_frame_worker_whatever_the_backend() -> None:
 
 
 def test_server_starts_with_the_frame_worker_on_cpu(tmp_path: Path) -> None:
-    from server.loopback import ServerThread
+    from bench.loopback import ServerThread
 
     settings = Settings(engine="preview", avatars_dir=tmp_path / "avatars")
     app = create_app(settings, engine=PreviewEngine(), reason="backend test")
@@ -103,7 +103,7 @@ def test_gpu_worker_serves_work_items_without_a_pipeline(preview_avatar: Any) ->
 
     from engines.base import FrameJob, ready_horizon
     from server.metrics import ServerMetrics
-    from server.worker import WorkerStopped, WorkItem
+    from server.session.worker import WorkerStopped, WorkItem
 
     engine = PreviewEngine()
     avatar = preview_avatar

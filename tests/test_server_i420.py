@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from server.tracks import I420Cache, i420_image, to_i420, video_frame
+from server.media.tracks import I420Cache, i420_image, to_i420, video_frame
 
 
 def _flat_i420(rgb: np.ndarray) -> np.ndarray:

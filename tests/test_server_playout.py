@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engines.base import LOOKAHEAD_SAMPLES, SAMPLES_PER_FRAME
-from server.player import SILENCE, Made, Playout, Tick, float_to_pcm16
+from server.session.playout import SILENCE, Made, Playout, Tick, float_to_pcm16
 
 
 def idle_image(pos: int) -> np.ndarray:
@@ -162,7 +162,7 @@ def test_a_late_frame_is_held_then_idle_then_speech_goes_on() -> None:
 
 def test_only_frames_the_engine_has_and_not_made_are_engine_late() -> None:
     """Held because the audio has not come (a slow client): not the engine's lateness. Held
-    because the frame was handed out and is not back: engine-late (server.overload counts it)."""
+    because the frame was handed out and is not back: engine-late (server.session.overload counts it)."""
     p = Playout(idle_image, lead=0, hold=2)
     p.push(ramp(SAMPLES_PER_FRAME * 5 + LOOKAHEAD_SAMPLES), now=0.0)
     run(p, 6)

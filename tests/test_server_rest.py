@@ -15,9 +15,9 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from avatars.store import AvatarStore
+from bench.loopback import ServerThread
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import ServerThread
 from server.settings import Settings
 
 MAX_UPLOAD = 1024 * 1024

@@ -29,7 +29,7 @@ def test_precedence_and_parsing() -> None:
     assert s.host == "127.0.0.1"  # default
     assert "0123456789" not in repr(s) and s.public()["api_key_set"] is True
     assert "api_key" not in s.public()
-    assert s.gather_ms == 20.0  # the scheduler's default (engines.scheduler.GATHER_S)
+    assert s.gather_ms == 20.0  # the scheduler's default (engines.pipeline.scheduler.GATHER_S)
     assert Settings.from_env({"LIPSTREAM_GATHER_MS": "0"}).gather_ms == 0.0
     assert s.lead_quantile == 0.98
     assert Settings.from_env({"LIPSTREAM_LEAD_QUANTILE": "0"}).lead_quantile == 0.0

@@ -1,4 +1,4 @@
-"""Serving while the server starts (`server.starting`): a real server on loopback whose
+"""Serving while the server starts (`server.ops.starting`): a real server on loopback whose
 engine's warm-up is held at a gate, as the compiled backend's is for minutes on a GPU (no GPU
 on CI: the preview engine's warm-up hook stands in, reporting progress the same way)."""
 
@@ -16,10 +16,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from bench.loopback import ServerThread
+from engines.pipeline.warm_up import WarmUpCancelled, WarmUpProgress, progress
 from engines.preview import PreviewEngine
-from engines.warm_up_progress import WarmUpCancelled, WarmUpProgress, progress
 from server.app import create_app
-from server.loopback import ServerThread
 from server.settings import Settings
 
 

@@ -12,7 +12,7 @@ import pytest
 from avatars.avatar import Avatar
 from engines.base import Engine, FrameJob
 from engines.preview import PreviewEngine
-from server.worker import FrameWorker, WorkerStopped, WorkItem, concat_features
+from server.session.worker import FrameWorker, WorkerStopped, WorkItem, concat_features
 
 
 class RecordingEngine(Engine):

@@ -13,9 +13,9 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from server.settings import Settings
 
 WS_MAX = 64 * 1024

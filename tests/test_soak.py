@@ -12,10 +12,10 @@ import cv2
 import httpx
 import pytest
 
+from bench.loopback import ServerThread, wait_first_avatar_ready
+from bench.soak import soak
 from server.app import create_app
-from server.loopback import ServerThread, wait_first_avatar_ready
 from server.settings import Settings
-from server.soak import soak
 
 
 def _add_avatar(base_url: str) -> None:
@@ -56,12 +56,12 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     assert result["worker_launch_ms_mean"] > 0  # the synchronous worker's launch is its step
     assert result["speech_backlog_s_max"] < 5.0, result["samples"]
     assert all(p["playout_at_end"]["backlog_s"] < 5.0 for p in result["per_session"])
-    # where the first frames' time went (server.player's breakdown), medians over the sessions
+    # where the first frames' time went (server.session.playout's breakdown), medians over the sessions
     parts = result["first_frame_parts_ms_median"]
     assert parts["audio"] is not None and parts["audio"] >= 50.0, parts  # frame 0's lookahead
     assert parts["made"] is not None and parts["wait"] is not None, parts
     assert result["first_frame_ms_p50_median"] >= parts["audio"]
-    # the worker's turnaround gauge (server.turnaround) was sampled while they spoke
+    # the worker's turnaround gauge (server.session.turnaround) was sampled while they spoke
     assert result["turnaround_ms_max"] is not None and 0 < result["turnaround_ms_max"] < 1000
     # memory sampled every 5 s from the given pid, growth computed over the window
     assert len([s for s in result["samples"] if s.get("rss")]) >= 4
@@ -70,7 +70,7 @@ def test_soak_attached_server_samples_its_memory(tmp_path: Path) -> None:
     # this soak samples only between opening its sessions and closing them
     assert [s["open"] for s in result["samples"]] == [2] * len(result["samples"])
     assert result["samples_all_open"] == len(result["samples"])
-    # the server's stall counters were sampled (server.stall_watch's loop lag every 20 ms)
+    # the server's stall counters were sampled (server.ops.stall_watch's loop lag every 20 ms)
     assert set(result["stalls"]) >= {"loop_lags_over_250ms", "gc_full_collections", "malloc_trims"}
     lag_n = [s["lag_n"] for s in result["samples"] if "lag_n" in s]
     assert lag_n[-1] > lag_n[0] + 100
@@ -88,8 +88,8 @@ def test_soak_refuses_a_pid_that_does_not_exist() -> None:
 def test_soak_with_client_processes_and_media_processes(tmp_path: Path) -> None:
     """The GPU soak's setup on the CPU: the server's WebRTC in a media process, the clients in
     two processes of their own; memory sampled over the server and its media process."""
+    from bench.soak import soak_with_client_processes
     from engines.preview import PreviewEngine
-    from server.soak import soak_with_client_processes
 
     settings = Settings(
         engine="preview", avatars_dir=tmp_path / "avatars", max_sessions=4, media_processes=1
@@ -122,7 +122,7 @@ def test_soak_with_client_processes_and_media_processes(tmp_path: Path) -> None:
 def test_window_figures_leave_out_the_teardown() -> None:
     """A soak's memory and engine figures span the samples with every session open; a
     teardown sample (sessions closing, RSS falling) does not end the window."""
-    from server.soak import all_open
+    from bench.soak import all_open
 
     def sample(t: float, open_: int, rss: int) -> dict[str, float]:
         return {"t": t, "open": open_, "rss": rss}
@@ -136,7 +136,7 @@ def test_window_figures_leave_out_the_teardown() -> None:
 
 
 def test_client_processes_need_a_share_each() -> None:
-    from server.soak import soak_with_client_processes
+    from bench.soak import soak_with_client_processes
 
     with pytest.raises(ValueError, match="client processes"):
         asyncio.run(soak_with_client_processes(1, 0.1, 2, "http://127.0.0.1:9"))
@@ -147,7 +147,7 @@ def test_timestamp_decoder_keeps_each_frames_rtp_timestamp() -> None:
     from aiortc.codecs import get_capabilities, get_decoder
     from aiortc.jitterbuffer import JitterFrame
 
-    from server.soak import TimestampDecoder, skip_video_decoding
+    from bench.soak import TimestampDecoder, skip_video_decoding
 
     frames = TimestampDecoder().decode(JitterFrame(b"not even vp8", 123_456))
     assert len(frames) == 1 and frames[0].pts == 123_456 and frames[0].width == 16

@@ -1,4 +1,4 @@
-"""server.stall_watch: the loop-lag monitor, collector pauses and trim times, measured on real
+"""server.ops.stall_watch: the loop-lag monitor, collector pauses and trim times, measured on real
 stalls (a blocked event loop, real collections, a slow trim function); and the soak's stall
 summary from /metrics series."""
 
@@ -12,8 +12,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from server import malloc_tuning, stall_watch
-from server.soak import _stalls
+from bench.soak import _stalls
+from server.ops import malloc_tuning, stall_watch
 
 
 def _histogram(labels: tuple[str, ...] = ()) -> Histogram:
@@ -47,7 +47,7 @@ def test_a_blocked_loop_is_measured_and_logged_with_its_collector_pause(
         return lag
 
     try:
-        with caplog.at_level(logging.WARNING, logger="server.stall_watch"):
+        with caplog.at_level(logging.WARNING, logger="server.ops.stall_watch"):
             lag = asyncio.run(main())
     finally:
         pauses.uninstall()
@@ -64,7 +64,7 @@ def test_a_quiet_loop_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:
         await lag.stop()
         return lag
 
-    with caplog.at_level(logging.WARNING, logger="server.stall_watch"):
+    with caplog.at_level(logging.WARNING, logger="server.ops.stall_watch"):
         lag = asyncio.run(main())
     assert lag.stalls == 0 and lag.longest_s < 0.15
     assert not [r for r in caplog.records if "stalled" in r.getMessage()]
@@ -111,7 +111,7 @@ def test_every_slow_trim_is_logged_and_observed(caplog: pytest.LogCaptureFixture
         return 1
 
     trimmer = malloc_tuning.Trimmer(slow_trim, 60.0, observe=seen.append)
-    with caplog.at_level(logging.WARNING, logger="server.malloc_tuning"):
+    with caplog.at_level(logging.WARNING, logger="server.ops.malloc_tuning"):
         trimmer.trim_now()
         trimmer.trim_now()  # no slower than the first: still logged
     assert len(seen) == 2 and min(seen) > malloc_tuning.SLOW_TRIM_S

@@ -1,4 +1,4 @@
-"""`engines.gpu.toolchain`: what the compiled backend needs on the host (Triton, a C compiler,
+"""`engines.pipeline.toolchain`: what the compiled backend needs on the host (Triton, a C compiler,
 Python's headers), and what backend selection does without it.
 
 The compiler and header checks run for real against this machine's PATH and a folder made
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from engines.base import EngineError
-from engines.gpu import tensorrt, toolchain
+from engines.pipeline import toolchain
+from engines.tensorrt import engine as tensorrt
 
 
 def _fake_compiler(folder: Path, name: str) -> None:
@@ -89,7 +90,7 @@ def test_auto_falls_back_to_eager_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: "no C compiler on PATH")
-    with caplog.at_level(logging.WARNING, logger="engines.gpu.tensorrt"):
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.engine"):
         assert tensorrt.select_backend("auto") == "torch"
     assert "no C compiler on PATH" in caplog.text
     with pytest.raises(EngineError, match="backend compiled unavailable: no C compiler"):
@@ -110,7 +111,7 @@ def test_bench_refuses_a_backend_it_cannot_build_before_measuring(
 ) -> None:
     """`lipstream bench --stream-backends compiled` asks for compiled explicitly: without a
     compiler it fails at once, naming why, and not at the first compile minutes in."""
-    from engines.bench import BenchOptions, check_backends
+    from bench.runner import BenchOptions, check_backends
 
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: "no C compiler on PATH")
     eager = BenchOptions(backends=("torch",), stream_backends=("torch",))

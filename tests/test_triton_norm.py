@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from engines.gpu import measure, triton_norm
-from engines.gpu.triton_norm import (
+from bench.gpu import measure
+from engines.pipeline import triton_norm
+from engines.pipeline.triton_norm import (
     TritonGroupNorm,
     group_norm_nhwc,
     swap_norm_silu_pairs,
@@ -176,11 +177,11 @@ def test_compiles_around_the_kernels() -> None:
 
 
 def test_norm_bench_smoke(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`python -m engines.gpu.norm_bench` end to end on a small shape (on the CPU the times
+    """`python -m bench.gpu.norm_bench` end to end on a small shape (on the CPU the times
     mean nothing; the JSON's structure and the kernels' accuracy do)."""
     import json
 
-    from engines.gpu import norm_bench
+    from bench.gpu import norm_bench
 
     out = tmp_path / "nb.json"
     args = [str(out), "--shapes", "64:8:8:3", "--tiles", "1024", "--warps", "4"]
@@ -212,8 +213,8 @@ def test_musetalk_step_with_triton_norms(fold: bool, kernel_calls: list[int]) ->
     """`MuseTalkStep(nhwc_norm="triton")`: the decoder's norm + SiLU pairs on the kernels,
     its other norm (the attention's) in the channels-last torch form; the eager VAE
     untouched; the faces within 1/255 of the stock step's."""
-    from engines.gpu.compiled import MuseTalkStep
-    from engines.gpu.nhwc_norm import ChannelsLastGroupNorm
+    from engines.pipeline.compiled import MuseTalkStep
+    from engines.pipeline.nhwc_norm import ChannelsLastGroupNorm
 
     class Unet(nn.Module):  # stands in for the UNet (returns the latents)
         def forward(self, latents, timestep, encoder_hidden_states):  # type: ignore[no-untyped-def]
@@ -247,7 +248,7 @@ def test_swapped_unet_predicts_the_same(kernel_calls: list[int]) -> None:
     """The tiny UNet with its resnets' norm + SiLU pairs on the kernels: the resnets'
     `nonlinearity` still applies the SiLU to the time embedding (2-D) and nothing else; the
     transformer blocks' norms stay; the prediction matches the stock UNet's."""
-    from engines.gpu.nhwc_norm import shared_copy
+    from engines.pipeline.nhwc_norm import shared_copy
 
     unet, _, _ = measure.build_models("tiny", "cpu", torch.float32)
     unet = unet.to(DEV)

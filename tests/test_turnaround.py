@@ -1,4 +1,4 @@
-"""`server.turnaround`: a new utterance's lead covers the frame worker's recent turnarounds.
+"""`server.session.turnaround`: a new utterance's lead covers the frame worker's recent turnarounds.
 
 The unit tests check the quantile window and the lead arithmetic. The server test runs a real
 server on loopback with a real aiortc peer and an engine whose every fourth call stalls
@@ -20,11 +20,18 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
+from server.session.turnaround import (
+    FRAME_S,
+    MARGIN_S,
+    MAX_LEAD_FRAMES,
+    URGENT_S,
+    Turnaround,
+    lead_for,
+)
 from server.settings import Settings
-from server.turnaround import FRAME_S, MARGIN_S, MAX_LEAD_FRAMES, URGENT_S, Turnaround, lead_for
 
 
 def test_need_is_the_quantile_of_the_window() -> None:

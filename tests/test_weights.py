@@ -200,7 +200,7 @@ def test_unet_loads_with_weights_only(tiny_models_dir: Path, tmp_path: Path) -> 
 def test_make_random_cli(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from engines.models_cli import models_app
+    from lipstream.commands.models import models_app
 
     result = CliRunner().invoke(
         models_app, ["make-random", "--size", "tiny", "--dir", str(tmp_path), "--seed", "3"]
@@ -212,7 +212,7 @@ def test_make_random_cli(tmp_path: Path) -> None:
 
 def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    code = "import sys; from engines.models_cli import models_app; models_app()"
+    code = "import sys; from lipstream.commands.models import models_app; models_app()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "download", "--dir", str(tmp_path / "models")],
         env=env,

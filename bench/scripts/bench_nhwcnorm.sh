@@ -1,6 +1,6 @@
 # Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200 when stock):
-# stock, channels-last (engines/gpu/nhwc_norm.py, the default since session 9) and the Triton
-# kernels (engines/gpu/triton_norm.py), on the GPU machine (repo root).
+# stock, channels-last (engines/pipeline/nhwc_norm.py, the default since session 9) and the Triton
+# kernels (engines/pipeline/triton_norm.py), on the GPU machine (repo root).
 #   PART=profile  (~3 min for two runs): kernel_profile.py for RUNS (default "vae:channel
 #                           vae:triton"; also vae:stock, vae:group; the UNet's compile is
 #                           longer: RUNS="unet:stock unet:channel" as a call of its own)
@@ -18,7 +18,7 @@ if [ "${PART:-profile}" = profile ]; then
         m=${mv%%:*}; v=${mv##*:}
         flag=""; [ $v != stock ] && flag="--nhwc-norm $v"
         {
-            timeout "${LIMIT:-170}" python3 -m engines.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
+            timeout "${LIMIT:-170}" python3 -m bench.gpu.kernel_profile "$OUT/kp_${m}_$v.json" \
                 --model $m $flag --budget-s 60 >"$OUT/kp_${m}_$v.log" 2>&1
             echo "$m $v rc=$?"
             python3 - "$OUT/kp_${m}_$v.json" <<'PY'
@@ -32,7 +32,7 @@ PY
     done
 else
     . bench/scripts/device_env.sh
-    timeout "${LIMIT:-560}" python3 -m engines.bench --sections reference,pipeline,accuracy \
+    timeout "${LIMIT:-560}" python3 -m bench.runner --sections reference,pipeline,accuracy \
         --backends "torch,${VARIANTS:-compiled,compiled-tritonnorm}" --out "$OUT/bench_nhwcnorm.json" \
         >"$OUT/bench_nhwcnorm.log" 2>&1
     echo "bench rc=$?"

@@ -6,7 +6,7 @@
 # launch_ms_mean and launch_phase_ms_mean. Output: $OUT/bench_stream.json (+ the log). One
 # compiled warm-up per variant: ~4 minutes each on a fresh machine.
 . bench/scripts/device_env.sh
-timeout "${LIMIT:-560}" python3 -m engines.bench --sections streaming \
+timeout "${LIMIT:-560}" python3 -m bench.runner --sections streaming \
     --stream-backends "${BACKENDS:-compiled,compiled-cpaste}" --sessions "${SESSIONS:-1,12}" \
     --long-s 0 --sweep-s "${SWEEP_S:-12}" --gather-ms "${GATHER_MS:-20}" --phase-spread-ms "${PHASE_SPREAD_MS:-20}" --out "${OUT:-/tmp}/bench_stream.json" \
     >"${OUT:-/tmp}/bench_stream.log" 2>&1

@@ -15,7 +15,7 @@ if [ ! -d /tmp/avatars ]; then
     python3 - <<'PY'
 import dataclasses, os
 from avatars.store import AvatarStore
-from engines.gpu.measure import synthetic_avatar
+from bench.gpu.measure import synthetic_avatar
 store = AvatarStore(os.environ["LIPSTREAM_AVATARS_DIR"])
 av = synthetic_avatar(25)  # 720p, 25 frames, boxes without a face detector
 store.save(dataclasses.replace(av, id=store.new_id(), name="synthetic720p", latents=None))

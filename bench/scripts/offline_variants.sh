@@ -5,12 +5,12 @@
 # bucket saves each compiled variant ~35 s of captures), CLIP_S (default 19.2: 480 frames, ten
 # full batches of 48), ROUNDS (timed rounds per variant, interleaved, default 5). Each variant's fps lands in the
 # JSON as soon as it is measured, so a run cut short keeps the ones before.
-# Output: $OUT/bench_offline.json (+ the log), $OUT/paste_bench.json (engines.gpu.paste_bench).
+# Output: $OUT/bench_offline.json (+ the log), $OUT/paste_bench.json (bench.gpu.paste_bench).
 . bench/scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # the paste stage alone first (~20 s): whole-frame I420 against region-only
-timeout 120 python3 -m engines.gpu.paste_bench "${OUT:-/tmp}/paste_bench.json" 2>&1 | tail -4
-timeout "${LIMIT:-520}" python3 -m engines.bench --sections reference,pipeline \
+timeout 120 python3 -m bench.gpu.paste_bench "${OUT:-/tmp}/paste_bench.json" 2>&1 | tail -4
+timeout "${LIMIT:-520}" python3 -m bench.runner --sections reference,pipeline \
     --backends "torch,${VARIANTS:-compiled,compiled-split,compiled-tuned}" --buckets "${BUCKETS:-48}" \
     --clip-s "${CLIP_S:-19.2}" --rounds "${ROUNDS:-5}" \
     --out "${OUT:-/tmp}/bench_offline.json" >"${OUT:-/tmp}/bench_offline.log" 2>&1

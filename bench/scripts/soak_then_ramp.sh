@@ -4,13 +4,13 @@
 # server then gets ramp.sh (one more speaking session every RAMP_EVERY s, default 3). JSONs and
 # the server's log to $OUT.
 # ENCODERS=1 (default): first, on the quiet host, aiortc's encoders as aiortc and as the server
-# set them up, and by codec threads (engines.gpu.measure.encoder_cost, ~25 s) -> $OUT/encoders.json.
+# set them up, and by codec threads (bench.gpu.measure.encoder_cost, ~25 s) -> $OUT/encoders.json.
 set -u
 if [ "${ENCODERS:-1}" = 1 ]; then
     . bench/scripts/device_env.sh
     python3 -c "
 import json, os
-from engines.gpu.measure import encoder_cost
+from bench.gpu.measure import encoder_cost
 r = encoder_cost(720, 1280, frames=40, threads=(1, 8, 16))
 open(os.path.join(os.environ['OUT'], 'encoders.json'), 'w').write(json.dumps(r, indent=1))
 def nums(d, nd=1):  # the figures only (each run's ms are a list)

@@ -6,8 +6,8 @@ where `avatars.blend.paste_back` blends each generated 256x256 face into its fra
 throughout: MuseTalk's BGR flips cancel out). Frames without a face are returned unchanged.
 
 Backends `compiled` and `tensorrt` need a CUDA device: `render` then goes through a
-`engines.gpu.pipeline.GpuPipeline` of that backend (built and warmed up on first use; GPU
-paste-back). `auto` is the best available one (`engines.gpu.tensorrt.select_backend`): torch
+`engines.pipeline.gpu.GpuPipeline` of that backend (built and warmed up on first use; GPU
+paste-back). `auto` is the best available one (`engines.tensorrt.engine.select_backend`): torch
 on CPU. The server's GPU scheduler builds its own pipeline from the same engine.
 """
 
@@ -97,7 +97,7 @@ def resolve_backend(requested: str, device: str | torch.device = "cpu") -> str:
                 "use --backend torch (or auto)"
             )
         return "torch"
-    from engines.gpu.tensorrt import select_backend
+    from engines.tensorrt.engine import select_backend
 
     return select_backend(requested)
 
@@ -151,7 +151,7 @@ class MuseTalkEngine(Engine):
         if self._pipeline is None:
             if self.device.type != "cuda" or self.backend == "torch":
                 raise EngineError(f"no GPU pipeline for backend {self.backend} on {self.device}")
-            from engines.gpu.pipeline import GpuPipeline, PipelineOptions
+            from engines.pipeline.gpu import GpuPipeline, PipelineOptions
 
             b = self.options.batch_size
             buckets: tuple[int, ...] = (b,) if b == 1 else (1, b)

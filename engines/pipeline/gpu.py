@@ -1,0 +1,429 @@
+"""The GPU frame pipeline: audio encoder -> UNet + VAE -> paste-back + I420 -> pinned host.
+
+Three CUDA streams, one per stage, with events between them:
+
+    stream A  log-mel (torch STFT) + whisper encoder, batched across sessions
+    stream B  UNet (t = 0) + VAE decode (eager or `compiled` CUDA graphs)
+    stream C  paste-back into the avatar frames + RGB -> I420 + copy to pinned host memory
+
+(`split_stages`, opt-in: stream B runs the UNet only and a fourth stream D the VAE decode, so
+batch n+1's UNet can run beside batch n's decode; `engines.pipeline.split_step`.)
+
+`launch` only enqueues work and returns a `Pending`; the caller (the scheduler thread) can
+launch the next batch at once, so batch n+1's encoder and UNet run while batch n is pasted
+and copied. `Pending.result()` (on a delivery thread) waits for batch n's last event and
+copies its frames out of the pinned buffer, which is then reused.
+
+Streaming features: `engines.pipeline.features.GpuFeaturizer` (the encoder passes of all
+sessions in one batch, exactly as `AudioFeaturizer.stream`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.base import EngineError, FrameJob
+from engines.pipeline import paste
+from engines.pipeline.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
+from engines.pipeline.features import ENCODER_BATCH, GpuFeaturizer
+from engines.pipeline.nhwc_norm import check_norm_form
+from engines.pipeline.scheduler import LAUNCH_PHASES
+from engines.pipeline.split_step import SplitCompiledStep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    backend: str = "compiled"  # "torch" (eager) or "compiled"
+    buckets: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
+    output: str = "i420"  # "i420" (what the video track sends) or "rgb"
+    decode_from_row: int = 0  # > 0: opt-in partial VAE decode (see MuseTalkStep)
+    fold_upsample: bool = (
+        True  # compiled: folded VAE upsampling convolutions (engines.pipeline.fold)
+    )
+    compile_encoder: bool = True  # compiled: whisper encoder compiled + one CUDA graph
+    tune: bool = False  # compiled: inductor kernel tuning at warm-up (CompiledOptions.tune)
+    host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
+    # compiled: the paste stage (~100 eager ops, ~2.7 ms of host time per step on the H200)
+    # as one torch.compile graph. A bench variant (`compiled-cpaste`), not a server default:
+    # it compiles again for each avatar's region size, on the worker thread
+    compile_paste: bool = False
+    # compiled: the UNet's and the VAE decoder's GroupNorms in channels-last form
+    # (engines.pipeline.nhwc_norm), statistics per "channel" or per "group"; "" = stock. On the
+    # H200: VAE decoder 1.56 -> 1.38 ms per frame, full pipeline 524 -> 536 fps, the same
+    # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`;
+    # `-tritonnorm`: the norm + SiLU pairs as Triton kernels, engines.pipeline.triton_norm)
+    nhwc_norm: str = "channel"
+    # whisper passes per encoder call, padded: results never depend on which other passes
+    # shared the call. On the H200 a call costs 0.44 / 0.53 / 0.81 / 1.33 ms at 1 / 2 / 4 / 8
+    # windows: 4 costs a step of 1-4 windows (12 sessions: ~2) 0.5 ms less than 8 did, and
+    # one of 20 windows the same. Bench variants `-enc<k>`
+    encoder_batch: int = ENCODER_BATCH
+    # compiled: the log-mel inside the encoder's CUDA graph (one replay per encoder call
+    # instead of ~25 eager ops + a replay). On the H200 at 16 sessions the featurizer's host
+    # time per step fell from 6.5 to 3.5 ms (bench variant `-eagermel` for the old way)
+    log_mel_in_graph: bool = True
+    # compiled: the UNet and the VAE decode as two graphs on two streams, so that one batch's
+    # UNet can run beside the previous batch's decode (engines.pipeline.split_step). Opt-in, not
+    # yet measured (bench variant `-split`)
+    split_stages: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "compiled", "tensorrt"):
+            raise ValueError(
+                f"pipeline backend must be torch, compiled or tensorrt, got {self.backend!r}"
+            )
+        if self.output not in ("i420", "rgb"):
+            raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
+        check_norm_form(self.nhwc_norm)
+        if not 1 <= self.encoder_batch <= 64:
+            raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
+        if self.host_slots < 2:
+            raise ValueError("host_slots must be >= 2 for overlap")
+        if self.split_stages and self.backend != "compiled":
+            raise ValueError("split_stages needs the compiled backend")
+
+
+@dataclass
+class Row:
+    """One frame of a batch: which avatar, which loop position."""
+
+    avatar_id: str
+    loop_position: int
+
+
+@dataclass
+class Pending:
+    """A launched batch: wait on `done`, then read each row's frame from `host`."""
+
+    done: torch.cuda.Event
+    host: dict[str, torch.Tensor]  # per avatar: (k, frame bytes) pinned
+    order: list[tuple[str, int]]  # per row: (avatar id, index in that avatar's block)
+    sizes: dict[str, tuple[int, int]]
+    output: str
+    give_back: Callable[[], None] | None = None  # frees this batch's host slot
+    released: bool = field(default=False)
+
+    def result(self) -> list[np.ndarray]:
+        """Block until the batch is on the host; frames copied out (I420 (bytes,) or RGB (H, W, 3)).
+        The host slot is given back whether or not the batch succeeded."""
+        try:
+            self.done.synchronize()
+            frames = [self.host[a][i].numpy().copy() for a, i in self.order]
+        finally:
+            self.release()
+        if self.output == "rgb":
+            frames = [
+                f.reshape(*self.sizes[a], 3) for f, (a, _) in zip(frames, self.order, strict=True)
+            ]
+        return frames
+
+    def release(self) -> None:
+        if not self.released and self.give_back is not None:
+            self.give_back()
+        self.released = True
+
+
+class GpuPipeline:
+    """The three-stream GPU path over a `MuseTalkEngine`'s models and resident avatars."""
+
+    def __init__(self, engine: Any, options: PipelineOptions | None = None) -> None:
+        if engine.device.type != "cuda":
+            raise EngineError("the GPU pipeline needs the engine on a CUDA device")
+        self.engine = engine
+        self.options = options or PipelineOptions()
+        self.device = engine.device
+        self.features = GpuFeaturizer(engine.features, self.options.encoder_batch)
+        step = MuseTalkStep(
+            engine.unet,
+            engine.vae,
+            decode_from_row=self.options.decode_from_row,
+            fold_upsample=self.options.fold_upsample and self.options.backend == "compiled",
+            nhwc_norm=self.options.nhwc_norm if self.options.backend == "compiled" else "",
+        ).to(self.device)
+        self.step: Any = step
+        self.paste_stage: Any = paste.paste_flat
+        if self.options.compile_paste and self.options.backend == "compiled":
+            self.paste_stage = torch.compile(paste.paste_flat, dynamic=True)
+        self.build_report: dict[str, Any] = {}
+        self.encoder: CompiledEncoder | None = None
+        if self.options.backend == "compiled":
+            compiled = CompiledOptions(buckets=self.options.buckets, tune=self.options.tune)
+            self.step = (
+                SplitCompiledStep(step, compiled)
+                if self.options.split_stages
+                else CompiledStep(step, compiled)
+            )
+            if self.options.compile_encoder:
+                self.encoder = CompiledEncoder(
+                    self.features.encoder,
+                    self.features.encoder_batch,
+                    int(self.features.mel_filters.shape[1]),
+                    2 * self.features.window_steps,
+                    log_mel=self.features.log_mel if self.options.log_mel_in_graph else None,
+                    samples=self.features.window_samples,
+                )
+                if self.encoder.takes_wave:
+                    self.features.run_windows = self.encoder
+                else:
+                    self.features.run_encoder = self.encoder
+        elif self.options.backend == "tensorrt":
+            from engines.tensorrt.engine import Profile, load_or_build
+
+            if self.options.decode_from_row:
+                raise EngineError("decode_from_row is not supported by the tensorrt backend")
+            trt_step, trt_encoder, self.build_report = load_or_build(
+                engine, Profile(min(self.options.buckets), 16, max(self.options.buckets))
+            )
+            self.step = trt_step
+            self.features.run_encoder = trt_encoder
+        # A features, B UNet+VAE (with split_stages: B the UNet, D the VAE), C paste-back
+        self.streams = {
+            k: torch.cuda.Stream(self.device) for k in ("ABCD" if self.split else "ABC")
+        }
+        self._avatars: dict[str, paste.GpuAvatar] = {}
+        # pinned output buffers by slot; a slot is taken by a launch and given back by its
+        # Pending (or by the launch itself if it fails), so a free slot is never in flight
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for k in range(self.options.host_slots):
+            self._free_slots.put(k)
+        self._host: list[dict[tuple[str, int], torch.Tensor]] = [
+            {} for _ in range(self.options.host_slots)
+        ]
+        self._peak_warmed = False  # warm_peak's batches have run
+        self.launch_s = dict.fromkeys(LAUNCH_PHASES, 0.0)  # host seconds in launch(), in all
+
+    def warm_up(self) -> dict[int, float]:
+        """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
+        encoder kernels), so a session's first frame pays none of it."""
+        from engines.base import ready_horizon
+        from engines.pipeline.warm_up import progress
+
+        step = self.step if isinstance(self.step, CompiledStep) else None
+        buckets = len(step.options.buckets) if step is not None else 0
+        progress.begin(
+            (self.encoder is not None) + buckets, f"{self.options.backend} backend warm-up"
+        )
+        if self.encoder is not None:
+            t0 = time.perf_counter()
+            self.encoder.warm_up()
+            progress.step_done("whisper encoder", time.perf_counter() - t0)
+        jobs = [FrameJob(0, ready_horizon(0), 0)]
+        self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])
+        torch.cuda.synchronize(self.device)
+        return step.warm_up() if step is not None else {}  # each bucket a step of the progress
+
+    @property
+    def split(self) -> bool:
+        """Whether the UNet and the VAE decode run as two stages on two streams."""
+        return isinstance(self.step, SplitCompiledStep)
+
+    def avatar(self, avatar_id: str) -> paste.GpuAvatar:
+        gav = self._avatars.get(avatar_id)
+        if gav is None:
+            res = self.engine._resident(avatar_id)
+            gav = self._avatars[avatar_id] = paste.upload_avatar(
+                res.avatar, self.device, keep_frames=self.options.output == "rgb"
+            )
+        return gav
+
+    def prepare_avatar(self, avatar_id: str) -> None:
+        """Upload the avatar's paste-back data and run one silent frame through every stage,
+        so a session's first frame pays no lazy set-up (measured: 240-280 ms instead of
+        ~115 ms for the first utterance after start without it); then `warm_peak`."""
+        from engines.base import ready_horizon
+
+        jobs = [FrameJob(0, ready_horizon(0), 0)]
+        self.launch([Row(avatar_id, 0)], [(np.zeros(ready_horizon(0), np.float32), jobs)]).result()
+        self.warm_peak(avatar_id)
+
+    def warm_peak(self, avatar_id: str) -> None:
+        """Run the largest batch this pipeline takes, with the most encoder passes a batch
+        can need (every frame straddling a 30 s window boundary: two passes each, the longer
+        one a full window), once per host slot: GPU caching-allocator blocks, the features'
+        staging buffers and this avatar's pinned output buffers then have their peak sizes
+        from the start, instead of growing the first time a rare large batch comes (a 10 min
+        GPU soak saw GPU memory step up by 3.7 % after 200 s). The batches run once per
+        process; a later avatar only gets its output buffers (no GPU work between steps)."""
+        from engines.base import ready_horizon
+
+        n = max(self.options.buckets)
+        if self._peak_warmed:
+            height, width = self.avatar(avatar_id).size
+            nbytes = (
+                paste.i420_size(height, width)
+                if self.options.output == "i420"
+                else height * width * 3
+            )
+            for slot in range(self.options.host_slots):
+                self._host_buf(slot, avatar_id, n, nbytes)
+            return
+        self._peak_warmed = True
+        window_frames = self.features.window_steps // 2  # 2 encoder steps per video frame
+        first = max(0, window_frames - n // 2 - 2)
+        jobs = [FrameJob(first + k, ready_horizon(first + k), k) for k in range(n)]
+        rng = np.random.default_rng(0)
+        audio = (0.1 * rng.standard_normal(jobs[-1].horizon)).astype(np.float32)
+        rows = [Row(avatar_id, k) for k in range(n)]
+        pending = [self.launch(rows, [(audio, jobs)]) for _ in range(self.options.host_slots)]
+        for p in pending:
+            p.result()
+
+    def unload(self, avatar_id: str) -> None:
+        self._avatars.pop(avatar_id, None)
+        for slot in self._host:  # its pinned output buffers
+            for key in [k for k in slot if k[0] == avatar_id]:
+                del slot[key]
+
+    def _host_buf(self, slot: int, avatar_id: str, n: int, nbytes: int) -> torch.Tensor:
+        key = (avatar_id, nbytes)
+        buf = self._host[slot].get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = torch.empty((max(n, 8), nbytes), dtype=torch.uint8, pin_memory=True)
+            self._host[slot][key] = buf
+        return buf
+
+    @torch.no_grad()
+    def launch(
+        self,
+        rows: Sequence[Row],
+        parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]] | None = None,
+        features: torch.Tensor | None = None,
+    ) -> Pending:
+        """Enqueue one batch: `rows` in order, their features from `parts` (streaming: each
+        (utterance audio, jobs)) or given. Blocks only while all host slots are in flight.
+        A launch that raises gives its host slot back (a leaked slot would block every later
+        launch: the server would stop rendering)."""
+        t0 = time.perf_counter()
+        slot = self._free_slots.get()
+        self.launch_s["slot_wait"] += time.perf_counter() - t0
+        try:
+            return self._launch(slot, rows, parts, features)
+        except BaseException:
+            self._free_slots.put(slot)
+            raise
+
+    def _launch(
+        self,
+        slot: int,
+        rows: Sequence[Row],
+        parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]] | None,
+        features: torch.Tensor | None,
+    ) -> Pending:
+        sa, sb, sc = self.streams["A"], self.streams["B"], self.streams["C"]
+        t0 = time.perf_counter()
+        cur = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(sa):
+            sa.wait_stream(cur)
+            if features is None:
+                if parts is None:
+                    raise ValueError("launch needs `parts` (streaming) or `features`")
+                feats = self.features.stream_many(parts)
+            else:
+                feats = features.to(self.device)
+            ev_a = torch.cuda.Event()
+            ev_a.record(sa)
+        t1 = time.perf_counter()
+        self.launch_s["features"] += t1 - t0
+        if len(feats) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(feats)} feature rows")
+        # group rows by avatar (their order inside each block is kept)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.avatar_id, []).append(i)
+        frame_idx: dict[str, torch.Tensor] = {}
+        with torch.cuda.stream(sb):
+            sb.wait_event(ev_a)
+            lat_parts, perm = [], []
+            for aid, idx in groups.items():
+                res = self.engine._resident(aid)
+                av = res.avatar
+                fi = torch.tensor(
+                    [av.loop_frame(rows[i].loop_position) for i in idx], dtype=torch.long
+                )
+                frame_idx[aid] = fi.to(self.device, non_blocking=True)
+                lat_parts.append(res.latents.index_select(0, frame_idx[aid]))
+                perm.extend(idx)
+            perm_t = torch.tensor(perm, dtype=torch.long).to(self.device, non_blocking=True)
+            lat = torch.cat(lat_parts).to(self.engine.dtype)
+            audio = feats.index_select(0, perm_t).to(self.engine.dtype)
+            if self.split:
+                handle = self.step.unet_stage(lat, audio)
+            else:
+                faces = self.step(lat, audio)
+            ev_b = torch.cuda.Event()
+            ev_b.record(sb)
+        feats.record_stream(sb)
+        if self.split:  # the decode on its own stream, after this batch's UNet
+            sd = self.streams["D"]
+            with torch.cuda.stream(sd):
+                sd.wait_event(ev_b)
+                faces = self.step.vae_stage(handle)
+                ev_b = torch.cuda.Event()
+                ev_b.record(sd)
+        t2 = time.perf_counter()
+        self.launch_s["unet_vae"] += t2 - t1
+        host: dict[str, torch.Tensor] = {}
+        order: list[tuple[str, int]] = [("", 0)] * len(rows)
+        sizes: dict[str, tuple[int, int]] = {}
+        with torch.cuda.stream(sc):
+            sc.wait_event(ev_b)
+            start = 0
+            for aid, idx in groups.items():
+                gav = self.avatar(aid)
+                k = len(idx)
+                # frames with no face: the avatar frame as it is (its mask is all zero)
+                out = self.paste_stage(
+                    gav, frame_idx[aid], faces[start : start + k], self.options.output == "i420"
+                )
+                buf = self._host_buf(slot, aid, k, int(out.shape[1]))
+                buf[:k].copy_(out, non_blocking=True)
+                host[aid] = buf
+                sizes[aid] = gav.size
+                for j, i in enumerate(idx):
+                    order[i] = (aid, j)
+                start += k
+            done = torch.cuda.Event()
+            done.record(sc)
+        # keep the batch's tensors alive until stream C is done with them
+        for t in (faces, *frame_idx.values()):
+            t.record_stream(sc)
+        self.launch_s["paste"] += time.perf_counter() - t2
+        return Pending(
+            done=done,
+            host=host,
+            order=order,
+            sizes=sizes,
+            output=self.options.output,
+            give_back=functools.partial(self._free_slots.put, slot),
+        )
+
+    def render(
+        self, avatar_id: str, loop_positions: Sequence[int], features: torch.Tensor
+    ) -> list[np.ndarray]:
+        """Offline: frames for `loop_positions` with given features, batch by batch, overlapped."""
+        cap = (
+            self.step.max_batch
+            if isinstance(self.step, CompiledStep)
+            else max(self.options.buckets)
+        )
+        pending: list[Pending] = []
+        frames: list[np.ndarray] = []
+        for s in range(0, len(loop_positions), cap):
+            rows = [Row(avatar_id, int(p)) for p in loop_positions[s : s + cap]]
+            pending.append(self.launch(rows, features=features[s : s + cap]))
+            if len(pending) >= self.options.host_slots - 1:
+                frames.extend(pending.pop(0).result())
+        for p in pending:
+            frames.extend(p.result())
+        return frames

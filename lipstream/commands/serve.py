@@ -1,0 +1,114 @@
+"""`lipstream serve`: build the engine (saying which and why), then run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "serve", help="Run the streaming server (REST, WebRTC, audio websocket, demo page)."
+    )(serve)
+
+
+def serve(
+    engine: str = typer.Option(
+        None, help="auto | musetalk | preview  (env LIPSTREAM_ENGINE; default auto)"
+    ),
+    models_dir: Path = typer.Option(
+        None, help="MuseTalk weights folder (env LIPSTREAM_MODELS_DIR)"
+    ),
+    avatars_dir: Path = typer.Option(
+        None, help="Prepared avatars folder (env LIPSTREAM_AVATARS_DIR)"
+    ),
+    device: str = typer.Option(None, help="auto | cpu | cuda[:N]  (env LIPSTREAM_DEVICE)"),
+    backend: str = typer.Option(
+        None,
+        help="auto (default: compiled on a GPU, torch on CPU) | torch | compiled | tensorrt  (env LIPSTREAM_BACKEND)",
+    ),
+    host: str = typer.Option(None, help="Address to bind (env LIPSTREAM_HOST; default 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (env LIPSTREAM_PORT; default 8000)"),
+    max_sessions: int = typer.Option(
+        None, help="Concurrent sessions before 503 (env LIPSTREAM_MAX_SESSIONS)"
+    ),
+    demo_avatar: bool = typer.Option(
+        None, "--demo-avatar/--no-demo-avatar", help="Register the astronaut avatar on first start"
+    ),
+    api_key: str = typer.Option(
+        None,
+        help="API key(s) for REST, comma-separated (env LIPSTREAM_API_KEY; prefer the env: "
+        "a flag shows in `ps`)",
+        show_default=False,
+    ),
+    insecure: bool = typer.Option(
+        None, "--insecure/--no-insecure", help="Allow a non-loopback --host with no API key"
+    ),
+    drain_grace_s: float = typer.Option(
+        None,
+        help="SIGTERM: seconds live sessions may run before exit (env LIPSTREAM_DRAIN_GRACE_S)",
+    ),
+    set_: list[str] = typer.Option(
+        None,
+        "--set",
+        help="Any other setting, NAME=VALUE (repeatable), e.g. --set max_upload_bytes=52428800; "
+        "names as in README 'Security and limits' (env LIPSTREAM_<NAME>)",
+    ),
+    log_level: str = typer.Option("info", help="debug | info | warning"),
+) -> None:
+    import uvicorn
+
+    from engines.base import EngineError
+    from server.app import build_engine, create_app
+    from server.ops import malloc_tuning
+    from server.ops.drain import DrainingServer, reserve_s
+    from server.settings import Settings, SettingsError, parse_assignments
+
+    logging.getLogger().setLevel(log_level.upper())
+    try:
+        flags = {
+            "engine": engine,
+            "models_dir": models_dir,
+            "avatars_dir": avatars_dir,
+            "device": device,
+            "backend": backend,
+            "host": host,
+            "port": port,
+            "max_sessions": max_sessions,
+            "demo_avatar": demo_avatar,
+            "api_key": api_key,
+            "insecure": insecure,
+            "drain_grace_s": drain_grace_s,
+        }
+        overrides = parse_assignments(set_ or [])
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    malloc_tuning.start(settings.malloc_trim_interval_s)  # before the media processes start
+    try:
+        chosen, reason = build_engine(settings)
+    except EngineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    log.info("engine %s chosen: %s", chosen.name, reason)
+    typer.echo(f"lipstream: engine {chosen.name} ({reason})", err=True)
+    app = create_app(settings, engine=chosen, reason=reason)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_message_bytes,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=max(1, int(reserve_s(settings.drain_grace_s))),
+    )
+    DrainingServer(config, app, settings.drain_grace_s).run()
+    error = getattr(app.state, "start_error", None)
+    if error is not None:  # the parts failed to start behind the open port (server.ops.starting)
+        typer.echo(f"error: the server failed to start: {error}", err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,166 @@
+"""REST for sessions: POST (SDP offer -> answer), GET (state and stats), DELETE."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from avatars.store import AvatarNotFoundError
+from server.auth import require_api_key
+from server.avatar_service import AvatarNotReady, AvatarService
+from server.media.pool import MediaProcessError
+from server.media.webrtc import OfferError, check_offer
+from server.session.session import Session, SessionLimitError, SessionManager
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(
+    prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_api_key)]
+)
+
+BODY_SLACK = 4096  # JSON framing and the other fields, beyond the SDP itself
+
+
+class BadRequest(ValueError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    return JSONResponse({"detail": message, **(extra or {})}, status_code=status, headers=headers)
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BadRequest(413, f"the request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the request body is larger than {limit} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequest(400, 'the body must be JSON: {avatar_id, sdp, type: "offer"}') from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, 'the body must be a JSON object: {avatar_id, sdp, type: "offer"}')
+    return data
+
+
+def _offer_fields(data: dict[str, Any]) -> tuple[str, str]:
+    avatar_id, sdp, kind = data.get("avatar_id"), data.get("sdp"), data.get("type", "offer")
+    if not isinstance(avatar_id, str) or not avatar_id or len(avatar_id) > 64:
+        raise BadRequest(400, "avatar_id must be an avatar id string")
+    if kind != "offer":
+        raise BadRequest(400, 'type must be "offer"')
+    if not isinstance(sdp, str):
+        raise BadRequest(400, "sdp must be a string")
+    return avatar_id, sdp
+
+
+@router.post("")
+async def create_session(request: Request) -> Response:
+    app = request.app
+    settings = app.state.settings
+    manager: SessionManager = app.state.sessions
+    avatars: AvatarService = app.state.avatars
+    try:
+        data = await _read_json(request, settings.max_sdp_bytes + BODY_SLACK)
+        avatar_id, sdp = _offer_fields(data)
+        check_offer(sdp, settings)
+    except BadRequest as exc:
+        return _error(exc.status, str(exc))
+    except OfferError as exc:
+        return _error(400, str(exc))
+    try:
+        async with manager.slot():
+            try:
+                avatar = await avatars.ready(avatar_id)
+            except AvatarNotFoundError as exc:
+                return _error(404, str(exc))
+            except AvatarNotReady as exc:
+                return _error(409, str(exc))
+            session = Session(
+                avatar=avatar,
+                engine=app.state.engine,
+                worker=app.state.worker,
+                settings=settings,
+                metrics=app.state.metrics,
+            )
+
+            def on_state(state: str) -> None:
+                if state == "connected":
+                    session.mark_connected()
+                elif state in ("failed", "closed"):
+                    manager.end_soon(session.id, f"peer_{state}")
+
+            try:
+                session.media = app.state.media.link(
+                    session.media_events(on_state), session.picture_shape()
+                )
+                answer, sending = await session.media.negotiate(sdp)
+            except OfferError as exc:
+                await session.close("bad_offer")
+                return _error(400, str(exc))
+            except MediaProcessError as exc:
+                await session.close("error")
+                return _error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+            except BaseException:
+                await session.close("error")
+                raise
+            session.wanted = sending
+            manager.add(session)
+    except SessionLimitError as exc:
+        return _error(
+            503,
+            str(exc),
+            headers={"Retry-After": str(exc.retry_after)},
+            extra={"reason": exc.reason},
+        )
+    log.info(
+        "session opened",
+        extra={"session": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},
+    )
+    return JSONResponse(
+        {
+            "session_id": session.id,
+            "sdp": answer,
+            "type": "answer",
+            "audio_ws": f"/v1/sessions/{session.id}/audio",
+            "token": session.token,
+        },
+        status_code=201,
+    )
+
+
+def _session(request: Request, session_id: str) -> Session | None:
+    manager: SessionManager = request.app.state.sessions
+    return manager.get(session_id)
+
+
+@router.get("/{session_id}")
+async def get_session(session_id: str, request: Request) -> Response:
+    session = _session(request, session_id)
+    if session is None:
+        return _error(404, f"no session {session_id[:40]!r} (unknown or ended)")
+    session.touch()  # a client polling its stats keeps its session alive
+    return JSONResponse(session.info())
+
+
+@router.delete("/{session_id}")
+async def delete_session(session_id: str, request: Request) -> Response:
+    manager: SessionManager = request.app.state.sessions
+    if not await manager.end(session_id, "deleted"):
+        return _error(404, f"no session {session_id[:40]!r} (unknown or ended)")
+    return JSONResponse({"session_id": session_id, "ended": True})

@@ -32,13 +32,14 @@ from server.api import sessions as sessions_api
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
 from server.media.link import LocalHost, MediaHost
+from server.media.pictures import IdleFrames
 from server.media.pool import MediaPool
 from server.metrics import ServerMetrics
 from server.ops import malloc_tuning, stall_watch
 from server.ops.starting import StartingGate, cancel_start, start_in_background, starting_body
 from server.session.gpu_worker import create_worker
 from server.session.limits import decode_limits
-from server.session.session import SessionManager
+from server.session.manager import SessionManager
 from server.session.worker import Worker
 from server.settings import Settings
 
@@ -119,8 +120,8 @@ async def _start_parts(
     if callable(warmup):
         await worker.acall(warmup)
     store = AvatarStore(avatars_dir(settings.avatars_dir))
-    avatars = AvatarService(store, engine, worker, metrics, settings.max_upload_bytes)
-    avatars.limits = decode_limits(settings)
+    idle_frames = IdleFrames()  # the sessions' pictures read it, the avatar service forgets
+    avatars = AvatarService(store, engine, worker, metrics, decode_limits(settings), idle_frames)
     await asyncio.to_thread(avatars.startup)
     media = media_host(settings)
     await media.start()  # media processes, where configured
@@ -134,6 +135,7 @@ async def _start_parts(
     app.state.engine = engine
     app.state.engine_reason = reason
     app.state.avatars = avatars
+    app.state.idle_frames = idle_frames
     app.state.sessions = sessions
     if settings.demo_avatar:
         await asyncio.to_thread(register_demo_avatar, avatars)

@@ -26,6 +26,7 @@ from avatars.decode import AvatarInputError, DecodeLimits
 from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 from engines.base import Engine
+from server.media.pictures import IdleFrames
 from server.metrics import ServerMetrics
 from server.session.worker import Worker
 
@@ -59,13 +60,15 @@ class AvatarService:
         engine: Engine,
         worker: Worker,
         metrics: ServerMetrics,
-        max_upload_bytes: int,
+        limits: DecodeLimits,
+        idle_frames: IdleFrames,
     ) -> None:
         self.store = store
         self.engine = engine
         self.worker = worker
         self.metrics = metrics
-        self.limits = DecodeLimits(max_file_bytes=max_upload_bytes)
+        self.limits = limits  # what an upload is probed and decoded against
+        self.idle_frames = idle_frames  # the sessions' cached idle pictures
         self.uploads_dir = store.root / UPLOADS
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prep")
         self._jobs: dict[str, tuple[Future[None], Path]] = {}
@@ -248,9 +251,7 @@ class AvatarService:
             self._live.pop(avatar_id, None)
         if self._loaded.pop(avatar_id, None) is not None:
             await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
-        from server.session.session import IDLE_FRAMES
-
-        IDLE_FRAMES.forget(avatar_id)
+        self.idle_frames.forget(avatar_id)
         self._load_locks.pop(avatar_id, None)
 
         def remove() -> None:

@@ -26,7 +26,13 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._session_series(self.registry)
+        self._frame_series(self.registry)
+        self._worker_series(self.registry)
+        self._host_series(self.registry)
+
+    def _session_series(self, r: CollectorRegistry) -> None:
+        """Sessions, their admission and the overload figures."""
         self.sessions_active = Gauge("lipstream_sessions_active", "Sessions open now", registry=r)
         self.engine_late_fraction = Gauge(
             "lipstream_engine_late_fraction",
@@ -48,6 +54,24 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        self.auth_refused = Counter(
+            "lipstream_auth_refused_total",
+            "Requests refused for a missing or wrong API key",
+            registry=r,
+        )
+        self.audio_refused = Counter(
+            "lipstream_audio_refused_bytes_total",
+            "Websocket audio dropped by the rate limit (bytes)",
+            registry=r,
+        )
+        self.speech_backlog = Gauge(
+            "lipstream_speech_backlog_seconds",
+            "Speech received and not yet played, the largest over the sessions",
+            registry=r,
+        )
+
+    def _frame_series(self, r: CollectorRegistry) -> None:
+        """Frames handed to the tracks, dropped before the encoders, and their latency."""
         self.frames_sent = Counter(
             "lipstream_frames_sent_total",
             "Video frames handed to tracks, by kind",
@@ -58,9 +82,6 @@ class ServerMetrics:
             "lipstream_frames_dropped_total",
             "Frames dropped before the encoder took them",
             registry=r,
-        )
-        self.frames_rendered = Counter(
-            "lipstream_frames_rendered_total", "Frames the engine made", registry=r
         )
         self.late_frames = Counter(
             "lipstream_late_frames_total",
@@ -78,6 +99,12 @@ class ServerMetrics:
             "Utterance's first audio byte -> its first frame handed to the track",
             buckets=_LATENCY_BUCKETS,
             registry=r,
+        )
+
+    def _worker_series(self, r: CollectorRegistry) -> None:
+        """The frame worker: batches, steps, queue and turnaround."""
+        self.frames_rendered = Counter(
+            "lipstream_frames_rendered_total", "Frames the engine made", registry=r
         )
         self.worker_batch = Histogram(
             "lipstream_worker_batch_frames",
@@ -107,31 +134,25 @@ class ServerMetrics:
         self.worker_queued = Gauge(
             "lipstream_worker_queued_frames", "Frames waiting for the engine", registry=r
         )
-        self.speech_backlog = Gauge(
-            "lipstream_speech_backlog_seconds",
-            "Speech received and not yet played, the largest over the sessions",
-            registry=r,
-        )
         self.worker_turnaround = Gauge(
             "lipstream_worker_turnaround_seconds",
             "Frames handed to the worker -> back on the event loop, all sessions, last 5 s, at "
             "lead_quantile: what a new utterance's lead covers (0 without samples or when off)",
             registry=r,
         )
+
+    def _host_series(self, r: CollectorRegistry) -> None:
+        """Avatars and uploads, and the stalls of this process (server.ops.stall_watch; the
+        soak reads these)."""
         self.avatars = Gauge(
             "lipstream_avatars", "Avatars on disk, by status", ["status"], registry=r
         )
-        self.auth_refused = Counter(
-            "lipstream_auth_refused_total",
-            "Requests refused for a missing or wrong API key",
+        self.uploads_refused = Counter(
+            "lipstream_uploads_refused_total",
+            "Avatar uploads refused, by reason",
+            ["reason"],
             registry=r,
         )
-        self.audio_refused = Counter(
-            "lipstream_audio_refused_bytes_total",
-            "Websocket audio dropped by the rate limit (bytes)",
-            registry=r,
-        )
-        # stalls of this process (server.ops.stall_watch; the soak reads these)
         self.loop_lag = Histogram(
             "lipstream_event_loop_lag_seconds",
             "How late the event loop woke a 20 ms timer (its lag for every callback then)",
@@ -149,12 +170,6 @@ class ServerMetrics:
             "lipstream_malloc_trim_seconds",
             "malloc_trim calls of the trimmer thread (arena locks held meanwhile)",
             buckets=_STALL_BUCKETS,
-            registry=r,
-        )
-        self.uploads_refused = Counter(
-            "lipstream_uploads_refused_total",
-            "Avatar uploads refused, by reason",
-            ["reason"],
             registry=r,
         )
 

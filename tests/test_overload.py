@@ -20,8 +20,8 @@ from bench.loopback import LoopbackClient, ServerThread, SessionRefused, wait_fi
 from engines.preview import PreviewEngine
 from server.app import create_app
 from server.metrics import ServerMetrics
+from server.session.manager import SessionLimitError, SessionManager
 from server.session.overload import LateFrames
-from server.session.session import SessionLimitError, SessionManager
 from server.settings import Settings, SettingsError
 
 

@@ -7,7 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from server.media.tracks import I420Cache, i420_image, to_i420, video_frame
+from avatars.avatar import Avatar
+from engines.preview import PreviewEngine
+from server.media.pictures import AvatarPictures, IdleFrames, i420_image, to_i420
+from server.media.tracks import video_frame
 
 
 def _flat_i420(rgb: np.ndarray) -> np.ndarray:
@@ -56,7 +59,7 @@ def test_idle_cache_converts_once_and_stays_bounded() -> None:
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     one = to_i420(frames[0]).nbytes
-    cache = I420Cache(max_bytes=3 * one)
+    cache = IdleFrames(max_bytes=3 * one)
     a = cache.get("av_a", 0, frames[0])
     assert np.array_equal(a, to_i420(frames[0])) and not a.flags.writeable
     assert cache.get("av_a", 0, frames[1]) is a  # keyed by (avatar, frame): no new work
@@ -82,3 +85,31 @@ def test_video_frames_wrap_the_picture_and_keep_it_alive() -> None:
     assert planes.shape == (72, 64) and planes.min() == planes.max() == 77
     strided = np.full((72, 128), 9, np.uint8)[:, ::2]  # not contiguous: copied instead
     assert video_frame(strided, 0).to_ndarray().max() == 9  # type: ignore[attr-defined]
+
+
+def test_a_sessions_pictures_lay_out_the_workers_frames_and_share_idle_ones() -> None:
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (3, 7, 9, 3), dtype=np.uint8)  # odd sizes: padded
+    n = len(frames)
+    avatar = Avatar(
+        id="av_pictures",
+        name="p",
+        fps=25.0,
+        frames=frames,
+        face_boxes=np.full((n, 4), -1, np.int32),
+        crop_boxes=np.full((n, 4), -1, np.int32),
+        masks=[np.zeros((0, 0), np.uint8)] * n,
+    )
+    cache = IdleFrames()
+    a = AvatarPictures(avatar, PreviewEngine(), cache)
+    b = AvatarPictures(avatar, PreviewEngine(), cache)
+    assert a.shape == (12, 10)
+    padded = to_i420(frames[1])  # what the GPU hands back is its flat planes, unpadded
+    gpu = np.concatenate([padded[:7, :9].reshape(-1), padded.reshape(-1)[8 * 10 :]])
+    rgb, flat = a.lay_out([frames[1], gpu])
+    assert np.array_equal(rgb, padded) and np.array_equal(flat, padded)
+    with pytest.raises(ValueError, match="I420 buffer of 7x9"):
+        a.lay_out([np.zeros(10, np.uint8)])
+    idle = a.idle(4)  # loop position 4 of a 3-frame ping-pong loop: frame 1
+    assert np.array_equal(idle, to_i420(frames[avatar.loop_frame(4)]))
+    assert b.idle(4) is idle and len(cache) == 1  # one conversion for every session

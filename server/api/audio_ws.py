@@ -27,7 +27,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from server.auth import token_matches
 from server.session.limits import AudioRateLimiter
-from server.session.session import Session, SessionManager
+from server.session.manager import SessionManager
+from server.session.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from avatars.store import AvatarNotFoundError, AvatarStoreError, validate_name
 from server.api.uploads import UploadError, receive_upload
 from server.auth import require_api_key
 from server.avatar_service import AvatarService
-from server.session.session import SessionManager
+from server.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse, Response
 from avatars.store import AvatarNotFoundError
 from server.auth import require_api_key
 from server.avatar_service import AvatarNotReady, AvatarService
+from server.media.pictures import AvatarPictures
 from server.media.pool import MediaProcessError
 from server.media.webrtc import OfferError, check_offer
-from server.session.session import Session, SessionLimitError, SessionManager
+from server.session.manager import SessionLimitError, SessionManager
+from server.session.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ async def create_session(request: Request) -> Response:
                 return _error(409, str(exc))
             session = Session(
                 avatar=avatar,
-                engine=app.state.engine,
+                pictures=AvatarPictures(avatar, app.state.engine, app.state.idle_frames),
                 worker=app.state.worker,
                 settings=settings,
                 metrics=app.state.metrics,
@@ -107,7 +109,7 @@ async def create_session(request: Request) -> Response:
 
             try:
                 session.media = app.state.media.link(
-                    session.media_events(on_state), session.picture_shape()
+                    session.media_events(on_state), session.pictures.shape
                 )
                 answer, sending = await session.media.negotiate(sdp)
             except OfferError as exc:

@@ -26,7 +26,7 @@ import numpy as np
 
 from server.media.encoder_tuning import EncoderTuning
 from server.media.link import MediaEvents, MediaHost, MediaLink
-from server.media.tracks import to_i420
+from server.media.pictures import to_i420
 from server.media.webrtc import OfferError
 from server.media.wire import FrameRing, WireError, pack, read_message
 from server.ops import stall_watch

@@ -1,4 +1,4 @@
-"""The session's two aiortc tracks, fed by its clock, and the frame conversions they need.
+"""The session's two aiortc tracks, fed by its clock, and the frames they carry.
 
 Both tracks take their timestamps from the same tick counter k: video pts k x 3600 at 90 kHz,
 audio pts k x 640 (+ 320) at 16 kHz, as two 20 ms frames. aiortc's Opus encoder numbers its
@@ -14,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 import av
-import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
-from engines.render.video_io import pad_even
+from server.media.pictures import to_i420
 
 log = logging.getLogger(__name__)
 
@@ -33,69 +31,6 @@ AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 VIDEO_TICKS_PER_FRAME = VIDEO_CLOCK // 25  # 3600
 AUDIO_FRAME_SAMPLES = SAMPLE_RATE // 50  # 20 ms: one Opus packet
 AUDIO_FRAMES_PER_TICK = SAMPLES_PER_FRAME // AUDIO_FRAME_SAMPLES  # 2
-
-
-def to_i420(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB -> (H*3/2, W) I420 (odd sizes padded to even); I420 passes through."""
-    if image.ndim == 2:
-        return image
-    return cv2.cvtColor(pad_even(np.ascontiguousarray(image)), cv2.COLOR_RGB2YUV_I420)
-
-
-def i420_shape(height: int, width: int) -> tuple[int, int]:
-    """(rows, columns) of a (height, width) picture in `to_i420`'s layout (sizes rounded up
-    to even)."""
-    return 3 * ((height + 1) // 2), 2 * ((width + 1) // 2)
-
-
-def i420_image(flat: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A flat I420 buffer of a (height, width) picture as `to_i420` lays it out,
-    (H'*3/2, W') with H', W' rounded up to even. Even sizes: a view, no copy. Odd: the Y
-    plane gains a repeated last row / column (the chroma planes already have ceil sizes)."""
-    ch, cw = (height + 1) // 2, (width + 1) // 2
-    n = height * width
-    if flat.ndim != 1 or flat.size != n + 2 * ch * cw:
-        raise ValueError(
-            f"an I420 buffer of {height}x{width} has {n + 2 * ch * cw} bytes, got {flat.shape}"
-        )
-    if height % 2 == 0 and width % 2 == 0:
-        return flat.reshape(height * 3 // 2, width)
-    y = np.pad(flat[:n].reshape(height, width), ((0, height % 2), (0, width % 2)), mode="edge")
-    return np.concatenate([y.reshape(-1), flat[n:]]).reshape(i420_shape(height, width))
-
-
-class I420Cache:
-    """The I420 pictures of unchanged avatar frames (idle and held ticks), shared by every
-    session of the server, so an idle session costs no colour conversion per tick. Bounded
-    by `max_bytes` (least recently used out)."""
-
-    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, avatar_id: str, index: int, image: np.ndarray) -> np.ndarray:
-        key = (avatar_id, index)
-        hit = self._items.get(key)
-        if hit is not None:
-            self._items.move_to_end(key)
-            return hit
-        out = to_i420(image)
-        out.flags.writeable = False
-        if out.nbytes <= self.max_bytes:
-            self._items[key] = out
-            self._bytes += out.nbytes
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
-        return out
-
-    def forget(self, avatar_id: str) -> None:
-        for key in [k for k in self._items if k[0] == avatar_id]:
-            self._bytes -= self._items.pop(key).nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def video_frame(image: np.ndarray, k: int) -> av.VideoFrame:

@@ -1,14 +1,14 @@
-"""Sessions: one avatar, one peer connection, one audio websocket, one playout clock.
+"""A session: one avatar, one peer connection, one audio websocket, one playout clock.
 
-A `Session` owns its tracks, its clock task and its playout. Audio from the websocket goes into
-the playout (`push_audio`, `end_utterance`, `clear`); ready frame jobs go to the shared
-`FrameWorker`; made frames come back on the event loop; the clock (25 ticks a second) puts one
-picture and 640 audio samples into the tracks per tick.
+A `Session` owns its playout state: audio intake (`push_audio`, `end_utterance`, `clear`, from
+the websocket), work (`pump` hands the frame jobs whose audio is complete to the shared frame
+worker; the made frames come back on the event loop), the clock (25 ticks a second, each one
+picture and 640 audio samples into its media link) and the events its websocket is sent.
 
-`SessionManager` owns all sessions: the session limit (503 + Retry-After), draining, ending
-(DELETE, peer close/ICE failure, connect and idle timeouts) and the reaper task. Every end
-cancels the clock, drops the session's queued work, stops the tracks and closes the peer
-connection (errors there are logged, never raised).
+What it does not own: the pictures (`server.media.pictures.AvatarPictures` lays the worker's
+frames out as I420 and serves the idle frames from the server's cache), the peer connection
+and its tracks (`server.media.link.MediaLink`), and admission and ending
+(`server.session.manager.SessionManager`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from avatars.avatar import Avatar
-from engines.base import Engine
 from engines.stream import pcm16_to_float
 from server.media.link import MediaEvents, MediaLink
-from server.media.tracks import I420Cache, i420_image, i420_shape, to_i420
+from server.media.pictures import AvatarPictures
 from server.metrics import ServerMetrics, SessionStats
 from server.session.limits import AudioRateLimiter
 from server.session.liveness import PeerWatch
@@ -40,27 +39,9 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# I420 pictures of unchanged avatar frames, shared by all sessions (AvatarService.delete
-# forgets an avatar's)
-IDLE_FRAMES = I420Cache()
-
 EVENT_QUEUE = 256
 ALL_TRACKS_WAIT_S = 2.0  # after the first track starts, how long the clock waits for the other
 WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say goodbye
-
-
-class SessionLimitError(Exception):
-    """No room for another session now (or the server is draining).
-
-    `reason` says why, for machines (the 503's JSON body and the refusal metric's label):
-    "draining", "limit" (at max_sessions) or "overloaded" (the engine or the host is not
-    keeping up: `server.session.overload`).
-    """
-
-    def __init__(self, message: str, retry_after: int, reason: str) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.reason = reason
 
 
 class Session:
@@ -70,7 +51,7 @@ class Session:
         self,
         *,
         avatar: Avatar,
-        engine: Engine,
+        pictures: AvatarPictures,
         worker: Worker,
         settings: Settings,
         metrics: ServerMetrics,
@@ -78,7 +59,7 @@ class Session:
         self.id = "se_" + secrets.token_hex(8)
         self.token = secrets.token_urlsafe(24)
         self.avatar = avatar
-        self.engine = engine
+        self.pictures = pictures
         self.worker = worker
         self.settings = settings
         self.metrics = metrics
@@ -90,7 +71,7 @@ class Session:
         self.end_reason: str | None = None
         self.stats = SessionStats()
         self.playout = Playout(
-            self._idle_image,
+            pictures.idle,
             lead=settings.start_lead_frames,
             hold=settings.hold_frames,
             max_ahead=settings.max_ahead_frames,
@@ -258,11 +239,11 @@ class Session:
     def _work_done(
         self, item: WorkItem, frames: list[np.ndarray] | None, exc: BaseException | None
     ) -> None:
-        """Worker thread: lay the frames out as I420 here, off the event loop (cv2 releases
-        the GIL; flat GPU buffers are only reshaped), then hand them to the event loop."""
+        """Worker thread: the frames laid out as I420 here, off the event loop (cv2 releases
+        the GIL; flat GPU buffers are only reshaped), then handed to the event loop."""
         if frames is not None:
             try:
-                frames = [self._as_i420(f) for f in frames]
+                frames = self.pictures.lay_out(frames)
             except Exception as err:  # a malformed frame: idle frames and an error event
                 frames, exc = None, err
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to feed
@@ -277,10 +258,11 @@ class Session:
         if frames is None:
             # keep the utterance going (audio on time, mouth still) and tell the client
             log.warning(
-                "frames failed, showing idle frames", extra={"session": self.id, "error": repr(exc)}
+                "frames failed, showing idle frames",
+                extra={"session": self.id, "error": repr(exc)},
             )
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
-            frames = [self._idle_image(j.loop_position) for j in item.jobs]
+            frames = [self.pictures.idle(j.loop_position) for j in item.jobs]
         elif self.turnaround is not None:
             self.turnaround.add(now, now - item.submitted, item.deadline - item.submitted)
         made = [
@@ -289,31 +271,10 @@ class Session:
         ]
         self.playout.deliver(made, now)
 
-    def _as_i420(self, frame: np.ndarray) -> np.ndarray:
-        """A worker's frame (RGB (H, W, 3), or the GPU's flat I420) in the track's layout."""
-        if frame.ndim == 1:
-            h, w = self.avatar.frames.shape[1:3]
-            return i420_image(frame, h, w)
-        return to_i420(frame)
-
-    def _idle_image(self, loop_position: int) -> np.ndarray:
-        """The unchanged avatar frame, as I420 from the server-wide cache (no conversion
-        per idle tick)."""
-        return IDLE_FRAMES.get(
-            self.avatar.id,
-            self.avatar.loop_frame(loop_position),
-            self.engine.idle_frame(self.avatar, loop_position),
-        )
-
     # -- tracks and clock ----------------------------------------------------------------
     def media_events(self, on_state: Callable[[str], None]) -> MediaEvents:
         """The callbacks a media link reports through (`on_state`: the peer's state)."""
         return MediaEvents(self._track_started, self._dropped, on_state)
-
-    def picture_shape(self) -> tuple[int, int]:
-        """(rows, columns) of this session's I420 pictures (sizes rounded up to even)."""
-        h, w = self.avatar.frames.shape[1:3]
-        return i420_shape(h, w)
 
     def _track_started(self, kind: str) -> None:
         self._started.add(kind)
@@ -377,170 +338,3 @@ class Session:
             self.late_frames.tick(now, tick.kind == "speech", tick.engine_late, self.id)
         for event in tick.events:
             self.emit(event)
-
-
-class SessionManager:
-    """All sessions of the server; see the module docstring."""
-
-    def __init__(self, settings: Settings, metrics: ServerMetrics, late_limit: float = 0.0) -> None:
-        self.settings = settings
-        # refuse new sessions while more than this fraction of speaking frames come late (0: off)
-        self.late_limit = late_limit
-        self.late = LateFrames()
-        q = settings.lead_quantile
-        self.turnaround = Turnaround(q) if q > 0 else None
-        self.metrics = metrics
-        self.sessions: dict[str, Session] = {}
-        self.draining = False
-        self._opening = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._reaper: asyncio.Task[None] | None = None
-
-    # -- capacity ------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a place for a session being opened; raises SessionLimitError if none."""
-        if self.draining:
-            self.metrics.sessions_refused.labels("draining").inc()
-            raise SessionLimitError(
-                "the server is shutting down", self.settings.retry_after_s, "draining"
-            )
-        if len(self.sessions) + self._opening >= self.settings.max_sessions:
-            self.metrics.sessions_refused.labels("limit").inc()
-            raise SessionLimitError(
-                f"the server is at its limit of {self.settings.max_sessions} sessions",
-                self.settings.retry_after_s,
-                "limit",
-            )
-        now = asyncio.get_running_loop().time()
-        why = self.late.why(now, self.late_limit)
-        if why is not None:
-            self.metrics.sessions_refused.labels("overloaded").inc()
-            n, window = len(self.sessions), f"{self.late.window_s:g}"
-            if why == "late":
-                said = (
-                    f"the engine is not keeping up with the {n} sessions it has "
-                    f"({self.late.fraction(now):.1%} of their speaking frames came late in the "
-                    f"last {window} s"
-                )
-            else:
-                said = (
-                    f"the host is not keeping up with the {n} sessions it has "
-                    f"({self.late.drop_fraction(now):.1%} of their video frames were dropped "
-                    f"before the encoders in the last {window} s"
-                )
-            raise SessionLimitError(
-                f"{said}, more than {self.late_limit:.1%}); try again later",
-                self.settings.retry_after_s,
-                "overloaded",
-            )
-        self._opening += 1
-        try:
-            yield
-        finally:
-            self._opening -= 1
-
-    def add(self, session: Session) -> None:
-        session.late_frames = self.late
-        session.turnaround = self.turnaround
-        self.sessions[session.id] = session
-        self.metrics.sessions_total.inc()
-        self.metrics.sessions_active.set(len(self.sessions))
-        session.start()
-
-    def turnaround_need_s(self) -> float:
-        """The turnaround new utterances' leads cover now (the /metrics gauge; 0 when off)."""
-        if self.turnaround is None:
-            return 0.0
-        return self.turnaround.need(time.monotonic())  # the event loop's clock
-
-    def largest_backlog_s(self) -> float:
-        """The largest speech backlog over the sessions (the /metrics gauge)."""
-        return max((s.playout.backlog_s for s in list(self.sessions.values())), default=0.0)
-
-    def get(self, session_id: str) -> Session | None:
-        return self.sessions.get(session_id)
-
-    # -- ending --------------------------------------------------------------------------
-    async def end(self, session_id: str, reason: str) -> bool:
-        session = self.sessions.pop(session_id, None)
-        if session is None:
-            return False
-        self.metrics.sessions_active.set(len(self.sessions))
-        self.metrics.sessions_ended.labels(reason).inc()
-        await session.close(reason)
-        return True
-
-    def end_soon(self, session_id: str, reason: str) -> None:
-        """Schedule `end` from a callback (owned task, errors logged)."""
-        self.spawn(self.end(session_id, reason))
-
-    async def end_where(self, reason: str, avatar_id: str | None = None) -> int:
-        ids = [
-            s.id for s in self.sessions.values() if avatar_id is None or s.avatar.id == avatar_id
-        ]
-        await asyncio.gather(*(self.end(i, reason) for i in ids))
-        return len(ids)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session task failed", exc_info=task.exception())
-
-    # -- reaper --------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
-
-    async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
-        await self.end_where("shutdown")
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def reap(self) -> list[str]:
-        """End sessions past their connect or idle timeout; returns their ids."""
-        now = asyncio.get_running_loop().time()
-        s = self.settings
-        ended = []
-        for session in list(self.sessions.values()):
-            if session.state == "new" and now - session.created > s.connect_timeout_s:
-                reason = "connect_timeout"
-            elif now - session.last_activity > s.idle_timeout_s and not session.playout.speaking:
-                reason = "idle_timeout"
-            elif (
-                session.state == "connected"
-                and session.media is not None
-                and await session.peer_watch.update(session.media, now) > s.peer_silence_s
-            ):
-                reason = "peer_silent"  # the client vanished without closing (see liveness)
-            else:
-                continue
-            if session.id not in self.sessions:  # ended while we read its stats
-                continue
-            ended.append(session.id)
-            await self.end(session.id, reason)
-        return ended
-
-    async def _reap_forever(self) -> None:
-        s = self.settings
-        period = min(1.0, s.connect_timeout_s / 4, s.idle_timeout_s / 4, s.peer_silence_s / 4)
-        while True:
-            await asyncio.sleep(period)
-            now = asyncio.get_running_loop().time()
-            self.metrics.engine_late_fraction.set(self.late.fraction(now) or 0.0)
-            self.metrics.video_drop_fraction.set(self.late.drop_fraction(now) or 0.0)
-            try:
-                await self.reap()
-            except Exception:
-                log.exception("session reaper failed")

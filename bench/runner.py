@@ -49,7 +49,6 @@ SECTIONS = (  # in the order they run
     "reference",
     "offline",
     "accuracy",
-    "vae_crop",
     "pipeline",
     "render",
     "streaming",
@@ -70,10 +69,7 @@ class BenchOptions:
     height: int = 720
     width: int = 1280
     avatar_frames: int = 25
-    backends: tuple[str, ...] = (
-        "torch",
-        "compiled",
-    )  # "<backend>[-crop<rows>]": opt-in partial VAE
+    backends: tuple[str, ...] = ("torch", "compiled")  # variant names (variant_options)
     stream_backends: tuple[str, ...] = ("compiled",)  # the first gets the long run too
     batches: tuple[int, ...] = (1, 4, 8, 16, 20, 32, 48)
     buckets: tuple[int, ...] = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
@@ -97,6 +93,8 @@ class BenchOptions:
         }
         if unknown:
             raise ValueError(f"unknown backends {sorted(unknown)}")
+        for name in (*self.backends, *(split_gather(n)[0] for n in self.stream_backends)):
+            variant_fields(name)  # a flag that names no switch fails here, before measuring
         bad = set(self.sections) - set(SECTIONS)
         if bad:
             raise ValueError(f"unknown sections {sorted(bad)}")
@@ -204,18 +202,15 @@ class Bench:
         self.save()
 
     def pipeline(self, name: str) -> Any:
-        """The pipeline for a variant name: `torch`, `compiled`, `compiled-crop8`,
+        """The pipeline for a variant name (`variant_options`): `torch`, `compiled`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
-        `compiled-tuned` (inductor kernel tuning), `compiled-cpaste` (compiled paste stage),
-        `compiled-stocknorm` (the stock GroupNorm; the default is channels-last with statistics
-        per channel), `compiled-nhwcgnorm` (channels-last, statistics per group),
-        `compiled-tritonnorm` (the norm + SiLU pairs as Triton kernels), ..."""
+        `compiled-stocknorm` (torch's own GroupNorm), ..."""
         from engines.pipeline.gpu import GpuPipeline
 
         if name not in self.pipelines:
             # dynamo keys its compiled code by the forward's code object and guards on the
             # module's structure, not its identity: without a reset a second variant of the
-            # same code (e.g. `compiled-tuned` after `compiled`) silently reuses the first's
+            # same code (e.g. `compiled-stocknorm` after `compiled`) silently reuses the first's
             # kernels. Built pipelines replay their own CUDA graphs and are unaffected.
             self.torch._dynamo.reset()
             p = GpuPipeline(self.engine, variant_options(name, self.o.buckets))
@@ -307,7 +302,7 @@ class Bench:
         extra = {
             name: self.pipeline(name).step
             for name in self.o.backends
-            if name.startswith("compiled-") and "crop" not in name
+            if name.startswith("compiled-")
         }
         for name in extra:
             diffs[f"{name}_vs_eager"] = []
@@ -426,51 +421,6 @@ class Bench:
         }
         return out
 
-    def vae_crop(self) -> dict[str, Any]:
-        """The opt-in partial VAE decode against the full one: faces (rows the mask can keep)
-        and pasted frames (the face box), as max difference and PSNR."""
-        torch = self.torch
-        out: dict[str, Any] = {}
-        full = self.pipeline("compiled").step
-        av = self.avatar
-        from engines.pipeline import paste
-
-        gav = paste.upload_avatar(av, self.dev)
-        g = torch.Generator(device=self.dev).manual_seed(7)
-        res = self.engine._resident(av.id)
-        for name in [b for b in self.o.backends if "-crop" in b]:
-            pipe = self.pipeline(name)
-            crop = pipe.step
-            rows = pipe.options.decode_from_row * 8
-            n = min(16, av.n_frames)
-            idx = torch.arange(n, device=self.dev)
-            lat = res.latents[:n]
-            aud = torch.randn((n, 50, 384), device=self.dev, generator=g, dtype=lat.dtype)
-            with torch.inference_mode():
-                a, b = full(lat, aud), crop(lat, aud)
-                fa, fb = paste.paste_back(gav, idx, a), paste.paste_back(gav, idx, b)
-
-            def psnr(x: Any, y: Any) -> float:
-                mse = float(((x.float() - y.float()) ** 2).mean())
-                return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-            boxes = [tuple(int(v) for v in av.face_boxes[i]) for i in range(n)]
-            box_psnr = [
-                psnr(fa[i, y1:y2, x1:x2], fb[i, y1:y2, x1:x2])
-                for i, (x1, y1, x2, y2) in enumerate(boxes)
-            ]
-            out[name] = {
-                "decoded_from_face_row": rows,
-                "faces_psnr_rows_112_up": psnr(a[:, :, 112:], b[:, :, 112:]),
-                "faces_max_diff_rows_112_up": int(
-                    (a[:, :, 112:].int() - b[:, :, 112:].int()).abs().max()
-                ),
-                "frames_max_diff": int((fa.int() - fb.int()).abs().max()),
-                "face_box_psnr_min": min(box_psnr),
-                "face_box_psnr_mean": float(np.mean(box_psnr)),
-            }
-        return out
-
     def streaming(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, name in enumerate(self.o.stream_backends):
@@ -531,7 +481,6 @@ class Bench:
         self.section("reference", self.reference)
         self.section("offline", self.offline)
         self.section("accuracy", self.accuracy)
-        self.section("vae_crop", self.vae_crop)
         self.section("pipeline", self.full_pipeline)
         self.section("render", self.render)
         self.section("streaming", self.streaming)
@@ -816,60 +765,41 @@ def stream_runs(o: BenchOptions, long_run: bool) -> list[tuple[int, float]]:
     return runs
 
 
+# a variant's flags: each sets one PipelineOptions field away from the server's default
+VARIANT_FLAGS: dict[str, tuple[str, bool]] = {
+    "nofold": ("fold_upsample", False),  # the VAE's own upsampling convolutions
+    "eagerenc": ("compile_encoder", False),  # the whisper encoder eager
+    "stocknorm": ("nhwc_norm", False),  # torch's own GroupNorm
+    "nhwcnorm": ("nhwc_norm", True),  # channels-last GroupNorm (the default)
+    "melgraph": ("log_mel_in_graph", True),  # the log-mel in the encoder's graph (the default)
+    "eagermel": ("log_mel_in_graph", False),  # the log-mel as eager ops
+}
+
+
+def variant_fields(name: str) -> tuple[str, dict[str, Any]]:
+    """A variant name `<backend>[-nofold][-eagerenc][-enc<batch>][-stocknorm|-nhwcnorm]
+    [-melgraph|-eagermel]` -> (backend, the PipelineOptions fields its flags set); no flag
+    keeps the server's default. An unknown flag is a ValueError naming the known ones."""
+    backend, *flags = name.split("-")
+    fields: dict[str, Any] = {}
+    for flag in flags:
+        if flag.startswith("enc") and flag[3:].isdigit():
+            fields["encoder_batch"] = int(flag[3:])
+        elif flag in VARIANT_FLAGS:
+            key, value = VARIANT_FLAGS[flag]
+            fields[key] = value
+        else:
+            known = ", ".join([*VARIANT_FLAGS, "enc<batch>"])
+            raise ValueError(f"unknown bench variant {flag!r} in {name!r}: flags are {known}")
+    return backend, fields
+
+
 def variant_options(name: str, buckets: tuple[int, ...]) -> Any:
-    """PipelineOptions for `<backend>[-crop<rows>][-nofold][-eagerenc][-enc<batch>][-tuned]
-    [-cpaste][-split][-melgraph|-eagermel][-stocknorm|-nhwcnorm|-nhwcgnorm|-tritonnorm]`; no
-    flag keeps the server's default."""
+    """PipelineOptions for a variant name (`variant_fields`), I420 out, with `buckets`."""
     from engines.pipeline.gpu import PipelineOptions
 
-    backend, *flags = name.split("-")
-    crop, fold, enc, tune, cpaste, split = 0, True, True, False, False, False
-    mel_graph = PipelineOptions.log_mel_in_graph
-    nhwc = PipelineOptions.nhwc_norm
-    enc_batch = PipelineOptions.encoder_batch
-    for flag in flags:
-        if flag.startswith("crop") and flag[4:].isdigit():
-            crop = int(flag[4:])
-        elif flag.startswith("enc") and flag[3:].isdigit():
-            enc_batch = int(flag[3:])
-        elif flag == "nofold":
-            fold = False
-        elif flag == "eagerenc":
-            enc = False
-        elif flag == "tuned":
-            tune = True
-        elif flag == "cpaste":
-            cpaste = True
-        elif flag == "split":
-            split = True
-        elif flag == "stocknorm":
-            nhwc = ""
-        elif flag == "nhwcnorm":
-            nhwc = "channel"
-        elif flag == "nhwcgnorm":
-            nhwc = "group"
-        elif flag == "tritonnorm":
-            nhwc = "triton"
-        elif flag == "melgraph":
-            mel_graph = True
-        elif flag == "eagermel":
-            mel_graph = False
-        else:
-            raise ValueError(f"unknown bench variant {flag!r} in {name!r}")
-    return PipelineOptions(
-        backend=backend,
-        buckets=buckets,
-        output="i420",
-        decode_from_row=crop,
-        fold_upsample=fold,
-        compile_encoder=enc,
-        tune=tune,
-        compile_paste=cpaste,
-        nhwc_norm=nhwc,
-        encoder_batch=enc_batch,
-        log_mel_in_graph=mel_graph,
-        split_stages=split,
-    )
+    backend, fields = variant_fields(name)
+    return PipelineOptions(backend=backend, buckets=buckets, output="i420", **fields)
 
 
 def check_backends(options: BenchOptions) -> None:
@@ -929,9 +859,6 @@ def print_table(res: dict[str, Any], fh: Any) -> None:
     for k, v in acc.items():
         if isinstance(v, dict) and "max" in v:
             rows.append((f"accuracy {k} max/mean", (v["max"], round(v["mean"], 4))))
-    for k, v in (res.get("vae_crop") or {}).items():
-        if isinstance(v, dict):
-            rows.append((f"vae_crop {k}", v))
     for variant, st in (res.get("streaming") or {}).items():
         if not isinstance(st, dict):
             continue

@@ -158,10 +158,8 @@ def build_backends(
         raise EngineError("nothing to build for the torch backend")
     engine = MuseTalkEngine(resolve_models_dir(models_dir), device="cuda")
     t0 = time.perf_counter()
-    opts = (
-        PipelineOptions(backend=name)
-        if buckets is None
-        else PipelineOptions(backend=name, buckets=buckets)
+    opts = PipelineOptions(
+        backend=name, buckets=buckets or (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
     )
     pipe = GpuPipeline(engine, opts)
     warm = pipe.warm_up()

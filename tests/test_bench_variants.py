@@ -10,33 +10,30 @@ from bench.runner import variant_options
 def test_plain_compiled_has_the_server_defaults() -> None:
     o = variant_options("compiled", (2, 4))
     assert (o.backend, o.buckets, o.output) == ("compiled", (2, 4), "i420")
-    assert o.fold_upsample and o.compile_encoder and not o.tune and o.decode_from_row == 0
-    assert not o.compile_paste and o.nhwc_norm == "channel" and o.encoder_batch == 4
-    assert o.log_mel_in_graph and not o.split_stages
-    assert variant_options("compiled-stocknorm", (2,)).nhwc_norm == ""
+    assert o.fold_upsample and o.compile_encoder and o.nhwc_norm and o.log_mel_in_graph
+    assert o.encoder_batch == 4
+    assert not variant_options("compiled-stocknorm", (2,)).nhwc_norm
 
 
 def test_flags_combine() -> None:
-    o = variant_options("compiled-crop8-nofold-eagerenc-tuned-cpaste-nhwcnorm", (4,))
-    assert o.decode_from_row == 8
-    assert not o.fold_upsample and not o.compile_encoder and o.tune and o.compile_paste
-    assert o.nhwc_norm == "channel"
-    assert variant_options("compiled-nhwcgnorm", (4,)).nhwc_norm == "group"
-    assert variant_options("compiled-tritonnorm", (4,)).nhwc_norm == "triton"
+    o = variant_options("compiled-nofold-eagerenc-nhwcnorm-enc2", (4,))
+    assert not o.fold_upsample and not o.compile_encoder
+    assert o.nhwc_norm and o.encoder_batch == 2
     assert variant_options("compiled-melgraph", (4,)).log_mel_in_graph
     assert not variant_options("compiled-eagermel", (4,)).log_mel_in_graph
-    assert o.encoder_batch == 4
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
-    assert variant_options("compiled-split-tritonnorm", (4,)).split_stages
-    with pytest.raises(ValueError, match="split_stages needs the compiled backend"):
-        variant_options("torch-split", (4,))
     with pytest.raises(ValueError, match="encoder_batch"):
         variant_options("compiled-enc0", (4,))
 
 
-@pytest.mark.parametrize("name", ["compiled-fast", "compiled-cropX", "compiled-crop"])
+@pytest.mark.parametrize(
+    "name",
+    # the last four name switches that left the pipeline: a clear error, not a silent default
+    ["compiled-fast", "compiled-crop8", "compiled-split", "compiled-tuned", "compiled-cpaste"],
+)
 def test_unknown_flags_are_refused(name: str) -> None:
-    with pytest.raises(ValueError, match="unknown bench variant"):
+    flag = name.split("-")[1]
+    with pytest.raises(ValueError, match=f"unknown bench variant '{flag}'.*flags are nofold"):
         variant_options(name, (4,))
 
 
@@ -64,6 +61,17 @@ def test_unknown_sections_are_refused() -> None:
     assert BenchOptions(sections=("pipeline", "accuracy")).sections == ("pipeline", "accuracy")
     with pytest.raises(ValueError, match="unknown sections \\['full_pipeline'\\]"):
         BenchOptions(sections=("full_pipeline",))
+    with pytest.raises(ValueError, match="unknown sections \\['vae_crop'\\]"):
+        BenchOptions(sections=("vae_crop",))
+
+
+def test_unknown_variant_flags_fail_at_the_options() -> None:
+    from bench.runner import BenchOptions
+
+    with pytest.raises(ValueError, match="unknown bench variant 'split'"):
+        BenchOptions(backends=("torch", "compiled-split"))
+    with pytest.raises(ValueError, match="unknown bench variant 'tuned'"):
+        BenchOptions(stream_backends=("compiled-tuned-gather20",))
 
 
 def test_offline_options_are_checked() -> None:
@@ -111,7 +119,7 @@ def test_a_streaming_variant_can_name_its_gather() -> None:
     from bench.runner import split_gather
 
     assert split_gather("compiled-gather20") == ("compiled", 0.02)
-    assert split_gather("compiled-tritonnorm-gather5") == ("compiled-tritonnorm", 0.005)
+    assert split_gather("compiled-stocknorm-gather5") == ("compiled-stocknorm", 0.005)
     assert split_gather("compiled") == ("compiled", None)
     for bad in ("compiled-gather", "compiled-gatherX", "compiled-gather5-gather10"):
         with pytest.raises(ValueError, match="gather"):

@@ -116,22 +116,6 @@ def test_upload_copies_read_only_frames_without_a_warning() -> None:
     assert not (gav.frames[0].numpy() == original[0]).all()
 
 
-def test_compiled_paste_stage_matches_eager_across_batch_sizes() -> None:
-    """`compiled-cpaste`'s paste stage (torch.compile, dynamic batch) on the CPU: inductor's
-    C++ kernels here, Triton on a GPU; the same graph, the same bytes as the eager stage."""
-    av = synthetic_avatar(4, 120, 200)
-    gav = paste.upload_avatar(av, "cpu")
-    compiled = torch.compile(paste.paste_flat, dynamic=True)
-    rng = np.random.default_rng(1)
-    for n in (2, 3, 5):
-        idx = torch.arange(n) % 4
-        faces = torch.from_numpy(rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8))
-        for i420 in (True, False):
-            want = paste.paste_flat(gav, idx, faces, i420)
-            got = compiled(gav, idx, faces, i420)
-            assert got.shape == want.shape and torch.equal(got, want), (n, i420)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [(360, 640), (240, 322)])
 def test_region_i420_is_the_whole_frame_conversion_bit_for_bit(

@@ -150,8 +150,8 @@ def test_one_bucket_over_one_compiles_static() -> None:
 @pytest.mark.gpu
 @cuda
 @caches
-@pytest.mark.parametrize("nhwc_norm", ["", "channel", "group", "triton"])
-def test_compiled_matches_eager(gpu_engine, nhwc_norm: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("nhwc_norm", [False, True])
+def test_compiled_matches_eager(gpu_engine, nhwc_norm: bool) -> None:  # type: ignore[no-untyped-def]
     from engines.pipeline.compiled import CompiledOptions, CompiledStep, MuseTalkStep
 
     eng, _ = gpu_engine
@@ -275,49 +275,3 @@ def _reserved_by_pool() -> tuple[int, int]:
         int(stats.get("reserved_bytes.large_pool.current", 0)),
         int(stats.get("reserved_bytes.small_pool.current", 0)),
     )
-
-
-@pytest.mark.gpu
-@cuda
-@caches
-def test_split_stages_match_the_one_graph_step(gpu_engine) -> None:  # type: ignore[no-untyped-def]
-    """`split_stages`: the UNet and the decode as two graphs on two streams give the frames of
-    the one-graph step, with batches launched back to back (two in flight), which exercises
-    the hand-over of the UNet graph's output buffer between batches: with bucket 1 alone,
-    every frame is its own batch and reuses the one buffer. Bucket 1 only also keeps the
-    test's compiles static: with buckets (1, 2, 4) each stage compiled twice (a dynamic batch
-    axis and batch 1), which ran past the GPU suite's 300 s per-test limit on the H200 host
-    (session 13; on 2 CPU cores the UNet stage's dynamic compile took 97 s, its static 47 s)."""
-    from engines.pipeline.gpu import GpuPipeline, PipelineOptions
-
-    eng, av = gpu_engine
-    feats = eng.offline_features(_speech(16000))
-    positions = list(range(len(feats)))
-    frames = {}
-    for split in (False, True):
-        pipe = GpuPipeline(
-            eng,
-            PipelineOptions(backend="compiled", output="rgb", buckets=(1,), split_stages=split),
-        )
-        pipe.warm_up()
-        assert pipe.split == split and len(pipe.streams) == (4 if split else 3)
-        frames[split] = np.stack(pipe.render(av.id, positions, feats)).astype(int)
-    assert frames[True].shape == frames[False].shape and len(positions) > 8
-    diff = np.abs(frames[True] - frames[False])
-    # the stage boundary moves one multiply between fused kernels: fp16 rounding only
-    assert float((diff > 2).mean()) < 1e-3 and int(diff.max()) <= 8
-    idle = av.frames[[av.loop_frame(p) for p in positions]].astype(int)
-    assert np.abs(frames[True] - idle).max() > 10  # it drew faces, not the idle frames
-    streams = {pipe.encoder.capture_stream, *pipe.step.capture_streams, *pipe.streams.values()}
-    assert len(streams) == 7  # every graph family and stage on its own stream
-
-
-def test_the_split_step_needs_a_gpu() -> None:
-    from engines.pipeline.compiled import MuseTalkStep
-    from engines.pipeline.split_step import SplitCompiledStep
-
-    if torch.cuda.is_available():
-        pytest.skip("checks the refusal without a GPU")
-    step = MuseTalkStep(torch.nn.Identity(), torch.nn.Identity())
-    with pytest.raises(EngineError, match="CUDA GPU"):
-        SplitCompiledStep(step)

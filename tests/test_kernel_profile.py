@@ -50,10 +50,7 @@ def _smoke(tmp_path, *flags: str) -> dict:  # type: ignore[no-untyped-def, type-
 def test_smoke_run_of_the_vae_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     res = _smoke(tmp_path, "--nhwc-norm", "--budget-s", "0")
     assert (
-        res["model"] == "vae"
-        and res["nhwc_norm"] == "channel"
-        and res["fold"]
-        and res["gpu"] == "cpu"
+        res["model"] == "vae" and res["nhwc_norm"] is True and res["fold"] and res["gpu"] == "cpu"
     )
     eager = res["eager"]
     assert eager["ms_per_frame"]["conv_gemm"] > 0 and eager["ms_per_frame"]["norm"] > 0
@@ -62,8 +59,8 @@ def test_smoke_run_of_the_vae_on_the_cpu(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_smoke_run_of_the_unet_compiled_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    res = _smoke(tmp_path, "--model", "unet", "--nhwc-norm", "group")
-    assert res["model"] == "unet" and not res["fold"] and res["nhwc_norm"] == "group"
+    res = _smoke(tmp_path, "--model", "unet", "--nhwc-norm")
+    assert res["model"] == "unet" and not res["fold"] and res["nhwc_norm"] is True
     assert res["conv_flops"]["total"] > 0
     for section in ("eager", "compiled"):
         assert res[section]["max_diff_vs_stock"] < 1e-3  # raw UNet output, fp32

@@ -9,25 +9,19 @@ import torch
 from torch import nn
 
 from bench.gpu import measure
-from engines.pipeline.nhwc_norm import (
-    ChannelsLastGroupNorm,
-    shared_copy,
-    swap_group_norms,
-    swap_norms,
-)
+from engines.pipeline.nhwc_norm import ChannelsLastGroupNorm, shared_copy, swap_group_norms
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 7, 5), (3, 64, 9), (2, 16, 4, 4, 3)])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("stats", ["channel", "group"])
-def test_matches_torchs_group_norm(shape: tuple[int, ...], affine: bool, stats: str) -> None:
+def test_matches_torchs_group_norm(shape: tuple[int, ...], affine: bool) -> None:
     g = torch.Generator().manual_seed(len(shape))
     ref = nn.GroupNorm(8, shape[1], eps=1e-6, affine=affine)
     if affine:
         with torch.no_grad():
             ref.weight.copy_(torch.randn(shape[1], generator=g))
             ref.bias.copy_(torch.randn(shape[1], generator=g))
-    ours = ChannelsLastGroupNorm(ref, stats)
+    ours = ChannelsLastGroupNorm(ref)
     # channels with their own offsets and spreads: the per-channel statistics must combine
     x = torch.randn(shape, generator=g) * torch.rand(shape[1], *[1] * (len(shape) - 2), generator=g)
     x = 3 * x + torch.randn(shape[1], *[1] * (len(shape) - 2), generator=g)
@@ -49,11 +43,9 @@ def test_keeps_channels_last_and_half_precision() -> None:
     torch.testing.assert_close(got.float(), ref(x.float()), rtol=0, atol=2e-3)
 
 
-def test_refuses_the_wrong_channel_count_and_unknown_stats() -> None:
+def test_refuses_the_wrong_channel_count() -> None:
     with pytest.raises(ValueError, match="expected \\(N, 16"):
         ChannelsLastGroupNorm(nn.GroupNorm(4, 16))(torch.randn(2, 8, 3, 3))
-    with pytest.raises(ValueError, match="stats must be one of"):
-        ChannelsLastGroupNorm(nn.GroupNorm(4, 16), stats="welford")
 
 
 def test_swapped_vae_decoder_decodes_the_same() -> None:
@@ -93,7 +85,7 @@ def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
 
     _, vae, _ = measure.build_models("tiny", "cpu", torch.float32)
     plain = MuseTalkStep(_Unet(), vae).eval()
-    swapped = MuseTalkStep(_Unet(), vae, fold_upsample=fold, nhwc_norm="channel").eval()
+    swapped = MuseTalkStep(_Unet(), vae, fold_upsample=fold, nhwc_norm=True).eval()
     assert swapped.vae is not vae
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in vae.modules())
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in swapped.vae.decoder.modules())
@@ -109,7 +101,7 @@ def test_musetalk_step_swaps_a_copy_and_keeps_the_eager_vae(fold: bool) -> None:
 def test_a_swapped_shared_copy_shares_the_weights_and_leaves_the_original() -> None:
     unet, _, _ = measure.build_models("tiny", "cpu", torch.float32)
     twin = shared_copy(unet)
-    assert swap_norms(twin, "channel") > 0
+    assert swap_group_norms(twin) > 0
     assert any(isinstance(m, ChannelsLastGroupNorm) for m in twin.modules())
     assert not any(isinstance(m, ChannelsLastGroupNorm) for m in unet.modules())
     mine, theirs = dict(unet.named_parameters()), dict(twin.named_parameters())
@@ -122,14 +114,3 @@ def test_a_swapped_shared_copy_shares_the_weights_and_leaves_the_original() -> N
         want = unet(lat, t0, encoder_hidden_states=cond).sample
         got = twin(lat, t0, encoder_hidden_states=cond).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_swap_norms_takes_each_form_and_refuses_others() -> None:
-    from engines.pipeline.nhwc_norm import NORM_FORMS
-
-    assert NORM_FORMS == ("", "channel", "group", "triton")
-    model = nn.Sequential(nn.GroupNorm(2, 8), nn.GroupNorm(4, 8))
-    assert swap_norms(model, "") == 0 and type(model[0]) is nn.GroupNorm
-    assert swap_norms(model, "group") == 2 and model[1].stats == "group"
-    with pytest.raises(ValueError, match="nhwc_norm must be"):
-        swap_norms(model, "welford")

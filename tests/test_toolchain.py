@@ -73,7 +73,7 @@ def test_compiled_problem_is_the_first_one(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_this_machine_has_what_the_suite_compiles_with() -> None:
     # the CPU suite compiles C++ with them already (inductor on the CPU, e.g.
-    # tests/test_gpu_paste.py's compiled paste stage): the checks must not cry wolf here
+    # tests/test_nhwc_norm.py's compiled norm): the checks must not cry wolf here
     assert toolchain.compiler_problem() is None, os.environ.get("PATH")
     assert toolchain.headers_problem() is None
 
@@ -118,7 +118,7 @@ def test_bench_refuses_a_backend_it_cannot_build_before_measuring(
     check_backends(eager)  # eager needs no compiler
     for opts in (
         BenchOptions(backends=("torch",), stream_backends=("compiled-gather40",)),
-        BenchOptions(backends=("torch", "compiled-crop8"), stream_backends=("torch",)),
+        BenchOptions(backends=("torch", "compiled-nofold"), stream_backends=("torch",)),
     ):
         with pytest.raises(EngineError, match="backend compiled unavailable: no C compiler"):
             check_backends(opts)

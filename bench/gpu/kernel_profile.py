@@ -153,12 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nchw", action="store_true", help="NCHW instead of channels-last")
     ap.add_argument(
         "--nhwc-norm",
-        nargs="?",
-        const="channel",
-        default="",
-        choices=["channel", "group", "triton"],
-        help="channels-last GroupNorms, statistics per channel (default) or per group; triton:"
-        " the norm + SiLU pairs as Triton kernels (engines.pipeline.triton_norm)",
+        action="store_true",
+        help="channels-last GroupNorms (engines.pipeline.nhwc_norm)",
     )
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
@@ -183,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         reference = comparable(make(model)())  # the stock eager model
     if args.nhwc_norm:
-        from engines.pipeline.nhwc_norm import swap_norms
+        from engines.pipeline.nhwc_norm import swap_group_norms
 
-        swap_norms(getattr(model, "decoder", model), args.nhwc_norm)
+        swap_group_norms(getattr(model, "decoder", model))
     if fold:
         fold_upsamplers(model)
     if not args.nchw:

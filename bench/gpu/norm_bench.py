@@ -1,16 +1,14 @@
-"""GroupNorm + SiLU alone, at the VAE decoder's shapes: eager torch, the compiled
-channels-last torch form (`engines.pipeline.nhwc_norm`) and the Triton kernels
-(`engines.pipeline.triton_norm`) over a sweep of their launch shapes, against the bytes each
-call must move (read twice, write once):
+"""GroupNorm + SiLU alone, at the VAE decoder's shapes: eager torch and the compiled
+channels-last form (`engines.pipeline.nhwc_norm`), against the bytes each call must move
+(read twice, write once):
 
-    python -m bench.gpu.norm_bench OUT.json [--batch 16] [--tiles 4096,8192,16384]
-        [--warps 4,8] [--reps 20] [--no-compile] [--device cuda|cpu] [--shapes C:H:W:count,...]
+    python -m bench.gpu.norm_bench OUT.json [--batch 16] [--reps 20] [--no-compile]
+        [--device cuda|cpu] [--shapes C:H:W:count,...]
 
 For each shape: ms per call and GB/s of each form, the largest difference from eager
 float32 GroupNorm + SiLU, and the decoder's total per frame (count x time / batch) for each
-form, with the best Triton launch shape. Progress on stderr; JSON written after each shape.
-The CPU run (`--device cpu`, Triton's interpreter, small `--shapes`) is a smoke test of the
-code path only; its times mean nothing.
+form. Progress on stderr; JSON written after each shape. The CPU run (`--device cpu`, small
+`--shapes`) is a smoke test of the code path only; its times mean nothing.
 """
 
 from __future__ import annotations
@@ -48,35 +46,23 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
 
 
 def bench_shape(
-    x: torch.Tensor,
-    norm: nn.GroupNorm,
-    launches: list[tuple[int, int]],
-    reps: int,
-    compile_torch: bool,
+    x: torch.Tensor, norm: nn.GroupNorm, reps: int, compile_torch: bool
 ) -> dict[str, Any]:
-    """One shape: {form: {ms, GB_s, max_diff}} for eager, compiled channels-last and each
-    Triton launch shape; `x` channels-last, `norm` in x's dtype."""
+    """One shape: {form: {ms, GB_s, max_diff}} for eager and compiled channels-last; `x`
+    channels-last, `norm` in x's dtype."""
     from bench.gpu import measure
-    from engines.pipeline import triton_norm
     from engines.pipeline.nhwc_norm import ChannelsLastGroupNorm
 
     nbytes = 3 * x.numel() * x.element_size()
-    want = triton_norm.group_norm_reference(
-        x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True
+    want = nn.functional.silu(
+        nn.functional.group_norm(
+            x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps
+        )
     )
     forms: dict[str, Callable[[], torch.Tensor]] = {"eager": lambda: nn.functional.silu(norm(x))}
     if compile_torch:
         cl = ChannelsLastGroupNorm(norm)
         forms["compiled_channels_last"] = torch.compile(lambda: nn.functional.silu(cl(x)))
-    for tile, warps in launches:
-
-        def run(tile: int = tile, warps: int = warps) -> torch.Tensor:
-            triton_norm.TILE_ELEMENTS, triton_norm.NUM_WARPS = tile, warps
-            return triton_norm.group_norm_nhwc(
-                x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True
-            )
-
-        forms[f"triton_t{tile}_w{warps}"] = run
     row: dict[str, Any] = {"MB": x.numel() * x.element_size() / 2**20}
     for name, fn in forms.items():
         ms = measure.median_ms(fn, x.device, reps)
@@ -89,19 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu.norm_bench")
     ap.add_argument("out")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--tiles", default="4096,8192,16384")
-    ap.add_argument("--warps", default="4,8")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled torch form")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="", help="C:H:W:count,... instead of the decoder's")
     args = ap.parse_args(argv)
-    from engines.pipeline import triton_norm
-
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     shapes = _parse_shapes(args.shapes) if args.shapes else DECODER_SHAPES
-    launches = [(int(t), int(w)) for t in args.tiles.split(",") for w in args.warps.split(",")]
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -111,7 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         "shapes": {},
     }
     totals: dict[str, float] = {}
-    launch0 = (triton_norm.TILE_ELEMENTS, triton_norm.NUM_WARPS)
     g = torch.Generator().manual_seed(0)
     for c, h, w, count in shapes:
         norm = nn.GroupNorm(GROUPS if c % GROUPS == 0 else 1, c, eps=1e-6)
@@ -122,23 +102,19 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn((args.batch, c, h, w), generator=g).to(dev, dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            row = bench_shape(x, norm, launches, args.reps, not args.no_compile)
+            row = bench_shape(x, norm, args.reps, not args.no_compile)
         row["count"] = count
-        best = min((k for k in row if k.startswith("triton_")), key=lambda k: row[k]["ms"])
-        row["best_triton"] = best
-        for name in [k for k in row if isinstance(row[k], dict)] + ["best"]:
-            key = best if name == "best" else name
+        for name in [k for k in row if isinstance(row[k], dict)]:
             totals[f"{name}_ms_per_frame"] = totals.get(f"{name}_ms_per_frame", 0.0) + (
-                count * row[key]["ms"] / args.batch
+                count * row[name]["ms"] / args.batch
             )
         res["shapes"][f"{c}x{h}x{w}"] = row
         res["decoder_totals"] = totals
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
         summary = {k: round(v["ms"], 4) for k, v in row.items() if isinstance(v, dict)}
-        print(f"[norm_bench] {c}x{h}x{w} x{count}: {summary} best={best}", file=sys.stderr)
+        print(f"[norm_bench] {c}x{h}x{w} x{count}: {summary}", file=sys.stderr)
     print(f"[norm_bench] decoder per frame: {json.dumps(totals)}", file=sys.stderr, flush=True)
-    triton_norm.TILE_ELEMENTS, triton_norm.NUM_WARPS = launch0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from engines.base import EngineError, check_buckets
+from engines.pipeline.fold import fold_upsamplers
+from engines.pipeline.nhwc_norm import shared_copy, swap_group_norms
 from engines.pipeline.warm_up import progress
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,6 @@ VAE_SCALING = 0.18215
 AUDIO_TOKENS = 50
 AUDIO_DIM = 384
 LATENT_SHAPE = (8, 32, 32)
-DEFAULT_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
 
 
 def cache_dir() -> Path:
@@ -69,23 +70,13 @@ class MuseTalkStep(nn.Module):
     """One generation step: (latents (B, 8, 32, 32), audio (B, 50, 384)) -> faces
     (B, 3, 256, 256) uint8 RGB. UNet at timestep 0, then VAE decode, as MuseTalk v1.5.
 
-    `decode_from_row` > 0 is an opt-in approximation: the VAE decodes only latent rows
-    [decode_from_row, 32), i.e. face rows from 8 x decode_from_row down, and the rows above
-    are left black. The blend mask only keeps the lower half of the face (plus its blur), so
-    with a margin the pasted frame changes little, for about a quarter less VAE work; it is
-    not exact (GroupNorm statistics and the mid-block attention see a smaller map), so its
-    distance from the full decode is measured (`lipstream bench`, accuracy.vae_crop).
-
     `fold_upsample` runs the VAE decoder's upsampling convolutions in their folded 2x2 form
     (`engines.pipeline.fold`: the same sums, 2.25x fewer multiply-adds there) on a private copy
     of the decoder (~100 MB in fp16), so the eager model stays MuseTalk's.
 
-    `nhwc_norm` ("channel" or "group": how the statistics are taken; "" for off) swaps the
-    GroupNorms of the UNet and the decoder for their channels-last form
-    (`engines.pipeline.nhwc_norm`: the same arithmetic in the activations' own memory order): the
-    decoder's on the same private copy, the UNet's on a copy that shares its weights.
-    "triton" runs the norms that a SiLU follows (norm + SiLU, in the UNet and the decoder) as
-    Triton kernels (`engines.pipeline.triton_norm`) and the other norms per channel."""
+    `nhwc_norm` swaps the GroupNorms of the UNet and the decoder for their channels-last form
+    (`engines.pipeline.nhwc_norm`: the same arithmetic in the activations' own memory order):
+    the decoder's on the same private copy, the UNet's on a copy that shares its weights."""
 
     unet: Any
     vae: Any
@@ -95,56 +86,31 @@ class MuseTalkStep(nn.Module):
         unet: nn.Module,
         vae: nn.Module,
         scaling: float = VAE_SCALING,
-        decode_from_row: int = 0,
         fold_upsample: bool = False,
-        nhwc_norm: str = "",
+        nhwc_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= decode_from_row < LATENT_SHAPE[1]:
-            raise ValueError(
-                f"decode_from_row must be in [0, {LATENT_SHAPE[1]}), got {decode_from_row}"
-            )
-        from engines.pipeline.nhwc_norm import check_norm_form, shared_copy, swap_norms
-
-        check_norm_form(nhwc_norm)
         if nhwc_norm:
             unet = shared_copy(unet)  # the same weights, its GroupNorms swapped
-            swap_norms(unet, nhwc_norm)
+            swap_group_norms(unet)
         self.unet = unet
         if fold_upsample or nhwc_norm:
             vae = copy.deepcopy(vae)
-        if fold_upsample:
-            from engines.pipeline.fold import fold_upsamplers
-
-            if fold_upsamplers(vae) == 0:
-                raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
-        if nhwc_norm and swap_norms(getattr(vae, "decoder", vae), nhwc_norm) == 0:
+        if fold_upsample and fold_upsamplers(vae) == 0:
+            raise ValueError("fold_upsample: the VAE has no foldable upsampling convolution")
+        if nhwc_norm and swap_group_norms(getattr(vae, "decoder", vae)) == 0:
             raise ValueError("nhwc_norm: the VAE decoder has no GroupNorm")
         self.vae = vae
         self.scaling = scaling
-        self.decode_from_row = decode_from_row
         self.pe: torch.Tensor
         self.timestep: torch.Tensor
         self.register_buffer("pe", positional_encoding(), persistent=False)  # float32
         self.register_buffer("timestep", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def forward(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        return self.vae_part(self.unet_part(latents, audio))
-
-    def unet_part(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """The first stage: the UNet's predicted latents (B, 4, 32, 32)."""
         cond = audio + self.pe.to(audio.dtype)
-        return self.unet(latents, self.timestep, encoder_hidden_states=cond).sample  # type: ignore[no-any-return]
-
-    def vae_part(self, pred: torch.Tensor) -> torch.Tensor:
-        """The second stage: predicted latents -> uint8 faces (B, 3, 256, 256)."""
-        if self.decode_from_row:
-            pred = pred[:, :, self.decode_from_row :, :]
-        image = self.vae.decode((1 / self.scaling) * pred).sample
-        faces = to_faces(image)
-        if self.decode_from_row:
-            faces = torch.nn.functional.pad(faces, (0, 0, 8 * self.decode_from_row, 0))
-        return faces
+        pred = self.unet(latents, self.timestep, encoder_hidden_states=cond).sample
+        return to_faces(self.vae.decode((1 / self.scaling) * pred).sample)
 
 
 def to_faces(image: torch.Tensor) -> torch.Tensor:
@@ -155,16 +121,12 @@ def to_faces(image: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CompiledOptions:
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    buckets: tuple[int, ...]  # the batch sizes captured (engines.backends.batch_buckets)
     compile: bool = True  # False: CUDA graphs over the eager model
     cuda_graphs: bool = True
     channels_last: bool = True
     mode: str = "default"  # torch.compile mode (CUDA graphs are ours, not inductor's)
     dynamic_batch: bool = True  # one compile for every bucket > 1 (batch 1 is its own)
-    # inductor's coordinate-descent tuning of its generated kernels and 1x1 convolutions as
-    # matmuls, for the compiles of `warm_up`: measured on the VAE decoder alone (H100, batch
-    # 16) 1.50 -> 1.37 ms per frame, compile 19 -> 120 s; opt-in until measured end to end
-    tune: bool = False
 
     def __post_init__(self) -> None:
         check_buckets(self.buckets)
@@ -228,10 +190,10 @@ class CompiledStep:
     """`MuseTalkStep` behind torch.compile and per-bucket CUDA graphs. Call it on the
     current CUDA stream; it returns a fresh tensor (safe to keep across calls)."""
 
-    def __init__(self, step: MuseTalkStep, options: CompiledOptions | None = None) -> None:
+    def __init__(self, step: MuseTalkStep, options: CompiledOptions) -> None:
         if not torch.cuda.is_available():
             raise EngineError("the compiled backend needs a CUDA GPU")
-        self.options = options or CompiledOptions()
+        self.options = options
         self.step = step.eval()
         self.device = next(step.parameters()).device
         self.dtype = next(step.parameters()).dtype
@@ -268,14 +230,6 @@ class CompiledStep:
         """Compile and capture every bucket (first call per shape compiles). Returns and
         logs seconds per bucket."""
         torch.backends.cudnn.benchmark = True
-        if self.options.tune and self.options.compile:
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(coordinate_descent_tuning=True, conv_1x1_as_mm=True):
-                return self._warm_up(buckets)
-        return self._warm_up(buckets)
-
-    def _warm_up(self, buckets: Sequence[int] | None) -> dict[int, float]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         # largest first: with a dynamic batch axis, its compile serves every bucket > 1
@@ -314,7 +268,7 @@ class CompiledStep:
         every bucket > 1). Not where this bucket is the only one > 1 (e.g. `--buckets 48`
         for an offline bench): nothing would share the compile (a static one was quicker on
         2 CPU cores with the tiny config, UNet 47 s against 97 s; on the GPU about the same:
-        110 s static on an H100, 109 s dynamic on an H200, session 15)."""
+        110 s static on an H100, 109 s dynamic on an H200)."""
         return (
             self.options.compile
             and self.options.dynamic_batch

@@ -6,9 +6,6 @@ Three CUDA streams, one per stage, with events between them:
     stream B  UNet (t = 0) + VAE decode (eager or `compiled` CUDA graphs)
     stream C  paste-back into the avatar frames + RGB -> I420 + copy to pinned host memory
 
-(`split_stages`, opt-in: stream B runs the UNet only and a fourth stream D the VAE decode, so
-batch n+1's UNet can run beside batch n's decode; `engines.pipeline.split_step`.)
-
 `launch` only enqueues work and returns a `Pending`; the caller (the scheduler thread) can
 launch the next batch at once, so batch n+1's encoder and UNet run while batch n is pasted
 and copied. `Pending.result()` (on a delivery thread) waits for batch n's last event and
@@ -31,67 +28,52 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.base import EngineError, FrameJob
+from engines.base import EngineError, FrameJob, check_buckets
 from engines.pipeline import paste
 from engines.pipeline.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 from engines.pipeline.features import ENCODER_BATCH, GpuFeaturizer
-from engines.pipeline.nhwc_norm import check_norm_form
 from engines.pipeline.scheduler import LAUNCH_PHASES
-from engines.pipeline.split_step import SplitCompiledStep
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    backend: str = "compiled"  # "torch" (eager) or "compiled"
-    buckets: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48)
+    """How a `GpuPipeline` runs. `buckets`: the batch sizes it captures (compiled: one CUDA
+    graph each; tensorrt: the range of its optimisation profile), chosen by
+    `engines.backends.batch_buckets`. The compiled backend's switches below are the server's
+    defaults, each measured to win end to end (docs/benchmarks.md has the figures)."""
+
+    backend: str  # "torch" (eager), "compiled" or "tensorrt"
+    buckets: tuple[int, ...]
     output: str = "i420"  # "i420" (what the video track sends) or "rgb"
-    decode_from_row: int = 0  # > 0: opt-in partial VAE decode (see MuseTalkStep)
-    fold_upsample: bool = (
-        True  # compiled: folded VAE upsampling convolutions (engines.pipeline.fold)
-    )
-    compile_encoder: bool = True  # compiled: whisper encoder compiled + one CUDA graph
-    tune: bool = False  # compiled: inductor kernel tuning at warm-up (CompiledOptions.tune)
     host_slots: int = 3  # pinned output buffers in rotation (batches in flight)
-    # compiled: the paste stage (~100 eager ops, ~2.7 ms of host time per step on the H200)
-    # as one torch.compile graph. A bench variant (`compiled-cpaste`), not a server default:
-    # it compiles again for each avatar's region size, on the worker thread
-    compile_paste: bool = False
+    # compiled: the VAE decoder's upsampling convolutions in their folded 2x2 form
+    # (engines.pipeline.fold)
+    fold_upsample: bool = True
     # compiled: the UNet's and the VAE decoder's GroupNorms in channels-last form
-    # (engines.pipeline.nhwc_norm), statistics per "channel" or per "group"; "" = stock. On the
-    # H200: VAE decoder 1.56 -> 1.38 ms per frame, full pipeline 524 -> 536 fps, the same
-    # distance from the fp32 decode (bench variants `compiled-stocknorm`, `-nhwcgnorm`;
-    # `-tritonnorm`: the norm + SiLU pairs as Triton kernels, engines.pipeline.triton_norm)
-    nhwc_norm: str = "channel"
-    # whisper passes per encoder call, padded: results never depend on which other passes
-    # shared the call. On the H200 a call costs 0.44 / 0.53 / 0.81 / 1.33 ms at 1 / 2 / 4 / 8
-    # windows: 4 costs a step of 1-4 windows (12 sessions: ~2) 0.5 ms less than 8 did, and
-    # one of 20 windows the same. Bench variants `-enc<k>`
-    encoder_batch: int = ENCODER_BATCH
+    # (engines.pipeline.nhwc_norm); False keeps torch's own
+    nhwc_norm: bool = True
+    compile_encoder: bool = True  # compiled: whisper encoder compiled + one CUDA graph
     # compiled: the log-mel inside the encoder's CUDA graph (one replay per encoder call
-    # instead of ~25 eager ops + a replay). On the H200 at 16 sessions the featurizer's host
-    # time per step fell from 6.5 to 3.5 ms (bench variant `-eagermel` for the old way)
+    # instead of ~25 eager ops and a replay)
     log_mel_in_graph: bool = True
-    # compiled: the UNet and the VAE decode as two graphs on two streams, so that one batch's
-    # UNet can run beside the previous batch's decode (engines.pipeline.split_step). Opt-in, not
-    # yet measured (bench variant `-split`)
-    split_stages: bool = False
+    # whisper passes per encoder call, padded: results never depend on which other passes
+    # shared the call
+    encoder_batch: int = ENCODER_BATCH
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
             raise ValueError(
                 f"pipeline backend must be torch, compiled or tensorrt, got {self.backend!r}"
             )
+        check_buckets(self.buckets)
         if self.output not in ("i420", "rgb"):
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
-        check_norm_form(self.nhwc_norm)
         if not 1 <= self.encoder_batch <= 64:
             raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
-        if self.split_stages and self.backend != "compiled":
-            raise ValueError("split_stages needs the compiled backend")
 
 
 @dataclass
@@ -137,60 +119,29 @@ class Pending:
 class GpuPipeline:
     """The three-stream GPU path over a `MuseTalkEngine`'s models and resident avatars."""
 
-    def __init__(self, engine: Any, options: PipelineOptions | None = None) -> None:
+    def __init__(self, engine: Any, options: PipelineOptions) -> None:
         if engine.device.type != "cuda":
             raise EngineError("the GPU pipeline needs the engine on a CUDA device")
         self.engine = engine
-        self.options = options or PipelineOptions()
+        self.options = options
         self.device = engine.device
-        self.features = GpuFeaturizer(engine.features, self.options.encoder_batch)
-        step = MuseTalkStep(
-            engine.unet,
-            engine.vae,
-            decode_from_row=self.options.decode_from_row,
-            fold_upsample=self.options.fold_upsample and self.options.backend == "compiled",
-            nhwc_norm=self.options.nhwc_norm if self.options.backend == "compiled" else "",
-        ).to(self.device)
-        self.step: Any = step
-        self.paste_stage: Any = paste.paste_flat
-        if self.options.compile_paste and self.options.backend == "compiled":
-            self.paste_stage = torch.compile(paste.paste_flat, dynamic=True)
+        self.features = GpuFeaturizer(engine.features, options.encoder_batch)
         self.build_report: dict[str, Any] = {}
         self.encoder: CompiledEncoder | None = None
-        if self.options.backend == "compiled":
-            compiled = CompiledOptions(buckets=self.options.buckets, tune=self.options.tune)
-            self.step = (
-                SplitCompiledStep(step, compiled)
-                if self.options.split_stages
-                else CompiledStep(step, compiled)
-            )
-            if self.options.compile_encoder:
-                self.encoder = CompiledEncoder(
-                    self.features.encoder,
-                    self.features.encoder_batch,
-                    int(self.features.mel_filters.shape[1]),
-                    2 * self.features.window_steps,
-                    log_mel=self.features.log_mel if self.options.log_mel_in_graph else None,
-                    samples=self.features.window_samples,
-                )
-                if self.encoder.takes_wave:
-                    self.features.run_windows = self.encoder
-                else:
-                    self.features.run_encoder = self.encoder
-        elif self.options.backend == "tensorrt":
+        self.step: Any
+        if options.backend == "tensorrt":
             from engines.tensorrt.engine import Profile, load_or_build
 
-            if self.options.decode_from_row:
-                raise EngineError("decode_from_row is not supported by the tensorrt backend")
+            lo, hi = min(options.buckets), max(options.buckets)
             trt_step, trt_encoder, self.build_report = load_or_build(
-                engine, Profile(min(self.options.buckets), 16, max(self.options.buckets))
+                engine, Profile(lo, min(16, hi), hi)
             )
             self.step = trt_step
             self.features.run_encoder = trt_encoder
-        # A features, B UNet+VAE (with split_stages: B the UNet, D the VAE), C paste-back
-        self.streams = {
-            k: torch.cuda.Stream(self.device) for k in ("ABCD" if self.split else "ABC")
-        }
+        else:
+            self.step = self._torch_step()
+        # A features, B UNet+VAE, C paste-back
+        self.streams = {k: torch.cuda.Stream(self.device) for k in "ABC"}
         self._avatars: dict[str, paste.GpuAvatar] = {}
         # pinned output buffers by slot; a slot is taken by a launch and given back by its
         # Pending (or by the launch itself if it fails), so a free slot is never in flight
@@ -202,6 +153,35 @@ class GpuPipeline:
         ]
         self._peak_warmed = False  # warm_peak's batches have run
         self.launch_s = dict.fromkeys(LAUNCH_PHASES, 0.0)  # host seconds in launch(), in all
+
+    def _torch_step(self) -> MuseTalkStep | CompiledStep:
+        """The UNet + VAE step of the torch backends: eager, or (compiled) with its switches,
+        torch.compile'd and captured per bucket; the compiled backend's whisper encoder too."""
+        o = self.options
+        compiled = o.backend == "compiled"
+        step = MuseTalkStep(
+            self.engine.unet,
+            self.engine.vae,
+            fold_upsample=o.fold_upsample and compiled,
+            nhwc_norm=o.nhwc_norm and compiled,
+        ).to(self.device)
+        if not compiled:
+            return step
+        if o.compile_encoder:
+            f = self.features
+            self.encoder = CompiledEncoder(
+                f.encoder,
+                f.encoder_batch,
+                int(f.mel_filters.shape[1]),
+                2 * f.window_steps,
+                log_mel=f.log_mel if o.log_mel_in_graph else None,
+                samples=f.window_samples,
+            )
+            if self.encoder.takes_wave:
+                f.run_windows = self.encoder
+            else:
+                f.run_encoder = self.encoder
+        return CompiledStep(step, CompiledOptions(buckets=o.buckets))
 
     def warm_up(self) -> dict[int, float]:
         """Compile / capture the step's buckets, and run the featurizer once (cuFFT plans,
@@ -222,11 +202,6 @@ class GpuPipeline:
         self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])
         torch.cuda.synchronize(self.device)
         return step.warm_up() if step is not None else {}  # each bucket a step of the progress
-
-    @property
-    def split(self) -> bool:
-        """Whether the UNet and the VAE decode run as two stages on two streams."""
-        return isinstance(self.step, SplitCompiledStep)
 
     def avatar(self, avatar_id: str) -> paste.GpuAvatar:
         gav = self._avatars.get(avatar_id)
@@ -357,20 +332,10 @@ class GpuPipeline:
             perm_t = torch.tensor(perm, dtype=torch.long).to(self.device, non_blocking=True)
             lat = torch.cat(lat_parts).to(self.engine.dtype)
             audio = feats.index_select(0, perm_t).to(self.engine.dtype)
-            if self.split:
-                handle = self.step.unet_stage(lat, audio)
-            else:
-                faces = self.step(lat, audio)
+            faces = self.step(lat, audio)
             ev_b = torch.cuda.Event()
             ev_b.record(sb)
         feats.record_stream(sb)
-        if self.split:  # the decode on its own stream, after this batch's UNet
-            sd = self.streams["D"]
-            with torch.cuda.stream(sd):
-                sd.wait_event(ev_b)
-                faces = self.step.vae_stage(handle)
-                ev_b = torch.cuda.Event()
-                ev_b.record(sd)
         t2 = time.perf_counter()
         self.launch_s["unet_vae"] += t2 - t1
         host: dict[str, torch.Tensor] = {}
@@ -383,7 +348,7 @@ class GpuPipeline:
                 gav = self.avatar(aid)
                 k = len(idx)
                 # frames with no face: the avatar frame as it is (its mask is all zero)
-                out = self.paste_stage(
+                out = paste.paste_flat(
                     gav, frame_idx[aid], faces[start : start + k], self.options.output == "i420"
                 )
                 buf = self._host_buf(slot, aid, k, int(out.shape[1]))

@@ -2,19 +2,19 @@
 memory order.
 
 The VAE decoder runs channels-last (NHWC in memory: cuDNN's fast convolution layout). Its
-30 GroupNorms (and the activations around them) are 39 % of its GPU time on an H200 under torch.compile (0.55 of 1.40 ms per
-frame, batch 16, `bench/results/vae_profile_H200_2026-12-01_*.json`), several times what
-their memory traffic needs: the stock decomposition views the input as (N, groups, rest),
-which an NHWC tensor is not, so the generated kernels copy it to NCHW order ("clone" in
-their names) and read it across the grain.
+30 GroupNorms (and the activations around them) are 39 % of its GPU time on an H200 under
+torch.compile (0.55 of 1.40 ms per frame, batch 16), several times what their memory traffic
+needs: the stock decomposition views the input as (N, groups, rest), which an NHWC tensor is
+not, so the generated kernels copy it to NCHW order ("clone" in their names) and read it
+across the grain.
 
 `ChannelsLastGroupNorm` computes the same thing in the input's own order: channels moved
-last (a view of an NHWC tensor) as (N, positions, C), statistics in float32 (per channel,
-then combined per group; or per group directly), then one scale and shift per channel: one
-read for the statistics, one read and one write for the output. Output has the input's dtype and, for an NHWC input, is NHWC again. Same arithmetic
-as `torch.nn.GroupNorm` up to the order of float32 summation. `swap_group_norms` swaps every
-GroupNorm inside a module (in place; `swap_norms` does it for any of `NORM_FORMS`, and a
-`shared_copy` shares the original's weights); the parameters are the same tensors, so state dicts are unchanged.
+last (a view of an NHWC tensor) as (N, positions, C), statistics in float32 per channel, then
+combined per group, then one scale and shift per channel: one read for the statistics, one
+read and one write for the output. Output has the input's dtype and, for an NHWC input, is
+NHWC again. Same arithmetic as `torch.nn.GroupNorm` up to the order of float32 summation.
+`swap_group_norms` swaps every GroupNorm inside a module (in place; a `shared_copy` shares
+the original's weights); the parameters are the same tensors, so state dicts are unchanged.
 """
 
 from __future__ import annotations
@@ -29,29 +29,22 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-STATS = ("channel", "group")
-
-
 class ChannelsLastGroupNorm(nn.Module):
     """`nn.GroupNorm` over (N, C, *) computed with channels last (see the module notes).
 
-    `stats="channel"` (default): mean and variance per channel over the positions (a
-    reduction along the memory's slow axis, the channels side by side), then combined per
-    group (the mean of the means; the mean of the variances plus the variance of the
-    means: exact for equal counts), then one scale and shift per channel. `stats="group"`:
-    mean and variance per group directly over (positions, channels of the group)."""
+    Mean and variance per channel over the positions (a reduction along the memory's slow
+    axis, the channels side by side), then combined per group (the mean of the means; the
+    mean of the variances plus the variance of the means: exact for equal counts), then one
+    scale and shift per channel."""
 
-    def __init__(self, norm: nn.GroupNorm, stats: str = "channel") -> None:
+    def __init__(self, norm: nn.GroupNorm) -> None:
         super().__init__()
-        if stats not in STATS:
-            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
         self.num_groups = norm.num_groups
         self.num_channels = norm.num_channels
         self.eps = norm.eps
         self.affine = norm.affine
         self.weight = norm.weight  # the same Parameters (None when not affine)
         self.bias = norm.bias
-        self.stats = stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
@@ -60,16 +53,10 @@ class ChannelsLastGroupNorm(nn.Module):
         g = self.num_groups
         last = x.movedim(1, -1)  # (N, *, C): a view, contiguous when x is channels-last
         flat = last.reshape(n, -1, c).float()
-        if self.stats == "channel":
-            var_c, mean_c = torch.var_mean(flat, dim=1, correction=0)  # (N, C)
-            mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
-            mean = mean_c.mean(dim=2, keepdim=True)
-            var = var_c.mean(dim=2, keepdim=True) + (mean_c - mean).square().mean(
-                dim=2, keepdim=True
-            )
-        else:
-            var, mean = torch.var_mean(flat.view(n, -1, g, c // g), dim=(1, 3), correction=0)
-            mean, var = mean.view(n, g, 1), var.view(n, g, 1)
+        var_c, mean_c = torch.var_mean(flat, dim=1, correction=0)  # (N, C)
+        mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+        mean = mean_c.mean(dim=2, keepdim=True)
+        var = var_c.mean(dim=2, keepdim=True) + (mean_c - mean).square().mean(dim=2, keepdim=True)
         scale = torch.rsqrt(var + self.eps).expand(n, g, c // g)  # (N, G, C/G)
         if self.weight is not None:
             scale = scale * self.weight.float().view(g, c // g)
@@ -80,13 +67,10 @@ class ChannelsLastGroupNorm(nn.Module):
         return y.to(x.dtype).reshape(last.shape).movedim(-1, 1)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-            f"stats={self.stats}"
-        )
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
-def swap_group_norms(module: nn.Module, stats: str = "channel") -> int:
+def swap_group_norms(module: nn.Module) -> int:
     """Swap every `nn.GroupNorm` inside `module` for a `ChannelsLastGroupNorm` (in place).
     Returns how many were swapped."""
     targets = [
@@ -96,34 +80,9 @@ def swap_group_norms(module: nn.Module, stats: str = "channel") -> int:
         if type(child) is nn.GroupNorm
     ]
     for parent, name, child in targets:
-        setattr(parent, name, ChannelsLastGroupNorm(child, stats))
-    log.info("swapped %d group norms for their channels-last form", len(targets))
+        setattr(parent, name, ChannelsLastGroupNorm(child))
+    log.info("swapped group norms for their channels-last form: count=%d", len(targets))
     return len(targets)
-
-
-# the forms a model's GroupNorms can take on the compiled path: "" stock, "channel" / "group"
-# channels-last with statistics per channel / per group, "triton" the norm + SiLU pairs as
-# Triton kernels (engines.pipeline.triton_norm) and the other norms per channel
-NORM_FORMS = ("", "channel", "group", "triton")
-
-
-def check_norm_form(form: str) -> None:
-    if form not in NORM_FORMS:
-        raise ValueError(f"nhwc_norm must be one of {NORM_FORMS}, got {form!r}")
-
-
-def swap_norms(module: nn.Module, form: str) -> int:
-    """Put `module`'s GroupNorms into `form` (one of NORM_FORMS; in place). Returns how many
-    were swapped ("" swaps none)."""
-    check_norm_form(form)
-    if not form:
-        return 0
-    swapped = 0
-    if form == "triton":
-        from engines.pipeline.triton_norm import swap_norm_silu_pairs
-
-        swapped = swap_norm_silu_pairs(module)
-    return swapped + swap_group_norms(module, "channel" if form == "triton" else form)
 
 
 def shared_copy(module: nn.Module) -> nn.Module:

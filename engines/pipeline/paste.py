@@ -286,7 +286,7 @@ def paste_flat(
     gav: GpuAvatar, frame_idx: torch.Tensor, faces: torch.Tensor, i420: bool = True
 ) -> torch.Tensor:
     """The pipeline's paste stage: `paste_back`, then each frame flat (B, bytes): I420
-    (`rgb_to_i420`) or RGB. One function, so that it can be compiled as one graph."""
+    (`rgb_to_i420`) or RGB."""
     if i420 and gav.i420 is not None:
         return paste_i420(gav, frame_idx, faces)
     pictures = paste_back(gav, frame_idx, faces)

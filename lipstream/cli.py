@@ -7,6 +7,8 @@ import logging
 
 import typer
 
+from lipstream import logs
+
 app = typer.Typer(
     name="lipstream",
     help="Real-time streaming talking-avatar server (MuseTalk v1.5 over WebRTC).",
@@ -46,8 +48,6 @@ def _register_bench() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(logging.INFO)
     _register()
     app()

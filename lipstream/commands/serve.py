@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from lipstream import logs
+
 log = logging.getLogger(__name__)
 
 
@@ -105,6 +107,7 @@ def serve(
         ws="websockets-sansio",
         ws_max_size=settings.ws_max_message_bytes,
         log_level=log_level.lower(),
+        log_config=logs.UVICORN_LOG_CONFIG,
         timeout_graceful_shutdown=max(1, int(reserve_s(settings.drain_grace_s))),
     )
     DrainingServer(config, app, settings.drain_grace_s).run()

@@ -1,0 +1,114 @@
+"""Log lines: the values passed in `extra` follow the message as key=value, for our loggers
+and, through the root logger, for uvicorn's."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from lipstream.logs import FORMAT, FieldsFormatter, extra_fields, field_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(msg: str, extra: dict[str, object] | None = None) -> logging.LogRecord:
+    logger = logging.getLogger("tests.logs")
+    return logger.makeRecord("tests.logs", logging.INFO, __file__, 1, msg, (), None, extra=extra)
+
+
+def test_extra_fields_follow_the_message_in_order() -> None:
+    fmt = FieldsFormatter("%(levelname)s %(name)s: %(message)s")
+    line = fmt.format(_record("avatar ready", {"avatar_id": "av_0123", "frames": 250}))
+    assert line == "INFO tests.logs: avatar ready avatar_id=av_0123 frames=250"
+
+
+def test_a_record_without_fields_is_the_plain_format() -> None:
+    fmt = FieldsFormatter(FORMAT)
+    plain = logging.Formatter(FORMAT)
+    record = _record("server ready")
+    assert fmt.format(record) == plain.format(record)
+    assert extra_fields(record) == {}
+
+
+def test_values_that_would_split_the_line_are_quoted() -> None:
+    assert field_text("av_1") == "av_1"
+    assert field_text(0.5) == "0.5"
+    assert field_text(None) == "None"
+    assert field_text("") == '""'
+    assert field_text("preview engine asked for") == '"preview engine asked for"'
+    assert field_text('a="b"') == '"a=\\"b\\""'
+    assert field_text("two\nlines") == '"two\\nlines"'
+    fmt = FieldsFormatter("%(message)s")
+    line = fmt.format(_record("engine chosen", {"reason": "no GPU found", "engine": "preview"}))
+    assert line == 'engine chosen reason="no GPU found" engine=preview'
+
+
+def test_fields_come_before_the_traceback() -> None:
+    fmt = FieldsFormatter("%(message)s")
+    try:
+        raise ValueError("bad frame")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.getLogger("tests.logs").makeRecord(
+        "tests.logs",
+        logging.ERROR,
+        __file__,
+        1,
+        "preparation failed",
+        (),
+        exc_info,
+        extra={"avatar_id": "av_9"},
+    )
+    lines = fmt.format(record).splitlines()
+    assert lines[0] == "preparation failed avatar_id=av_9"
+    assert lines[1].startswith("Traceback")
+    assert lines[-1] == "ValueError: bad frame"
+
+
+def test_uvicorns_colour_copy_of_the_message_is_not_a_field() -> None:
+    fmt = FieldsFormatter("%(message)s")
+    record = _record("Started server process [%d]", {"color_message": "\x1b[1m..."})
+    record.args = (42,)
+    assert fmt.format(record) == "Started server process [42]"
+
+
+def test_the_cli_setup_and_uvicorns_loggers_print_fields_on_stderr() -> None:
+    """A fresh process: `setup` configures the root logger as `lipstream` and `lipstream
+    serve` do; uvicorn configured with our log_config sends its lines through it."""
+    code = textwrap.dedent(
+        """
+        import logging
+        import uvicorn
+        from lipstream import logs
+
+        logs.setup(logging.INFO)
+        logging.getLogger("server.avatar_service").info(
+            "avatar ready", extra={"avatar_id": "av_0123456789abcdef", "frames": 3}
+        )
+        async def app(scope, receive, send):
+            pass
+        uvicorn.Config(app, log_level="info", log_config=logs.UVICORN_LOG_CONFIG)
+        logging.getLogger("uvicorn.error").info(
+            "Started server process [%d]", 7, extra={"color_message": "colour"}
+        )
+        logging.getLogger("uvicorn.access").info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/healthz", "1.1", 200
+        )
+        logging.getLogger("uvicorn.error").debug("not shown at info")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, done.stderr
+    assert lines[0].endswith(
+        " INFO server.avatar_service: avatar ready avatar_id=av_0123456789abcdef frames=3"
+    )
+    assert lines[1].endswith(" INFO uvicorn.error: Started server process [7]")
+    assert lines[2].endswith(' INFO uvicorn.access: 127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200')
+    assert done.stdout == ""

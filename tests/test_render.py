@@ -22,10 +22,12 @@ MUSETALK_CLIP_S = 0.6  # model work is ~0.5 s a frame on the test CPU: 15 frames
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
+    from bench.cli import register as register_bench
     from lipstream.commands.engines import register
 
     app = typer.Typer()
     register(app)
+    register_bench(app)
     return app
 
 

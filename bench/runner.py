@@ -205,7 +205,7 @@ class Bench:
         """The pipeline for a variant name (`variant_options`): `torch`, `compiled`,
         `compiled-nofold` (plain VAE upsampling), `compiled-eagerenc` (eager whisper),
         `compiled-stocknorm` (torch's own GroupNorm), ..."""
-        from engines.pipeline.gpu import GpuPipeline
+        from engines.backends import build_pipeline
 
         if name not in self.pipelines:
             # dynamo keys its compiled code by the forward's code object and guards on the
@@ -213,7 +213,7 @@ class Bench:
             # same code (e.g. `compiled-stocknorm` after `compiled`) silently reuses the first's
             # kernels. Built pipelines replay their own CUDA graphs and are unaffected.
             self.torch._dynamo.reset()
-            p = GpuPipeline(self.engine, variant_options(name, self.o.buckets))
+            p = build_pipeline(self.engine, variant_options(name, self.o.buckets), warm_up=False)
             t0 = time.perf_counter()
             warm = p.warm_up()
             self.res.setdefault("warmup", {})[name] = {
@@ -396,11 +396,11 @@ class Bench:
         )
         out["torch_engine_cpu_paste"] = {"fps": r.fps, "encoder": r.encoder}
         n = frames_in(self.clip.size)
-        from engines.pipeline.gpu import GpuPipeline, PipelineOptions
+        from engines.backends import build_pipeline
+        from engines.pipeline.gpu import PipelineOptions
 
-        p = GpuPipeline(
-            self.engine, PipelineOptions(backend="compiled", buckets=self.o.buckets, output="rgb")
-        )
+        options = PipelineOptions(backend="compiled", buckets=self.o.buckets, output="rgb")
+        p = build_pipeline(self.engine, options, warm_up=False)
         p.step = self.pipeline("compiled").step  # share the captured graphs
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -806,7 +806,7 @@ def check_backends(options: BenchOptions) -> None:
     """Fail before any measuring where a backend asked for cannot run on this host (a
     compiled variant without Triton's compiler or headers, tensorrt without its wheels):
     otherwise the bench would fail minutes in, at that backend's first compile."""
-    from engines.tensorrt.engine import select_backend
+    from engines.backends import select_backend
 
     wanted = dict.fromkeys(b.split("-")[0] for b in (*options.backends, *options.stream_backends))
     for name in wanted:

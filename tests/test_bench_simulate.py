@@ -35,7 +35,8 @@ def test_playout_holds_counts_what_the_player_repeats() -> None:
 
 
 def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> None:  # type: ignore[no-untyped-def]
-    from engines.pipeline.scheduler import SchedulerOptions, create_scheduler
+    from engines.backends import create_scheduler
+    from engines.pipeline.scheduler import SchedulerOptions
     from engines.preview import PreviewEngine
 
     engine = PreviewEngine()

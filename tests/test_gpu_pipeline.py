@@ -22,7 +22,7 @@ caches = pytest.mark.allow_leaks("CUDA caches, graph pools and compile workers p
 def test_backend_selection_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from engines.tensorrt import engine as tensorrt
+    from engines.backends import select_backend
 
     real_import = builtins.__import__
 
@@ -33,11 +33,35 @@ def test_backend_selection_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(builtins, "__import__", no_trt)
     with pytest.raises(EngineError, match="tensorrt"):
-        tensorrt.select_backend("tensorrt")
+        select_backend("tensorrt")
     want = "compiled" if torch.cuda.is_available() else "torch"
-    assert tensorrt.select_backend("auto") == want
+    assert select_backend("auto") == want
     with pytest.raises(EngineError):
-        tensorrt.select_backend("bogus")
+        select_backend("bogus")
+
+
+def test_one_bucket_policy_for_every_pipeline() -> None:
+    """Buckets: every rung of the ladder below the largest batch, then the largest itself;
+    the server's, the render's and `engines build`'s pipelines all take theirs from it."""
+    from engines.backends import BUCKET_LADDER, batch_buckets, pipeline_options
+
+    assert batch_buckets(16) == (1, 2, 4, 6, 8, 12, 16)
+    assert batch_buckets(10) == (1, 2, 4, 6, 8, 10)
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(48) == BUCKET_LADDER
+    assert batch_buckets(64) == (*BUCKET_LADDER, 64)
+    with pytest.raises(EngineError, match="max_batch"):
+        batch_buckets(0)
+    opts = pipeline_options("compiled", 8, output="rgb", in_flight=3)
+    assert (opts.backend, opts.buckets, opts.output, opts.host_slots) == (
+        "compiled",
+        (1, 2, 4, 6, 8),
+        "rgb",
+        4,
+    )
+    assert opts.fold_upsample and opts.nhwc_norm and opts.compile_encoder  # server defaults
+    with pytest.raises(ValueError, match="buckets must be"):
+        type(opts)(backend="torch", buckets=(4, 2))
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +202,9 @@ def test_compiled_matches_eager(gpu_engine, nhwc_norm: bool) -> None:  # type: i
 def test_scheduler_on_gpu_delivers_pipeline_frames(gpu_engine) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import dataclass, field
 
+    from engines.backends import create_scheduler
     from engines.pipeline.gpu import Row
-    from engines.pipeline.scheduler import SchedulerOptions, create_scheduler
+    from engines.pipeline.scheduler import SchedulerOptions
 
     eng, av = gpu_engine
     sched = create_scheduler(eng, SchedulerOptions(max_batch=8, output="rgb"), backend="torch")

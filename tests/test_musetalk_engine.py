@@ -126,9 +126,15 @@ def test_unavailable_backends_are_clear_errors(tiny_models_dir: Path) -> None:
         MuseTalkEngine(tiny_models_dir, backend="tensorrt")
     with pytest.raises(EngineError, match="backend compiled needs a CUDA GPU"):
         MuseTalkEngine(tiny_models_dir, backend="compiled")
-    assert MuseTalkEngine(tiny_models_dir, backend="auto").backend == "torch"  # auto on CPU
-    with pytest.raises(EngineError, match="unknown backend"):
+    with pytest.raises(EngineError, match="unknown backend 'onnx'"):
         MuseTalkEngine(tiny_models_dir, backend="onnx")
+    # the engine takes a backend already chosen: `auto` is resolved where engines are built
+    with pytest.raises(EngineError, match="select_backend resolves auto"):
+        MuseTalkEngine(tiny_models_dir, backend="auto")
+    from engines.backends import create_engine
+
+    engine, reason = create_engine("musetalk", tiny_models_dir, "cpu", "auto")
+    assert getattr(engine, "backend", None) == "torch" and "torch" in reason  # auto on CPU
     with pytest.raises(EngineError, match="missing"):
         MuseTalkEngine(tiny_models_dir / "nope")
     assert MuseTalkOptions().torch_dtype == torch.float32

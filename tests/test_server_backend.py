@@ -12,11 +12,12 @@ import httpx
 import pytest
 import torch
 
+from engines.backends import pipeline_backend, select_backend
 from engines.base import EngineError
-from engines.musetalk.engine import MuseTalkEngine, resolve_backend
+from engines.musetalk.engine import MuseTalkEngine
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.session.gpu_worker import GpuWorker, create_worker, select_backend
+from server.session.gpu_worker import GpuWorker, create_worker
 from server.session.worker import FrameWorker
 from server.settings import Settings
 
@@ -31,7 +32,7 @@ def test_cpu_musetalk_gets_the_frame_worker(cpu_engine: MuseTalkEngine) -> None:
         worker = create_worker(cpu_engine, Settings(engine="musetalk", backend=backend))
         assert type(worker) is FrameWorker
         assert worker.max_batch == Settings().max_batch
-    assert select_backend(cpu_engine, "auto") is None
+    assert pipeline_backend(cpu_engine, "auto") is None
 
 
 def test_compiled_and_tensorrt_on_cpu_are_clear_errors(
@@ -43,10 +44,10 @@ def test_compiled_and_tensorrt_on_cpu_are_clear_errors(
         with pytest.raises(EngineError, match=f"backend {backend} needs a CUDA GPU"):
             MuseTalkEngine(tiny_models_dir, device="cpu", backend=backend)
         with pytest.raises(EngineError, match="needs a CUDA GPU"):
-            resolve_backend(backend, "cpu")
+            select_backend(backend, "cpu")
     with pytest.raises(EngineError, match="unknown backend 'onnx'"):
         create_worker(cpu_engine, Settings(engine="musetalk", backend="onnx"))
-    assert resolve_backend("auto", "cpu") == "torch"
+    assert select_backend("auto", "cpu") == "torch"
     assert cpu_engine.backend == "torch"
 
 

@@ -1,5 +1,6 @@
-"""`engines.pipeline.toolchain`: what the compiled backend needs on the host (Triton, a C compiler,
-Python's headers), and what backend selection does without it.
+"""`engines.pipeline.toolchain`: what the compiled backend needs on the host (Triton, a C
+compiler, Python's headers), and what backend selection (`engines.backends.select_backend`)
+does without it.
 
 The compiler and header checks run for real against this machine's PATH and a folder made
 here. Backend selection needs a CUDA GPU to reach the compiled case: those tests say the GPU
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.backends import select_backend
 from engines.base import EngineError
 from engines.pipeline import toolchain
 from engines.tensorrt import engine as tensorrt
@@ -90,19 +92,19 @@ def test_auto_falls_back_to_eager_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: "no C compiler on PATH")
-    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.engine"):
-        assert tensorrt.select_backend("auto") == "torch"
+    with caplog.at_level(logging.WARNING, logger="engines.backends"):
+        assert select_backend("auto") == "torch"
     assert "no C compiler on PATH" in caplog.text
     with pytest.raises(EngineError, match="backend compiled unavailable: no C compiler"):
-        tensorrt.select_backend("compiled")
-    assert tensorrt.select_backend("torch") == "torch"
+        select_backend("compiled")
+    assert select_backend("torch") == "torch"
 
 
 @pytest.mark.usefixtures("gpu_without_trt")
 def test_auto_picks_compiled_where_it_can_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: None)
-    assert tensorrt.select_backend("auto") == "compiled"
-    assert tensorrt.select_backend("compiled") == "compiled"
+    assert select_backend("auto") == "compiled"
+    assert select_backend("compiled") == "compiled"
 
 
 @pytest.mark.usefixtures("gpu_without_trt")

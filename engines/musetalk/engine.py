@@ -5,17 +5,18 @@ UNet input latents live on the engine's device; frames, boxes and masks stay in 
 where `avatars.blend.paste_back` blends each generated 256x256 face into its frame (RGB
 throughout: MuseTalk's BGR flips cancel out). Frames without a face are returned unchanged.
 
-Backends `compiled` and `tensorrt` need a CUDA device: `render` then goes through a
-`engines.pipeline.gpu.GpuPipeline` of that backend (built and warmed up on first use; GPU
-paste-back). `auto` is the best available one (`engines.tensorrt.engine.select_backend`): torch
-on CPU. The server's GPU scheduler builds its own pipeline from the same engine.
+Backends `compiled` and `tensorrt` need a CUDA device: `render` then goes through the GPU
+pipeline that `pipeline_factory` builds (`engines.backends.create_engine` hands it in; built
+and warmed up on first use; GPU paste-back). The engine takes a backend already chosen:
+`engines.backends.select_backend` resolves `auto`. The server's GPU scheduler builds its own
+pipeline from the same engine.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from engines.musetalk.vae import decode_latents, encode_crops
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "compiled", "tensorrt", "auto")
+BACKENDS = ("torch", "compiled", "tensorrt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LATENT_SHAPE = (8, 32, 32)
 
@@ -52,7 +53,8 @@ class MuseTalkOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise EngineError(
-                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)} "
+                "(engines.backends.select_backend resolves auto)"
             )
         if self.dtype is not None and self.dtype not in DTYPES:
             raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -69,11 +71,6 @@ class MuseTalkOptions:
                 "use --backend torch (or auto)"
             )
 
-    def resolved_backend(self) -> str:
-        """The backend that runs: `auto` resolved, `tensorrt` checked (EngineError where it
-        cannot run, with the reason)."""
-        return resolve_backend(self.backend, self.device)
-
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -83,23 +80,6 @@ class MuseTalkOptions:
         if self.dtype is not None:
             return DTYPES[self.dtype]
         return torch.float16 if self.torch_device.type == "cuda" else torch.float32
-
-
-def resolve_backend(requested: str, device: str | torch.device = "cpu") -> str:
-    """`requested` (torch, compiled, tensorrt, auto) for a model on `device`: auto -> the best
-    available (torch on CPU); compiled / tensorrt where they cannot run -> EngineError."""
-    if requested not in BACKENDS:
-        raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    if torch.device(device).type != "cuda":
-        if requested in ("compiled", "tensorrt"):
-            raise EngineError(
-                f"backend {requested} needs a CUDA GPU (device is {device}); "
-                "use --backend torch (or auto)"
-            )
-        return "torch"
-    from engines.tensorrt.engine import select_backend
-
-    return select_backend(requested)
 
 
 @dataclass
@@ -122,12 +102,15 @@ class MuseTalkEngine(Engine):
         dtype: str | None = None,
         batch_size: int = 8,
         options: MuseTalkOptions | None = None,
+        pipeline_factory: Callable[[MuseTalkEngine], Any] | None = None,
     ) -> None:
+        """`pipeline_factory(engine)`: the GPU pipeline `render` runs through with the
+        compiled / tensorrt backend (`engines.backends.render_pipeline`)."""
         self.options = options or MuseTalkOptions(
             device=device, backend=backend, dtype=dtype, batch_size=batch_size
         )
         self.files = weights.check_layout(models_dir)
-        self.backend = self.options.resolved_backend()
+        self.backend = self.options.backend
         dev, dt = self.options.torch_device, self.options.torch_dtype
         self.device, self.dtype = dev, dt
         self.unet = weights.load_unet(self.files.root, dev, dt)
@@ -140,28 +123,24 @@ class MuseTalkEngine(Engine):
         self._avatars: dict[str, _Resident] = {}
         self._lock = threading.Lock()
         self._pipeline: Any = None  # GpuPipeline for `render` with compiled / tensorrt
+        self._pipeline_factory = pipeline_factory
         logger.info(
             "musetalk engine ready",
             extra={"device": str(dev), "dtype": str(dt), "backend": self.backend},
         )
 
     def gpu_pipeline(self) -> Any:
-        """The GpuPipeline `render` uses with the compiled / tensorrt backend (built and
-        warmed up on first call; its compile time is logged)."""
+        """The GPU pipeline `render` uses with the compiled / tensorrt backend (built by
+        `pipeline_factory` and warmed up on first call)."""
         if self._pipeline is None:
             if self.device.type != "cuda" or self.backend == "torch":
                 raise EngineError(f"no GPU pipeline for backend {self.backend} on {self.device}")
-            from engines.pipeline.gpu import GpuPipeline, PipelineOptions
-
-            b = self.options.batch_size
-            buckets: tuple[int, ...] = (b,) if b == 1 else (1, b)
-            if self.backend == "tensorrt":
-                buckets = tuple(sorted({1, 16, max(16, b)}))
-            pipeline = GpuPipeline(
-                self, PipelineOptions(backend=self.backend, buckets=buckets, output="rgb")
-            )
-            pipeline.warm_up()
-            self._pipeline = pipeline
+            if self._pipeline_factory is None:
+                raise EngineError(
+                    f"backend {self.backend} renders through a GPU pipeline: build the engine "
+                    "with engines.backends.create_engine"
+                )
+            self._pipeline = self._pipeline_factory(self)
         return self._pipeline
 
     # -- avatars ------------------------------------------------------------------------

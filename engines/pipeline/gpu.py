@@ -32,7 +32,7 @@ from engines.base import EngineError, FrameJob, check_buckets
 from engines.pipeline import paste
 from engines.pipeline.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
 from engines.pipeline.features import ENCODER_BATCH, GpuFeaturizer
-from engines.pipeline.scheduler import LAUNCH_PHASES
+from engines.pipeline.launch import LAUNCH_PHASES, Row
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,14 @@ class PipelineOptions:
             raise ValueError("host_slots must be >= 2 for overlap")
 
 
-@dataclass
-class Row:
-    """One frame of a batch: which avatar, which loop position."""
+@dataclass(frozen=True)
+class BackendModels:
+    """The UNet + VAE step and the whisper encoder of a backend built outside this package
+    (the tensorrt backend's engines, `engines.tensorrt.engine.load_or_build`)."""
 
-    avatar_id: str
-    loop_position: int
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, audio) -> faces
+    encoder: Callable[[torch.Tensor], torch.Tensor]  # mel (B, 80, frames) -> (B, steps, 5, d)
+    report: dict[str, Any]  # how they were built (cached or not, paths, seconds)
 
 
 @dataclass
@@ -119,7 +121,11 @@ class Pending:
 class GpuPipeline:
     """The three-stream GPU path over a `MuseTalkEngine`'s models and resident avatars."""
 
-    def __init__(self, engine: Any, options: PipelineOptions) -> None:
+    def __init__(
+        self, engine: Any, options: PipelineOptions, models: BackendModels | None = None
+    ) -> None:
+        """`models`: the step and encoder of the tensorrt backend (required there); the
+        torch backends build their own from the engine's models."""
         if engine.device.type != "cuda":
             raise EngineError("the GPU pipeline needs the engine on a CUDA device")
         self.engine = engine
@@ -130,14 +136,13 @@ class GpuPipeline:
         self.encoder: CompiledEncoder | None = None
         self.step: Any
         if options.backend == "tensorrt":
-            from engines.tensorrt.engine import Profile, load_or_build
-
-            lo, hi = min(options.buckets), max(options.buckets)
-            trt_step, trt_encoder, self.build_report = load_or_build(
-                engine, Profile(lo, min(16, hi), hi)
-            )
-            self.step = trt_step
-            self.features.run_encoder = trt_encoder
+            if models is None:
+                raise EngineError(
+                    "the tensorrt backend's pipeline needs its engines: build it with "
+                    "engines.backends.build_pipeline"
+                )
+            self.step, self.build_report = models.step, models.report
+            self.features.run_encoder = models.encoder
         else:
             self.step = self._torch_step()
         # A features, B UNet+VAE, C paste-back

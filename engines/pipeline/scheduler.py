@@ -11,13 +11,14 @@ alive, submit, cancel, queued, call, acall; the same work items: anything with `
 2. takes the queued items of all sessions in deadline order, skipping items due more than
    `lookahead_s` after the earliest one (a session whose TTS arrives faster than real
    time cannot starve the others), up to `max_batch` frames;
-3. launches them on the `GpuPipeline` (features -> UNet+VAE -> paste-back+I420 -> pinned
-   copy, each on its stream) and returns at once to step 1;
+3. launches them on the `engines.pipeline.gpu.GpuPipeline` (features -> UNet+VAE ->
+   paste-back+I420 -> pinned copy, each on its stream) and returns at once to step 1;
 4. a delivery thread waits for each batch's last event, copies its frames out and calls
    each item's `done(item, frames, None)`.
 
 Without a GPU pipeline (CPU, preview engine) step 3 runs the engine synchronously, as the
-FrameWorker does, so the same scheduler serves tests and CPU machines.
+FrameWorker does, so the same scheduler serves tests and CPU machines. `engines.backends.
+create_scheduler` builds one with the pipeline its engine and backend call for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Engine
+from engines.pipeline.launch import LAUNCH_PHASES, Row
 from engines.pipeline.work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,6 @@ class SchedulerOptions:
             raise ValueError("lookahead_s and gather_s must be >= 0")
         if self.output not in ("rgb", "i420"):
             raise ValueError(f"output must be rgb or i420, got {self.output!r}")
-
-
-# Host time inside `GpuPipeline.launch`, by phase (what the scheduler thread spends per step):
-# waiting for a free pinned-buffer slot, the featurizer (stream A), UNet+VAE (B), paste-back and
-# the copy to the host (C). Enqueueing only: the GPU's own time is not in these. Defined here,
-# not in engines.pipeline.gpu, so that readers of the metrics (bench.soak) need no torch.
-LAUNCH_PHASES = ("slot_wait", "features", "unet_vae", "paste")
 
 
 @dataclass
@@ -260,7 +255,8 @@ class GpuScheduler(WorkQueue):
         totals = getattr(self.pipeline, "launch_s", None)
         if not totals:
             return
-        for phase, total in totals.items():
+        for phase in LAUNCH_PHASES:
+            total = totals.get(phase, 0.0)
             delta = total - self._phases_counted.get(phase, 0.0)
             if delta > 0:
                 self.metrics.worker_launch_phase.labels(phase).inc(delta)  # type: ignore[union-attr]
@@ -279,8 +275,6 @@ class GpuScheduler(WorkQueue):
 
     def _launch(self, batch: list[Any]) -> Any:
         if self.pipeline is not None:
-            from engines.pipeline.gpu import Row
-
             rows = [Row(item.avatar_id, j.loop_position) for item in batch for j in item.jobs]
             parts = [(item.audio, item.jobs) for item in batch]
             return ("pending", self.pipeline.launch(rows, parts))
@@ -350,34 +344,3 @@ def _concat(parts: list[Any]) -> Any:
     import torch
 
     return torch.cat(parts, dim=0)
-
-
-def create_scheduler(
-    engine: Engine,
-    options: SchedulerOptions | None = None,
-    backend: str = "compiled",
-    metrics: Any | None = None,
-    warm_up: bool = True,
-) -> GpuScheduler:
-    """The scheduler for `engine`: with the GPU pipeline where the engine is MuseTalk on a
-    CUDA device (backend `compiled` or `torch`), else the synchronous engine path."""
-    options = options or SchedulerOptions()
-    pipeline = None
-    device = getattr(engine, "device", None)
-    if engine.name == "musetalk" and getattr(device, "type", "cpu") == "cuda":
-        from engines.pipeline.gpu import GpuPipeline, PipelineOptions
-
-        smaller = (b for b in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48) if b < options.max_batch)
-        buckets = (*smaller, options.max_batch)
-        pipeline = GpuPipeline(
-            engine,
-            PipelineOptions(
-                backend=backend,
-                buckets=buckets,
-                output=options.output,
-                host_slots=options.max_in_flight + 1,
-            ),
-        )
-        if warm_up:
-            pipeline.warm_up()
-    return GpuScheduler(engine, options, pipeline=pipeline, metrics=metrics)

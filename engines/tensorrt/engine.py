@@ -5,8 +5,9 @@ pycuda: TensorRT only sees device pointers and a stream handle).
 
 Engines are cached under `<cache>/tensorrt/<key>/` with key = hash(weights, GPU name,
 TensorRT version, graph, profile); one timing cache per GPU + TensorRT version speeds up
-rebuilds. Where `import tensorrt` fails, asking for the backend raises `EngineError` and
-`select_backend("auto")` picks `compiled`.
+rebuilds. `tensorrt_problem` says whether the backend can run here: where `import tensorrt`
+fails, asking for it raises `EngineError` and `engines.backends.select_backend("auto")` picks
+`compiled`.
 """
 
 from __future__ import annotations
@@ -48,39 +49,6 @@ def tensorrt_problem() -> str | None:
     except Exception as exc:
         return f"`import tensorrt` failed ({type(exc).__name__}: {exc}); {INSTALL_HINT}"
     return None
-
-
-def select_backend(requested: str) -> str:
-    """`auto` -> tensorrt where it imports, else compiled on a GPU whose host can build its
-    kernels (`engines.pipeline.toolchain`), else torch; an explicit `tensorrt` or `compiled` where
-    it cannot run is an EngineError naming the reason."""
-    from engines.pipeline.toolchain import compiled_problem
-
-    if requested == "auto":
-        if not torch.cuda.is_available():
-            return "torch"
-        problem = tensorrt_problem()
-        if problem is None:
-            return "tensorrt"
-        compiled = compiled_problem()
-        if compiled is not None:
-            log.warning("backend auto chose torch (eager): compiled cannot run here: %s", compiled)
-            return "torch"
-        log.info("backend auto chose compiled: %s", problem)
-        return "compiled"
-    if requested == "tensorrt":
-        problem = tensorrt_problem()
-        if problem is not None:
-            raise EngineError(f"backend tensorrt unavailable: {problem}")
-    if requested == "compiled":
-        if not torch.cuda.is_available():
-            raise EngineError("backend compiled needs a CUDA GPU")
-        problem = compiled_problem()
-        if problem is not None:
-            raise EngineError(f"backend compiled unavailable: {problem}")
-    if requested not in ("torch", "compiled", "tensorrt"):
-        raise EngineError(f"unknown backend {requested!r}: use auto, torch, compiled or tensorrt")
-    return requested
 
 
 _TORCH_DTYPES = {

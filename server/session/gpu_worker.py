@@ -1,14 +1,15 @@
 """Which frame worker the server runs, and the GPU scheduler as a server worker.
 
-`create_worker` picks:
+`create_worker` picks, by `engines.backends.pipeline_backend`:
 
 - the MuseTalk engine on a CUDA device: `GpuWorker`, the GPU scheduler
-  (`engines.pipeline.scheduler.GpuScheduler`: cross-session batches on the three-stream `GpuPipeline`)
-  with the backend the settings name (`torch` = eager on the GPU pipeline, `compiled`,
-  `tensorrt`, `auto` = the best available; one that cannot run is an EngineError saying why);
-- anything else (MuseTalk on CPU, the preview engine): the synchronous `FrameWorker`, as
-  before. `compiled` / `tensorrt` asked for with MuseTalk on CPU is an EngineError; with the
-  preview engine (which `auto` may have chosen) the backend does not apply and is only logged.
+  (`engines.pipeline.scheduler.GpuScheduler`: cross-session batches on the three-stream
+  `GpuPipeline`, built by `engines.backends.build_pipeline`) with the backend the settings
+  name (`torch` = eager on the GPU pipeline, `compiled`, `tensorrt`, `auto` = the one the
+  engine was built with; one that cannot run is an EngineError saying why);
+- anything else (MuseTalk on CPU, the preview engine): the synchronous `FrameWorker`.
+  `compiled` / `tensorrt` asked for with MuseTalk on CPU is an EngineError; with the preview
+  engine (which `auto` may have chosen) the backend does not apply and is only logged.
 
 `GpuWorker` adds what sessions read from a worker (`step_ema`, the time from a batch's launch
 to its frames being on the host) and the server's metrics, and raises `WorkerStopped` where
@@ -25,47 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, EngineError
-from engines.pipeline.scheduler import (
-    GpuScheduler,
-    SchedulerOptions,
-    SchedulerStopped,
-    create_scheduler,
-)
+from engines.backends import build_pipeline, pipeline_backend, pipeline_options
+from engines.base import Engine
+from engines.pipeline.scheduler import GpuScheduler, SchedulerOptions, SchedulerStopped
 from server.metrics import ServerMetrics
 from server.session.worker import STEP_EMA_ALPHA, FrameWorker, Worker, WorkerStopped, WorkItem
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-GPU_BACKENDS = ("torch", "compiled", "tensorrt", "auto")
-
-
-def on_gpu(engine: Engine) -> bool:
-    """True where `engine` is MuseTalk on a CUDA device (the GPU scheduler's case)."""
-    return engine.name == "musetalk" and getattr(getattr(engine, "device", None), "type", "") == (
-        "cuda"
-    )
-
-
-def select_backend(engine: Engine, requested: str) -> str | None:
-    """The GPU pipeline backend for `engine` (None: the engine runs on the FrameWorker).
-    Raises EngineError for an unknown backend or one that cannot run here."""
-    if requested not in GPU_BACKENDS:
-        raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(GPU_BACKENDS)}")
-    if on_gpu(engine):
-        from engines.musetalk.engine import resolve_backend
-
-        return resolve_backend(requested, "cuda")
-    if engine.name == "musetalk" and requested in ("compiled", "tensorrt"):
-        device = getattr(engine, "device", "cpu")
-        raise EngineError(
-            f"backend {requested} needs the musetalk engine on a CUDA GPU (it is on {device}); "
-            "use --backend torch (or auto)"
-        )
-    if requested in ("compiled", "tensorrt"):
-        log.warning("backend %s does not apply to the %s engine: ignored", requested, engine.name)
-    return None
 
 
 def create_worker(
@@ -76,21 +44,20 @@ def create_worker(
 ) -> Worker:
     """The server's frame worker for `engine` (see the module docstring); not started.
     `warm_up`: compile / capture the backend's buckets now (`compiled`: minutes)."""
-    backend = select_backend(engine, settings.backend)
+    backend = pipeline_backend(engine, settings.backend)
     if backend is None:
         return FrameWorker(engine, settings.max_batch, metrics)
     t0 = time.perf_counter()
-    scheduler = create_scheduler(
-        engine,
-        # I420 straight from the GPU: half the host copy, no colour conversion on the CPU
-        SchedulerOptions(
-            max_batch=settings.max_batch, output="i420", gather_s=settings.gather_ms / 1e3
-        ),
-        backend=backend,
-        metrics=metrics,
-        warm_up=warm_up,
+    # I420 straight from the GPU: half the host copy, no colour conversion on the CPU
+    options = SchedulerOptions(
+        max_batch=settings.max_batch, output="i420", gather_s=settings.gather_ms / 1e3
     )
-    worker = GpuWorker(engine, scheduler.options, scheduler.pipeline, metrics)
+    pipeline = build_pipeline(
+        engine,
+        pipeline_options(backend, options.max_batch, options.output, options.max_in_flight),
+        warm_up,
+    )
+    worker = GpuWorker(engine, options, pipeline, metrics)
     log.info(
         "gpu scheduler chosen: backend=%s max_batch=%d gather_ms=%g warm_up_s=%.1f",
         backend,

@@ -22,7 +22,7 @@ def _register() -> None:
     from lipstream.commands.engines import register as register_engine_commands
     from lipstream.commands.serve import register as register_server_commands
 
-    app.add_typer(avatar_app, name="avatar", help="Register, list and remove avatars.")
+    app.add_typer(avatar_app, name="avatar", help="Register, list, show and remove avatars.")
     register_engine_commands(app)
     register_server_commands(app)
     _register_bench()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 
 log = logging.getLogger(__name__)
 
-avatar_app = typer.Typer(help="Register, list and remove avatars.", no_args_is_help=True)
+avatar_app = typer.Typer(help="Register, list, show and remove avatars.", no_args_is_help=True)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -116,42 +117,55 @@ def add_cmd(
 @avatar_app.command("list")
 def list_cmd(
     avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
+    as_json: bool = typer.Option(False, "--json", help="Every avatar's metadata as JSON."),
 ) -> None:
-    """List the avatars: id, name, status, frames, size, latents."""
+    """List the avatars: id, name, status, frames, size, latents, fps, preparation time."""
     from rich.console import Console
-    from rich.table import Table
 
     from avatars.store import AvatarStore
+    from lipstream.commands.avatar_table import hint_lines, listing, terminal_width
     from lipstream.paths import avatars_dir as resolve_avatars_dir
 
     root = resolve_avatars_dir(avatars_dir)
     metas = AvatarStore(root).list()
+    if as_json:
+        typer.echo(json.dumps(metas, indent=1))
+        return
     if not metas:
         typer.echo(f"no avatars in {root}")
         return
-    table = Table()
-    table.add_column("id", no_wrap=True, min_width=19)
-    for column in ("name", "status", "frames", "size", "fps", "latents", "ms/frame"):
-        table.add_column(column)
-    for m in metas:
-        size = m.get("size")
-        per_frame = m.get("prep_seconds_per_frame")
-        status = str(m.get("status"))
-        if m.get("status") == "failed" and m.get("error"):
-            status += f": {m['error']}"
-        elif m.get("status") in ("pending", "preparing"):
-            status += f" {100 * float(m.get('progress') or 0):.0f}%"
-        table.add_row(
-            str(m.get("id")),
-            str(m.get("name")),
-            status,
-            str(m.get("n_frames")),
-            f"{size[1]}x{size[0]}" if size else "-",
-            f"{m['fps']:g}" if m.get("fps") else "-",
-            "yes" if m.get("latents_key") else "no",
-            f"{1000 * per_frame:.1f}" if per_frame else "-",
-        )
-    Console().print(table)
+    width = terminal_width()
+    shown = listing(metas, width)
+    if shown.table is not None:
+        Console(width=width or 10_000).print(shown.table)
+    for line in shown.lines:
+        typer.echo(line)
+    if shown.cut:
+        for line in hint_lines(width):
+            typer.echo(line)
+
+
+@avatar_app.command("show")
+def show_cmd(
+    id_or_name: str = typer.Argument(..., help="The avatar's id, or its name if unique."),
+    avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
+    as_json: bool = typer.Option(False, "--json", help="The metadata as JSON."),
+) -> None:
+    """Everything stored about one avatar, its error (if it failed) in full."""
+    from avatars.store import AvatarStore, AvatarStoreError
+    from lipstream.commands.avatar_table import show_lines
+    from lipstream.paths import avatars_dir as resolve_avatars_dir
+
+    store = AvatarStore(resolve_avatars_dir(avatars_dir))
+    try:
+        meta = store.info(store.resolve(id_or_name))
+    except AvatarStoreError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(meta, indent=1))
+        return
+    for line in show_lines(meta):
+        typer.echo(line)
 
 
 @avatar_app.command("rm")

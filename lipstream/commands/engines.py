@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     """Add the engine commands to the root `lipstream` app."""
     try:
         from lipstream.commands.models import models_app
-    except ImportError as exc:  # H1's module not there: say so when `models` is used
+    except ImportError as exc:  # say why when `models` is used
         log.warning("lipstream.commands.models cannot be imported: %s", exc)
         models_app = typer.Typer(help="MuseTalk weights (unavailable).")
         reason = str(exc)

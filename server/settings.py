@@ -3,6 +3,10 @@
 Precedence: an explicit keyword (a CLI flag) > the environment variable `LIPSTREAM_<NAME>` >
 the default below. `Settings.from_env(**overrides)` builds one; `Settings(...)` takes values as
 they are (tests).
+
+`EncoderTuning` is the part of the settings that sets up the video codecs (threads, speed,
+denoiser, x264 preset), checked here; `server.media.encoder_tuning` applies it to the codecs
+aiortc opens.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from engines.pipeline.scheduler import GATHER_S
-from server.media.encoder_tuning import EncoderTuning
 from server.ops.malloc_tuning import MAX_INTERVAL_S
 
 ENV_PREFIX = "LIPSTREAM_"
@@ -26,6 +29,98 @@ ADMIT_MAX_LATE_GPU = 0.02  # `admit_max_late`'s auto value with the GPU schedule
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot run with."""
+
+
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+MAX_ENCODER_THREADS = 16
+# EncoderTuning's fields and the server settings they come from
+ENCODER_SETTING_NAMES = {
+    "vp8_threads": "video_encoder_threads",
+    "vp8_cpu_used": "vp8_cpu_used",
+    "vp8_noise_sensitivity": "vp8_noise_sensitivity",
+    "h264_threads": "h264_encoder_threads",
+    "h264_preset": "h264_preset",
+}
+
+
+@dataclass(frozen=True)
+class EncoderTuning:
+    """The settings video_encoder_threads, vp8_cpu_used, vp8_noise_sensitivity,
+    h264_encoder_threads and h264_preset, checked; the defaults are the server's. Threads 0:
+    the library's own choice (aiortc's for VP8: 2 at 720p on 3+ cores; FFmpeg's for H.264)."""
+
+    vp8_threads: int = 1
+    vp8_cpu_used: int = -6
+    vp8_noise_sensitivity: int = 0
+    h264_threads: int = 1
+    h264_preset: str = "superfast"
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("video_encoder_threads", self.vp8_threads),
+            ("h264_encoder_threads", self.h264_threads),
+        ):
+            if not 0 <= value <= MAX_ENCODER_THREADS:
+                raise ValueError(
+                    f"{name} must be in 0..{MAX_ENCODER_THREADS} (0: the codec library's choice), "
+                    f"got {value}"
+                )
+        if not -16 <= self.vp8_cpu_used <= 16:
+            raise ValueError(
+                f"vp8_cpu_used must be in -16..16 (further from 0: faster), got {self.vp8_cpu_used}"
+            )
+        if not 0 <= self.vp8_noise_sensitivity <= 6:
+            raise ValueError(
+                f"vp8_noise_sensitivity must be in 0..6 (0: no denoiser), "
+                f"got {self.vp8_noise_sensitivity}"
+            )
+        if self.h264_preset not in X264_PRESETS:
+            raise ValueError(
+                f"h264_preset must be one of {', '.join(X264_PRESETS)}, got {self.h264_preset!r}"
+            )
+
+    @classmethod
+    def aiortc(cls) -> EncoderTuning:
+        """What aiortc does left alone (the bench's baseline)."""
+        return cls(
+            vp8_threads=0,
+            vp8_cpu_used=-6,
+            vp8_noise_sensitivity=4,
+            h264_threads=0,
+            h264_preset="medium",
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EncoderTuning:
+        return cls(**{f: getattr(settings, name) for f, name in ENCODER_SETTING_NAMES.items()})
+
+    def as_settings(self) -> dict[str, Any]:
+        """The server settings that give this tuning."""
+        return {name: getattr(self, f) for f, name in ENCODER_SETTING_NAMES.items()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a media process's "open" message (`from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderTuning:
+        """`as_dict`'s output back (missing fields: the defaults); ValueError if malformed."""
+        if not isinstance(d, dict) or not set(d) <= set(ENCODER_SETTING_NAMES):
+            raise ValueError(f"not an encoder tuning: {d!r:.200}")
+        defaults = cls()
+        if not all(isinstance(v, type(getattr(defaults, k))) for k, v in d.items()):
+            raise ValueError(f"encoder tuning of the wrong types: {d!r:.200}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -75,7 +170,7 @@ class Settings:
     max_sdp_bytes: int = 64 * 1024
     max_sdp_media: int = 4  # m= lines in an offer
     ws_max_message_bytes: int = 1024 * 1024
-    # hardening (issue 5; README "Security and limits")
+    # hardening (README "Security and limits")
     max_pending_avatars: int = 4  # uploads queued or being prepared; more -> 503
     avatar_max_side: int = 1920  # width and height of an uploaded picture or video
     avatar_max_seconds: float = 30.0
@@ -158,7 +253,7 @@ class Settings:
                 f"admit_max_late must be -1 (auto) or in 0..1 (0: off), got {self.admit_max_late}"
             )
         try:
-            EncoderTuning.from_settings(self)
+            self.encoder_tuning()
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if not 0 <= self.lead_quantile < 1:
@@ -175,6 +270,10 @@ class Settings:
                 f"refusing to serve on {self.host!r} (not loopback) without an API key: set "
                 "--api-key / LIPSTREAM_API_KEY, or pass --insecure to serve unauthenticated"
             )
+
+    def encoder_tuning(self) -> EncoderTuning:
+        """How the video codecs are set up (server.media.encoder_tuning applies it)."""
+        return EncoderTuning.from_settings(self)
 
     def admit_late_limit(self, gpu: bool) -> float:
         """`admit_max_late`, with auto (-1) resolved: on with the GPU scheduler, where a

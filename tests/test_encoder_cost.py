@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bench.gpu.measure import encoder_cost
 from server.media import encoder_tuning
-from server.media.encoder_tuning import EncoderTuning
+from server.settings import EncoderTuning
 
 
 def test_encoder_cost_reports_each_codec_and_each_vp8_thread_count() -> None:

@@ -19,8 +19,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from skimage import data
 
 from server.media import encoder_tuning
-from server.media.encoder_tuning import EncoderTuning
-from server.settings import Settings, SettingsError
+from server.settings import EncoderTuning, Settings, SettingsError
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
 H264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000)

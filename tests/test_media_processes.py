@@ -28,10 +28,9 @@ import pytest
 from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
-from server.media.encoder_tuning import EncoderTuning
 from server.media.pool import MediaPool, ShardMedia
 from server.media.wire import FrameRing, WireError, pack, read_message
-from server.settings import Settings
+from server.settings import EncoderTuning, Settings
 
 
 # -- the wire and the ring ------------------------------------------------------------------

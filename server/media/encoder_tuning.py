@@ -6,7 +6,8 @@ aiortc opens its codecs itself, on a track's first frame (`aiortc.codecs.vpx.Vp8
 `options` dict assigned one by one). `apply()` gives each of those two modules an `av` whose
 `CodecContext.create` wraps the encoder contexts it makes in `_TunedContext`: the options it
 is handed are merged with ours, and the attributes we fix keep our value. Decoders and
-everything else in `av` are PyAV's own.
+everything else in `av` are PyAV's own. What to set is `server.settings.EncoderTuning` (checked
+with the other settings); `vp8_setup` / `h264_setup` translate it into each library's terms.
 
 Why not aiortc's settings: they are a camera's. Measured on 2 cores, a 720p talking-avatar
 picture (`README`, *Video encoders*):
@@ -28,117 +29,28 @@ picture (`README`, *Video encoders*):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any, Literal
 
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-)
+from server.settings import EncoderTuning
+
 log = logging.getLogger(__name__)
 
-MAX_THREADS = 16
-# EncoderTuning's fields and the server settings they come from
-SETTING_NAMES = {
-    "vp8_threads": "video_encoder_threads",
-    "vp8_cpu_used": "vp8_cpu_used",
-    "vp8_noise_sensitivity": "vp8_noise_sensitivity",
-    "h264_threads": "h264_encoder_threads",
-    "h264_preset": "h264_preset",
-}
+
+def vp8_setup(tuning: EncoderTuning) -> tuple[dict[str, Any], dict[str, str]]:
+    """(attributes fixed, options merged) for libvpx encoder contexts."""
+    fixed = {"thread_count": tuning.vp8_threads} if tuning.vp8_threads else {}
+    options = {
+        "cpu-used": str(tuning.vp8_cpu_used),
+        "noise-sensitivity": str(tuning.vp8_noise_sensitivity),
+    }
+    return fixed, options
 
 
-@dataclass(frozen=True)
-class EncoderTuning:
-    """The settings video_encoder_threads, vp8_cpu_used, vp8_noise_sensitivity,
-    h264_encoder_threads and h264_preset, checked; the defaults are the server's. Threads 0:
-    the library's own choice (aiortc's for VP8: 2 at 720p on 3+ cores; FFmpeg's for H.264)."""
-
-    vp8_threads: int = 1
-    vp8_cpu_used: int = -6
-    vp8_noise_sensitivity: int = 0
-    h264_threads: int = 1
-    h264_preset: str = "superfast"
-
-    def __post_init__(self) -> None:
-        for name, value in (
-            ("video_encoder_threads", self.vp8_threads),
-            ("h264_encoder_threads", self.h264_threads),
-        ):
-            if not 0 <= value <= MAX_THREADS:
-                raise ValueError(
-                    f"{name} must be in 0..{MAX_THREADS} (0: the codec library's choice), "
-                    f"got {value}"
-                )
-        if not -16 <= self.vp8_cpu_used <= 16:
-            raise ValueError(
-                f"vp8_cpu_used must be in -16..16 (further from 0: faster), got {self.vp8_cpu_used}"
-            )
-        if not 0 <= self.vp8_noise_sensitivity <= 6:
-            raise ValueError(
-                f"vp8_noise_sensitivity must be in 0..6 (0: no denoiser), "
-                f"got {self.vp8_noise_sensitivity}"
-            )
-        if self.h264_preset not in X264_PRESETS:
-            raise ValueError(
-                f"h264_preset must be one of {', '.join(X264_PRESETS)}, got {self.h264_preset!r}"
-            )
-
-    @classmethod
-    def aiortc(cls) -> EncoderTuning:
-        """What aiortc does left alone (the bench's baseline)."""
-        return cls(
-            vp8_threads=0,
-            vp8_cpu_used=-6,
-            vp8_noise_sensitivity=4,
-            h264_threads=0,
-            h264_preset="medium",
-        )
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> EncoderTuning:
-        return cls(**{f: getattr(settings, name) for f, name in SETTING_NAMES.items()})
-
-    def as_settings(self) -> dict[str, Any]:
-        """The server settings that give this tuning."""
-        return {name: getattr(self, f) for f, name in SETTING_NAMES.items()}
-
-    def as_dict(self) -> dict[str, Any]:
-        """For a media process's "open" message (`from_dict` reads it back)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderTuning:
-        """`as_dict`'s output back (missing fields: the defaults); ValueError if malformed."""
-        if not isinstance(d, dict) or not set(d) <= set(SETTING_NAMES):
-            raise ValueError(f"not an encoder tuning: {d!r:.200}")
-        defaults = cls()
-        if not all(isinstance(v, type(getattr(defaults, k))) for k, v in d.items()):
-            raise ValueError(f"encoder tuning of the wrong types: {d!r:.200}")
-        return cls(**d)
-
-    def vp8(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """(attributes fixed, options merged) for libvpx encoder contexts."""
-        fixed = {"thread_count": self.vp8_threads} if self.vp8_threads else {}
-        options = {
-            "cpu-used": str(self.vp8_cpu_used),
-            "noise-sensitivity": str(self.vp8_noise_sensitivity),
-        }
-        return fixed, options
-
-    def h264(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """(attributes fixed, options merged) for libx264 encoder contexts."""
-        fixed = {"thread_count": self.h264_threads} if self.h264_threads else {}
-        return fixed, {"preset": self.h264_preset}
+def h264_setup(tuning: EncoderTuning) -> tuple[dict[str, Any], dict[str, str]]:
+    """(attributes fixed, options merged) for libx264 encoder contexts."""
+    fixed = {"thread_count": tuning.h264_threads} if tuning.h264_threads else {}
+    return fixed, {"preset": tuning.h264_preset}
 
 
 class _TunedContext:
@@ -209,8 +121,8 @@ def apply(tuning: EncoderTuning) -> None:
 
     if tuning != _applied:  # once per process and change (the soak's logs show which ran)
         log.info("video encoders: %s", tuning)
-    vpx.av = _Av(_CodecContexts("libvpx", *tuning.vp8()))  # type: ignore[assignment]
-    h264.av = _Av(_CodecContexts("libx264", *tuning.h264()))  # type: ignore[assignment]
+    vpx.av = _Av(_CodecContexts("libvpx", *vp8_setup(tuning)))  # type: ignore[assignment]
+    h264.av = _Av(_CodecContexts("libx264", *h264_setup(tuning)))  # type: ignore[assignment]
     _applied = tuning
 
 

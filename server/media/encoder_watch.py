@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.media import encoder_tuning
-from server.media.encoder_tuning import EncoderTuning
+from server.settings import EncoderTuning
 
 STEP = 0.1  # aiortc's encoders re-open for a change over 10 %; smaller ones are ignored
 CONGESTED = 0.95  # an estimate below this fraction of the sending rate: packets queue

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.media.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
-from server.media.webrtc import close_peer, make_peer, negotiate
-from server.session.liveness import packets_received
+from server.media.webrtc import close_peer, make_peer, negotiate, packets_received
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from server.media.encoder_tuning import EncoderTuning
 from server.media.link import MediaEvents, MediaHost, MediaLink
 from server.media.pictures import to_i420
 from server.media.webrtc import OfferError
@@ -222,7 +221,7 @@ class ShardMedia(MediaLink):
                     "ice": list(s.ice_servers),
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
-                    "encoders": EncoderTuning.from_settings(s).as_dict(),
+                    "encoders": s.encoder_tuning().as_dict(),
                 }
             )
         except (MediaProcessError, TimeoutError) as exc:

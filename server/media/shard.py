@@ -35,13 +35,12 @@ import av
 import numpy as np
 
 from server.media import encoder_tuning, encoder_watch
-from server.media.encoder_tuning import EncoderTuning
 from server.media.link import LocalMedia, MediaEvents
 from server.media.tracks import QueueTrack, video_frame
 from server.media.webrtc import OfferError
 from server.media.wire import FrameRing, WireError, pack, read_message
 from server.ops import malloc_tuning, stall_watch
-from server.settings import Settings
+from server.settings import EncoderTuning, Settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 `setRemoteDescription` on a mutated offer raises many exception types, and `pc.close()` itself
 may raise afterwards (CONVENTIONS.md): every failure here becomes `OfferError` (-> 400), and
-closing a peer connection never raises.
+closing a peer connection never raises. `packets_received` counts what the peer has sent us
+(the session's liveness check reads it through its media link).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from aiortc import (
 )
 
 from server.media import encoder_watch
-from server.media.encoder_tuning import EncoderTuning
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def check_offer(sdp: object, settings: Settings) -> str:
 def make_peer(settings: Settings) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
     # encodes timed; the bitrate policy or not; the codecs' threads, speed, denoiser, preset
-    encoder_watch.install(settings.steady_bitrate, EncoderTuning.from_settings(settings))
+    encoder_watch.install(settings.steady_bitrate, settings.encoder_tuning())
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 
@@ -96,6 +96,16 @@ async def negotiate(
     if local is None:
         raise OfferError("no answer could be made for this offer")
     return local.sdp, sending
+
+
+async def packets_received(pc: RTCPeerConnection) -> int:
+    """Packets the peer's DTLS transports have received so far (RTP, RTCP, DTLS)."""
+    report = await pc.getStats()
+    return sum(
+        int(getattr(s, "packetsReceived", 0) or 0)
+        for s in report.values()
+        if getattr(s, "type", None) == "transport"
+    )
 
 
 async def close_peer(pc: RTCPeerConnection) -> None:

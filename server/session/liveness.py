@@ -12,19 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from aiortc import RTCPeerConnection
-
 log = logging.getLogger(__name__)
-
-
-async def packets_received(pc: RTCPeerConnection) -> int:
-    """Packets the peer's DTLS transports have received so far (RTP, RTCP, DTLS)."""
-    report = await pc.getStats()
-    return sum(
-        int(getattr(s, "packetsReceived", 0) or 0)
-        for s in report.values()
-        if getattr(s, "type", None) == "transport"
-    )
 
 
 class PacketSource(Protocol):

@@ -26,9 +26,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from server.auth import token_matches
-from server.session.limits import AudioRateLimiter
 from server.session.manager import SessionManager
-from server.session.session import Session
+from server.session.session import AudioRefused, Session
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue[dict[str, Any
 
 async def _receive(websocket: WebSocket, session: Session, settings: Any) -> None:
     max_bytes = settings.ws_max_message_bytes
-    limiter: AudioRateLimiter = session.audio_limiter  # per session: a new socket gets no more
     while not session.closed:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -95,34 +93,10 @@ async def _receive(websocket: WebSocket, session: Session, settings: Any) -> Non
                     _error("too_large", f"binary messages are limited to {max_bytes} bytes")
                 )
                 continue
-            if len(data) % 2:  # refused before it counts against the rate limit
-                session.emit(
-                    _error("bad_audio", f"PCM16 audio has 2 bytes a sample, got {len(data)} bytes")
-                )
-                continue
-            now = session.loop.time()
-            if not limiter.allow(len(data) // 2, now):
-                session.stats.audio_refused_bytes += len(data)
-                session.metrics.audio_refused.inc(len(data))
-                if limiter.should_notify(now):
-                    session.emit(
-                        _error(
-                            "rate_limited",
-                            f"audio is arriving faster than real time: at most "
-                            f"{settings.audio_burst_s:g} s ahead is taken, "
-                            f"{limiter.available_s(now):.2f} s may be sent now; "
-                            "this audio was dropped",
-                        )
-                    )
-                continue
             try:
-                session.push_audio(data)
-            except ValueError as exc:
-                session.emit(_error("bad_audio", str(exc)))
-            except OverflowError as exc:
-                session.emit(
-                    _error("too_long", f'{exc}: send {{"type": "end"}} between utterances')
-                )
+                session.push_audio(data)  # the rate limit is the session's: per session
+            except AudioRefused as exc:
+                session.emit(_error(exc.code, str(exc)))
         elif text is not None:
             _control(session, text)
 

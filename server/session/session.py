@@ -44,6 +44,15 @@ ALL_TRACKS_WAIT_S = 2.0  # after the first track starts, how long the clock wait
 WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say goodbye
 
 
+class AudioRefused(ValueError):
+    """Audio the session does not take; `code` names why for the client's error event
+    ("bad_audio", "rate_limited", "too_long"). The session goes on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Session:
     """See the module docstring. All methods run on the event loop."""
 
@@ -180,12 +189,37 @@ class Session:
         self.last_activity = self.loop.time()
 
     def push_audio(self, data: bytes) -> None:
-        """PCM s16le mono 16 kHz. Raises ValueError (odd size) or OverflowError (too long)."""
+        """PCM s16le mono 16 kHz, into the open utterance, and the frames it completes to the
+        worker. Raises AudioRefused: an odd byte count (refused before it counts against the
+        rate limit), audio faster than the limit allows (said once per notice period; the
+        rest is dropped silently) or an utterance too long."""
+        if len(data) % 2:
+            raise AudioRefused(
+                "bad_audio", f"PCM16 audio has 2 bytes a sample, got {len(data)} bytes"
+            )
+        now = self.loop.time()
+        if not self.audio_limiter.allow(len(data) // 2, now):
+            self.stats.audio_refused_bytes += len(data)
+            self.metrics.audio_refused.inc(len(data))
+            if self.audio_limiter.should_notify(now):
+                raise AudioRefused(
+                    "rate_limited",
+                    f"audio is arriving faster than real time: at most "
+                    f"{self.settings.audio_burst_s:g} s ahead is taken, "
+                    f"{self.audio_limiter.available_s(now):.2f} s may be sent now; "
+                    "this audio was dropped",
+                )
+            return
         samples = pcm16_to_float(data)
         self.touch()
         if samples.size == 0:
             return
-        utt = self.playout.push(samples, self.loop.time())
+        try:
+            utt = self.playout.push(samples, now)
+        except OverflowError as exc:
+            raise AudioRefused(
+                "too_long", f'{exc}: send {{"type": "end"}} between utterances'
+            ) from None
         if utt.stream.n_samples == samples.size:
             self.stats.utterances += 1
         self.stats.audio_bytes += len(data)

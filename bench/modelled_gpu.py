@@ -9,7 +9,7 @@ measurement):
 the scheduler thread for the host time a launch took on the GPU machine (per step + per
 frame), then queues the batch on one modelled GPU that runs batches one after another, each
 for the GPU time a batch of that size took there (interpolated from measured points, times
-`speedup`). The streaming bench's own simulation (`bench.runner.simulate`: sessions pushing
+`speedup`). The streaming bench's own simulation (`bench.simulation.simulate`: sessions pushing
 speech in real time, 20 ms chunks) drives it through the real `GpuScheduler`, so the figures
 (p99 frame interval, late frames by playout lead, batch sizes) come out as in a GPU run.
 
@@ -157,10 +157,10 @@ def run_point(
     gather_s: float = 0.0,
     phase_spread_s: float | None = None,
 ) -> dict[str, Any]:
-    """One `bench.runner.simulate` run of `sessions` through the real scheduler on `model`."""
+    """One `bench.simulation.simulate` run of `sessions` through the real scheduler on `model`."""
     # the scheduler imports this (and torch) at its first GPU launch: not inside the run
     import engines.pipeline.gpu  # noqa: F401
-    from bench.runner import simulate
+    from bench.simulation import simulate
     from engines.pipeline.scheduler import GpuScheduler, SchedulerOptions
     from engines.preview import PreviewEngine
 

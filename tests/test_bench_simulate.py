@@ -1,4 +1,4 @@
-"""The streaming bench's simulation (`bench.runner.simulate`) through the real scheduler on
+"""The streaming bench's simulation (`bench.simulation.simulate`) through the real scheduler on
 the CPU, with the preview engine standing in for the GPU pipeline (CI has no GPU): sessions
 pushing speech in real time get every frame, and the playout figures add up."""
 
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from bench.runner import MAX_LEAD_FRAMES, playout_holds, playout_lateness_ms, simulate
+from bench.simulation import MAX_LEAD_FRAMES, playout_holds, playout_lateness_ms, simulate
 
 
 def test_playout_lateness_counts_from_the_first_frames_arrival() -> None:
@@ -61,7 +61,7 @@ def test_simulate_delivers_every_frame_through_the_scheduler(preview_avatar) -> 
 
 
 def test_max_sessions_by_lead() -> None:
-    from bench.runner import max_sessions_by_lead
+    from bench.simulation import max_sessions_by_lead
 
     def run(late: list[int], fps: float = 25.0, missing: int = 0) -> dict:
         return {
@@ -86,9 +86,9 @@ def test_max_sessions_by_lead() -> None:
     assert max_sessions_by_lead({}) == [0, 0, 0, 0]
 
 
-def test_max_sessions_issue_bar() -> None:
-    """The issue's bar: all frames, >= 24.5 fps, p99 interval <= 60 ms (late frames aside)."""
-    from bench.runner import max_sessions_issue_bar
+def test_max_sessions_streaming_bar() -> None:
+    """The streaming bar: all frames, >= 24.5 fps, p99 interval <= 60 ms (late frames aside)."""
+    from bench.simulation import max_sessions_streaming_bar
 
     def run(p99: float, fps: float = 25.0, missing: int = 0) -> dict:
         return {
@@ -100,7 +100,7 @@ def test_max_sessions_issue_bar() -> None:
         }
 
     runs = {"1": run(40.6), "16": run(41.6), "20": run(104.0, fps=24.6), "24": run(41.0, missing=1)}
-    assert max_sessions_issue_bar(runs) == 16
+    assert max_sessions_streaming_bar(runs) == 16
     runs["20"] = run(41.8, fps=24.9)
-    assert max_sessions_issue_bar(runs) == 20
-    assert max_sessions_issue_bar({"latency_1_session": {}}) == 0
+    assert max_sessions_streaming_bar(runs) == 20
+    assert max_sessions_streaming_bar({"latency_1_session": {}}) == 0

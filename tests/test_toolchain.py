@@ -113,7 +113,7 @@ def test_bench_refuses_a_backend_it_cannot_build_before_measuring(
 ) -> None:
     """`lipstream bench --stream-backends compiled` asks for compiled explicitly: without a
     compiler it fails at once, naming why, and not at the first compile minutes in."""
-    from bench.runner import BenchOptions, check_backends
+    from bench.options import BenchOptions, check_backends
 
     monkeypatch.setattr(toolchain, "compiled_problem", lambda: "no C compiler on PATH")
     eager = BenchOptions(backends=("torch",), stream_backends=("torch",))

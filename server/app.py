@@ -156,7 +156,7 @@ def _watch_stalls(app: FastAPI, settings: Settings, metrics: ServerMetrics) -> N
     """Loop lag, collector pauses and trim times into /metrics; the startup heap frozen."""
     if settings.gc_freeze:
         frozen = stall_watch.freeze_heap()
-        log.info("startup heap frozen: objects=%d", frozen)
+        log.info("startup heap frozen", extra={"objects": frozen})
     gc_pauses = stall_watch.GcPauses(metrics.gc_pause).install()
     app.state.gc_pauses = gc_pauses
     app.state.loop_lag = stall_watch.LoopLag(metrics.loop_lag, gc_pauses).start()

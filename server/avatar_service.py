@@ -148,10 +148,15 @@ class AvatarService:
                     return
                 self.store.save(avatar)
             log.info("avatar ready", extra={"avatar_id": avatar_id, "frames": avatar.n_frames})
-        except AvatarInputError as exc:
+        except AvatarInputError as exc:  # the upload's fault: the client is told why
+            log.warning(
+                "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": str(exc)}
+            )
             self._fail(avatar_id, str(exc))
-        except Exception:
-            log.exception("avatar preparation failed", extra={"avatar_id": avatar_id})
+        except Exception as exc:
+            log.exception(
+                "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": repr(exc)}
+            )
             self._fail(avatar_id, "preparation failed (internal error; see the server log)")
         finally:
             with contextlib.suppress(OSError):

@@ -182,12 +182,21 @@ def test_oversized_upload_without_content_length_is_cut_off(server: ServerThread
     ],
 )
 def test_a_failed_preparation_has_a_readable_error(
-    server: ServerThread, data: bytes, words: str
+    server: ServerThread, data: bytes, words: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("WARNING", logger="server.avatar_service")
     info = register(server.base_url, data, name="bad")
     final, _ = wait_status(server.base_url, info["id"])
     assert final["status"] == "failed"
     assert words in final["error"] and "Traceback" not in final["error"]
+    # the server's log says which avatar failed and why, as fields
+    logged = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "avatar preparation failed"
+        and getattr(r, "avatar_id", None) == info["id"]
+    ]
+    assert len(logged) == 1 and words in logged[0].reason  # type: ignore[attr-defined]
 
 
 def test_unknown_avatars_are_404(server: ServerThread) -> None:
@@ -332,8 +341,12 @@ async def test_session_limit_answers_503_with_retry_after(
 
 
 async def test_deleting_a_session_frees_everything(
-    client: httpx.AsyncClient, ready_avatar: str, server: ServerThread
+    client: httpx.AsyncClient,
+    ready_avatar: str,
+    server: ServerThread,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="server")
     pc, sdp = await offer()
     try:
         r = await client.post(
@@ -358,6 +371,10 @@ async def test_deleting_a_session_frees_everything(
     assert server.app.state.worker.queued(sid) == 0
     assert server.app.state.sessions.sessions == {}
     assert "lipstream_sessions_active 0.0" in (await client.get("/metrics")).text
+    # the log lines of its life carry its id (and its avatar's) as fields
+    lines = {r.getMessage(): vars(r) for r in caplog.records if vars(r).get("session_id") == sid}
+    assert lines["session opened"]["avatar_id"] == ready_avatar
+    assert lines["session ended"]["reason"] == "deleted"
 
 
 async def test_deleting_an_avatar_ends_its_sessions_and_frees_it(

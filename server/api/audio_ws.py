@@ -57,9 +57,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         await _receive(websocket, session, websocket.app.state.settings)
     except WebSocketDisconnect:
-        log.debug("audio websocket closed by the client", extra={"session": session.id})
+        log.debug("audio websocket closed by the client", extra={"session_id": session.id})
     except RuntimeError as exc:  # the socket was closed under us (session ended, replaced)
-        log.debug("audio websocket gone", extra={"session": session.id, "error": str(exc)})
+        log.debug("audio websocket gone", extra={"session_id": session.id, "error": str(exc)})
     finally:
         session.detach(websocket)
         sender.cancel()

@@ -132,7 +132,7 @@ async def create_session(request: Request) -> Response:
         )
     log.info(
         "session opened",
-        extra={"session": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},
+        extra={"session_id": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},
     )
     return JSONResponse(
         {

@@ -213,11 +213,11 @@ class Shard:
             return
         rid = int(msg.get("rid", -1))
         if op == "open":
-            self.spawn(self.open(rid, sid, msg))
+            self.spawn(self.open(rid, sid, msg), f"open-{sid}")
         elif op == "close":
-            self.spawn(self.close(rid, sid))
+            self.spawn(self.close(rid, sid), f"close-{sid}")
         elif op == "packets":
-            self.spawn(self.packets(rid, sid))
+            self.spawn(self.packets(rid, sid), f"packets-{sid}")
         elif op == "count":
             tuning = encoder_tuning.applied()
             self.reply(
@@ -229,15 +229,17 @@ class Shard:
         else:
             self.reply(rid, error=f"unknown op {op!r}")
 
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def spawn(self, coro: Any, name: str | None = None) -> None:
+        task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("media task failed", exc_info=task.exception())
+            log.error(
+                "media task failed", exc_info=task.exception(), extra={"task": task.get_name()}
+            )
 
     async def open(self, rid: int, sid: str, msg: dict[str, Any]) -> None:
         try:

@@ -133,7 +133,7 @@ class SessionManager:
 
     def end_soon(self, session_id: str, reason: str) -> None:
         """Schedule `end` from a callback (owned task, errors logged)."""
-        self.spawn(self.end(session_id, reason))
+        self.spawn(self.end(session_id, reason), name=f"end-{session_id}")
 
     async def end_where(self, reason: str, avatar_id: str | None = None) -> int:
         ids = [
@@ -142,8 +142,8 @@ class SessionManager:
         await asyncio.gather(*(self.end(i, reason) for i in ids))
         return len(ids)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -151,7 +151,9 @@ class SessionManager:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("session task failed", exc_info=task.exception())
+            log.error(
+                "session task failed", exc_info=task.exception(), extra={"task": task.get_name()}
+            )
 
     # -- reaper --------------------------------------------------------------------------
     def start(self) -> None:

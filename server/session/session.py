@@ -132,7 +132,7 @@ class Session:
     def mark_connected(self) -> None:
         if self.state == "new":
             self.state = "connected"
-            log.info("session connected", extra={"session": self.id})
+            log.info("session connected", extra={"session_id": self.id})
 
     async def close(self, reason: str) -> None:
         if self._closed:
@@ -159,7 +159,7 @@ class Session:
         if self.media is not None:
             media, self.media = self.media, None
             await media.close()
-        log.info("session ended", extra={"session": self.id, "reason": reason})
+        log.info("session ended", extra={"session_id": self.id, "reason": reason})
 
     # -- websocket side ------------------------------------------------------------------
     def attach(self, ws: Any) -> tuple[asyncio.Queue[dict[str, Any]], Any]:
@@ -181,7 +181,7 @@ class Session:
         if q is None:
             return
         if q.full():
-            log.warning("event queue full, dropping event", extra={"session": self.id})
+            log.warning("event queue full, dropping event", extra={"session_id": self.id})
             return
         q.put_nowait(event)
 
@@ -267,7 +267,7 @@ class Session:
             try:
                 self.worker.submit(item)
             except WorkerStopped:
-                log.warning("frame worker stopped, frames not made", extra={"session": self.id})
+                log.warning("frame worker stopped, frames not made", extra={"session_id": self.id})
                 self._made(item, None, WorkerStopped("the frame worker is stopped"))
 
     def _work_done(
@@ -293,7 +293,7 @@ class Session:
             # keep the utterance going (audio on time, mouth still) and tell the client
             log.warning(
                 "frames failed, showing idle frames",
-                extra={"session": self.id, "error": repr(exc)},
+                extra={"session_id": self.id, "error": repr(exc)},
             )
             self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
             frames = [self.pictures.idle(j.loop_position) for j in item.jobs]
@@ -342,7 +342,7 @@ class Session:
                 if delay < -1.0:  # the loop stalled for over a second: do not burst, go on
                     log.warning(
                         "clock fell behind, resyncing",
-                        extra={"session": self.id, "behind_s": -delay},
+                        extra={"session_id": self.id, "behind_s": -delay},
                     )
                     t0 = self.loop.time() - k * FRAME_S
                     delay = 0.0
@@ -350,7 +350,7 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("session clock failed", extra={"session": self.id})
+            log.exception("session clock failed", extra={"session_id": self.id})
             self.emit({"type": "error", "code": "internal", "message": "session clock failed"})
 
     def _emit_tick(self, tick: Tick, k: int, now: float) -> None:

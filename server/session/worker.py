@@ -173,7 +173,7 @@ class FrameWorker(WorkQueue):
             try:
                 feats = self.engine.stream_features(items[-1].audio, jobs)
             except Exception as exc:
-                log.exception("stream_features failed", extra={"session": items[0].key})
+                log.exception("stream_features failed", extra={"session_id": items[0].key})
                 for item in items:
                     self._done(item, None, exc)
                 continue
@@ -221,4 +221,4 @@ class FrameWorker(WorkQueue):
         try:
             item.done(item, frames, exc)
         except Exception:
-            log.exception("work item callback failed", extra={"session": item.key})
+            log.exception("work item callback failed", extra={"session_id": item.key})

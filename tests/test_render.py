@@ -178,6 +178,21 @@ def test_factory_never_silently_swaps_musetalk(tmp_path: Path) -> None:
         create_engine("magic", tmp_path)
 
 
+def test_auto_choosing_preview_says_why_without_logging_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The choice is returned with its reason; the server logs it once (as INFO), the factory
+    does not log it again (least of all as a warning)."""
+    import logging
+
+    from engines.backends import create_engine
+
+    with caplog.at_level(logging.DEBUG, logger="engines"):
+        engine, reason = create_engine("auto", tmp_path / "none", "cpu")
+    assert engine.name == "preview" and reason.startswith("preview: device cpu")
+    assert not [r for r in caplog.records if r.name.startswith("engines")]
+
+
 def test_factory_builds_musetalk_from_weights(tiny_models_dir: Path) -> None:
     from engines.backends import create_engine
 

@@ -1,4 +1,4 @@
-"""`lipstream serve`: build the engine (saying which and why), then run uvicorn."""
+"""`lipstream serve`: build the engine, then run uvicorn (the server logs which and why)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 
 from lipstream import logs
-
-log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
@@ -97,8 +95,6 @@ def serve(
     except EngineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    log.info("engine %s chosen: %s", chosen.name, reason)
-    typer.echo(f"lipstream: engine {chosen.name} ({reason})", err=True)
     app = create_app(settings, engine=chosen, reason=reason)
     config = uvicorn.Config(
         app,

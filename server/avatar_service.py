@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_S = 0.5
 UPLOADS = ".uploads"
+INTERNAL_ERROR = "preparation failed (internal error; see the server log)"
 PUBLIC_FIELDS = (
     "id",
     "name",
@@ -127,9 +128,29 @@ class AvatarService:
         return self.get(avatar_id)
 
     def _prepare(self, avatar_id: str, upload: Path, name: str, bbox_shift: int) -> None:
+        """Preparation thread: the upload becomes a stored avatar (or a failed one). The
+        upload is removed before the final status is written: a client that sees "ready" or
+        "failed" finds nothing of its upload left."""
         try:
-            if avatar_id in self._deleted:
-                return
+            try:
+                outcome = self._prepared(avatar_id, upload, name, bbox_shift)
+            finally:
+                with contextlib.suppress(OSError):
+                    upload.unlink()
+            self._store_outcome(avatar_id, outcome)
+        finally:
+            self._live.pop(avatar_id, None)
+            self._jobs.pop(avatar_id, None)
+            self._count()
+
+    def _prepared(
+        self, avatar_id: str, upload: Path, name: str, bbox_shift: int
+    ) -> Avatar | str | None:
+        """The avatar made from the upload, or the error its status shows (None: deleted
+        before it started)."""
+        if avatar_id in self._deleted:
+            return None
+        try:
             self.store.set_status(avatar_id, "preparing", progress=0.0)
             avatar = prepare_avatar_file(
                 upload,
@@ -140,30 +161,40 @@ class AvatarService:
                 encode_latents=self._encoder(),
                 progress=self._progress_cb(avatar_id),
             )
-            key = getattr(self.engine, "latents_key", None)
-            if avatar.latents is not None and key:
-                avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
-            with self._lock:
-                if avatar_id in self._deleted:
-                    return
-                self.store.save(avatar)
-            log.info("avatar ready", extra={"avatar_id": avatar_id, "frames": avatar.n_frames})
         except AvatarInputError as exc:  # the upload's fault: the client is told why
             log.warning(
                 "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": str(exc)}
             )
-            self._fail(avatar_id, str(exc))
+            return str(exc)
         except Exception as exc:
             log.exception(
                 "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": repr(exc)}
             )
-            self._fail(avatar_id, "preparation failed (internal error; see the server log)")
-        finally:
-            with contextlib.suppress(OSError):
-                upload.unlink()
-            self._live.pop(avatar_id, None)
-            self._jobs.pop(avatar_id, None)
-            self._count()
+            return INTERNAL_ERROR
+        key = getattr(self.engine, "latents_key", None)
+        if avatar.latents is not None and key:
+            avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
+        return avatar
+
+    def _store_outcome(self, avatar_id: str, outcome: Avatar | str | None) -> None:
+        """The final status: the avatar saved ("ready"), or "failed" with its error."""
+        if outcome is None:
+            return
+        if isinstance(outcome, str):
+            self._fail(avatar_id, outcome)
+            return
+        try:
+            with self._lock:
+                if avatar_id in self._deleted:
+                    return
+                self.store.save(outcome)
+        except Exception as exc:
+            log.exception(
+                "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": repr(exc)}
+            )
+            self._fail(avatar_id, INTERNAL_ERROR)
+            return
+        log.info("avatar ready", extra={"avatar_id": avatar_id, "frames": outcome.n_frames})
 
     def _fail(self, avatar_id: str, message: str) -> None:
         if avatar_id in self._deleted:

@@ -24,9 +24,15 @@ from typing import Any
 import httpx
 import pytest
 
+from avatars.decode import DecodeLimits
+from avatars.store import AvatarStore
 from bench.loopback import ServerThread
 from engines.preview import PreviewEngine
 from server.app import create_app
+from server.avatar_service import AvatarService
+from server.media.pictures import IdleFrames
+from server.metrics import ServerMetrics
+from server.session.worker import FrameWorker
 from server.settings import Settings
 
 MEDIA = Path(__file__).parent / "hostile" / "media"
@@ -178,6 +184,51 @@ def test_hostile_uploads_are_refused_and_open_nothing_outside(
     )
     uploads = server.app.state.avatars.uploads_dir
     assert not uploads.exists() or not any(uploads.iterdir()), "uploads were left behind"
+
+
+def test_a_final_status_is_written_after_the_upload_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client can see ("ready", "failed") comes after the clean-up, so the check above
+    ("uploads were left behind", made as soon as the last status is final) cannot race it.
+    Every final status written is recorded with whether an upload was still on disk."""
+    store = AvatarStore(tmp_path / "avatars")
+    engine = PreviewEngine()
+    service = AvatarService(
+        store, engine, FrameWorker(engine), ServerMetrics(), DecodeLimits(), IdleFrames()
+    )
+    service.startup()
+    written: list[tuple[str, bool]] = []
+
+    def uploads_left() -> bool:
+        return service.uploads_dir.exists() and any(service.uploads_dir.iterdir())
+
+    set_status, save = store.set_status, store.save
+
+    def recording_set_status(avatar_id: str, status: str, **kwargs: Any) -> None:
+        if status in ("ready", "failed"):
+            written.append((status, uploads_left()))
+        set_status(avatar_id, status, **kwargs)
+
+    def recording_save(avatar: Any) -> None:
+        written.append(("ready", uploads_left()))
+        save(avatar)
+
+    monkeypatch.setattr(store, "set_status", recording_set_status)
+    monkeypatch.setattr(store, "save", recording_save)
+    try:
+        for i, name in enumerate(("astronaut_named.mp4", "truncated.mp4")):
+            service.uploads_dir.mkdir(parents=True, exist_ok=True)
+            upload = service.uploads_dir / f"upload-{i}"
+            upload.write_bytes((MEDIA / name).read_bytes())
+            avatar_id = service.submit(upload, f"a{i}", 0)["id"]
+            deadline = time.monotonic() + 60
+            while service.get(avatar_id)["status"] not in ("ready", "failed"):
+                assert time.monotonic() < deadline, f"{name} is still being prepared"
+                time.sleep(0.01)
+    finally:
+        service.shutdown()
+    assert written == [("ready", False), ("failed", False)]
 
 
 TRAVERSAL = [

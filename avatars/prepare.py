@@ -123,19 +123,14 @@ def prepare_avatar(
         )
     t_detect = time.perf_counter()
 
-    face_boxes = np.full((n, 4), -1, dtype=np.int32)
-    crop_boxes = np.full((n, 4), -1, dtype=np.int32)
-    masks: list[np.ndarray] = []
-    for i, box in enumerate(detected):
-        if box is None:
-            masks.append(np.zeros((0, 0), dtype=np.uint8))
-            continue
-        fb = face_box_v15(box, frames.shape[1:], bbox_shift, options.extra_margin)
-        cb = crop_box(fb, frames.shape[1:], options.mask.expand)
-        face_boxes[i], crop_boxes[i] = fb, cb
-        masks.append(blend_mask(fb, cb, frame=frames[i], parser=face_parser, options=options.mask))
-        if i % 10 == 9 or i == n - 1:
-            _report(progress, 0.6 + (masks_end - 0.6) * (i + 1) / n, "making blend masks")
+    face_boxes, crop_boxes, masks = boxes_and_masks(
+        frames,
+        detected,
+        bbox_shift,
+        options,
+        face_parser,
+        sub_progress(progress, 0.6, masks_end),
+    )
     t_masks = time.perf_counter()
 
     latents: np.ndarray | None = None
@@ -177,6 +172,33 @@ def prepare_avatar(
         bbox_shift=int(bbox_shift),
         meta=meta,
     )
+
+
+def boxes_and_masks(
+    frames: np.ndarray,
+    detected: list[Box | None],
+    bbox_shift: int,
+    options: PrepareOptions,
+    face_parser: FaceParser | None = None,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(face boxes (N, 4), crop boxes (N, 4), blend masks) from the detector's boxes: -1 boxes
+    and an empty (0, 0) mask where no face was found."""
+    n = len(frames)
+    face_boxes = np.full((n, 4), -1, dtype=np.int32)
+    crop_boxes = np.full((n, 4), -1, dtype=np.int32)
+    masks: list[np.ndarray] = []
+    for i, box in enumerate(detected):
+        if box is None:
+            masks.append(np.zeros((0, 0), dtype=np.uint8))
+            continue
+        fb = face_box_v15(box, frames.shape[1:], bbox_shift, options.extra_margin)
+        cb = crop_box(fb, frames.shape[1:], options.mask.expand)
+        face_boxes[i], crop_boxes[i] = fb, cb
+        masks.append(blend_mask(fb, cb, frame=frames[i], parser=face_parser, options=options.mask))
+        if i % 10 == 9 or i == n - 1:
+            _report(progress, (i + 1) / n, "making blend masks")
+    return face_boxes, crop_boxes, masks
 
 
 def compute_latents(

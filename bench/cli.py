@@ -75,7 +75,7 @@ def bench_cmd(
         help="Streaming: the sessions start this spread apart in all (40: frame phases at random).",
     ),
     backends: str = typer.Option(
-        "torch,compiled", "--backends", help="Offline backends (name[-cropN])."
+        "torch,compiled", "--backends", help="Offline variants: backend[-flag...] (bench.options)."
     ),
     stream_backends: str = typer.Option(
         "compiled", "--stream-backends", help="Streaming backends."

@@ -87,7 +87,7 @@ def test_gathering_waits_for_each_active_session() -> None:
     """With several sessions speaking, a gather ends once every active session has its next
     frame queued: the batches hold one frame per session, and nothing is lost. (Ending it as
     soon as the GPU went idle split 16 sessions into batches of ~10 on the H200 and made
-    thousands of frames late at zero lead: `stream_H200_2026-12-01_s11-gather-idlefix.json`.)"""
+    thousands of frames late at zero lead: `stream_H200_2026-12-01_gather-idlefix.json`.)"""
     base = CALIBRATIONS["h200-2026-12-01"]()
     r = run_point(base, 8, 2.0, 2, 0.5, gather_s=0.02)
     assert r["frames_delivered"] == r["frames_expected"]

@@ -176,8 +176,9 @@ def encoder_cost(
     - as aiortc sets them up (`EncoderTuning.aiortc()`: VP8 with its denoiser and 2 threads at
       720p on 3+ cores, x264's medium preset): ms per frame on one thread, the median of
       `repeats` runs of `frames` (`ms_per_frame_1_thread`, each run's in
-      `ms_per_frame_1_thread_runs`: one short run can be a third off), aggregate frames/s with k encoders in k threads (k sessions,
-      `fps_total_<k>_threads`), CPU cores one 25 fps session needs;
+      `ms_per_frame_1_thread_runs`: one short run can be a third off), aggregate frames/s with
+      k encoders in k threads (k sessions, `fps_total_<k>_threads`), CPU cores one 25 fps
+      session needs;
     - `server`: the same with the server's defaults (`EncoderTuning()`), and
       `server_speedup`, aiortc's ms per frame over the server's;
     - `by_codec_threads`: the server's defaults with each of `vp8_codec_threads` /
@@ -185,28 +186,15 @@ def encoder_cost(
 
     `picture` "avatar" (`avatar_pictures`: a face, its mouth moving, the whole picture swaying
     a pixel or two, as a video avatar's does) or "noise" (blurred noise moving 4 px a frame:
-    every block changes; the pictures of the runs before 2026-12-01's tuning). The server's
-    defaults are back in place afterwards."""
+    every block changes). The server's defaults are back in place afterwards."""
     try:
-        from aiortc.codecs import get_encoder
         from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-        from av import VideoFrame
 
         from server.media import encoder_tuning
         from server.media.encoder_tuning import EncoderTuning
     except ImportError as exc:
         return {"error": f"aiortc/av not importable: {exc}"}
-    if picture == "avatar":
-        pics = avatar_pictures(height, width, frames)
-    elif picture == "noise":
-        import cv2
-
-        rng = np.random.default_rng(0)
-        base: np.ndarray = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        base = cv2.GaussianBlur(base, (31, 31), 8)
-        pics = [np.roll(base, 4 * i, axis=1) for i in range(frames)]
-    else:
-        raise ValueError(f"picture must be 'avatar' or 'noise', got {picture!r}")
+    pics = _pictures(picture, height, width, frames)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     out: dict[str, Any] = {
@@ -223,45 +211,11 @@ def encoder_cost(
     }
     try:
         for mime, (field, counts) in per_codec.items():
-            codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000)
-            vf = [
-                VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(
-                    format="yuv420p"
-                )
-                for p in pics
-            ]
-            for i, f in enumerate(vf):
-                f.pts = i * 3600
-                f.time_base = fractions.Fraction(1, 90000)
+            timer = _EncodeTimer(RTCRtpCodecParameters(mimeType=mime, clockRate=90000), pics)
 
-            def run(n_frames: int, codec=codec, vf=vf) -> float:
-                enc = get_encoder(codec)
-                t0 = time.perf_counter()
-                for i in range(n_frames):
-                    enc.encode(vf[i % len(vf)], force_keyframe=(i == 0))
-                return time.perf_counter() - t0
-
-            def measured(tuning: EncoderTuning, run=run) -> dict[str, Any]:
-                """ms per frame alone, then frames/s of k encoders in k threads together."""
+            def measured(tuning: Any, timer: _EncodeTimer = timer) -> dict[str, Any]:
                 encoder_tuning.apply(tuning)
-                run(5)
-                runs = [run(frames) / frames * 1e3 for _ in range(repeats)]
-                res: dict[str, Any] = {
-                    "ms_per_frame_1_thread": float(np.median(runs)),
-                    "ms_per_frame_1_thread_runs": runs,
-                }
-                for k in threads:
-                    ts = [threading.Thread(target=run, args=(frames,)) for _ in range(k)]
-                    t0 = time.perf_counter()
-                    for t in ts:
-                        t.start()
-                    for t in ts:
-                        t.join()
-                    res[f"fps_total_{k}_threads"] = k * frames / (time.perf_counter() - t0)
-                best = max(v for key, v in res.items() if key.startswith("fps_total"))
-                res["cores_per_25fps_session"] = 25 * res["ms_per_frame_1_thread"] / 1e3
-                res["sessions_per_host_at_best_thread_scaling"] = best / 25
-                return res
+                return timer.measure(frames, threads, repeats)
 
             res: dict[str, Any] = measured(EncoderTuning.aiortc())
             res["server"] = measured(server)
@@ -277,3 +231,66 @@ def encoder_cost(
         encoder_tuning.apply(server)
     out["server_tuning"] = server.as_dict()
     return out
+
+
+def _pictures(picture: str, height: int, width: int, frames: int) -> list[np.ndarray]:
+    """The encoders' input: the avatar-like pictures, or blurred noise moving 4 px a frame."""
+    if picture == "avatar":
+        return avatar_pictures(height, width, frames)
+    if picture != "noise":
+        raise ValueError(f"picture must be 'avatar' or 'noise', got {picture!r}")
+    import cv2
+
+    rng = np.random.default_rng(0)
+    base: np.ndarray = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    base = cv2.GaussianBlur(base, (31, 31), 8)
+    return [np.roll(base, 4 * i, axis=1) for i in range(frames)]
+
+
+class _EncodeTimer:
+    """Times a fresh aiortc encoder of `codec` over the pictures (as I420 video frames)."""
+
+    def __init__(self, codec: Any, pics: list[np.ndarray]) -> None:
+        from av import VideoFrame
+
+        self.codec = codec
+        self.frames = []
+        for i, p in enumerate(pics):
+            f = VideoFrame.from_ndarray(p.astype(np.uint8), format="rgb24").reformat(
+                format="yuv420p"
+            )
+            f.pts = i * 3600
+            f.time_base = fractions.Fraction(1, 90000)
+            self.frames.append(f)
+
+    def run(self, n_frames: int) -> float:
+        """Seconds one new encoder takes for `n_frames` (the first a keyframe)."""
+        from aiortc.codecs import get_encoder
+
+        enc = get_encoder(self.codec)
+        t0 = time.perf_counter()
+        for i in range(n_frames):
+            enc.encode(self.frames[i % len(self.frames)], force_keyframe=(i == 0))
+        return time.perf_counter() - t0
+
+    def measure(self, frames: int, threads: tuple[int, ...], repeats: int) -> dict[str, Any]:
+        """ms per frame alone (median of `repeats` runs), then frames/s of k encoders in k
+        threads together, for each k of `threads`, with the encoder settings in place now."""
+        self.run(5)
+        runs = [self.run(frames) / frames * 1e3 for _ in range(repeats)]
+        res: dict[str, Any] = {
+            "ms_per_frame_1_thread": float(np.median(runs)),
+            "ms_per_frame_1_thread_runs": runs,
+        }
+        for k in threads:
+            ts = [threading.Thread(target=self.run, args=(frames,)) for _ in range(k)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            res[f"fps_total_{k}_threads"] = k * frames / (time.perf_counter() - t0)
+        best = max(v for key, v in res.items() if key.startswith("fps_total"))
+        res["cores_per_25fps_session"] = 25 * res["ms_per_frame_1_thread"] / 1e3
+        res["sessions_per_host_at_best_thread_scaling"] = best / 25
+        return res

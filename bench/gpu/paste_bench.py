@@ -5,7 +5,7 @@
 
 For each batch size: GPU ms per frame (CUDA events; the kernels as stream C runs them) and
 host ms per call (the launch cost the scheduler thread pays), for `whole` =
-`rgb_to_i420(paste_back(...))` (the stage before session 15) and `region` = `paste_i420`;
+`rgb_to_i420(paste_back(...))` (the whole frame converted) and `region` = `paste_i420`;
 and whether the two gave the same bytes. Prints one JSON line per batch size as it goes.
 """
 

@@ -300,9 +300,31 @@ class GpuPipeline:
         parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]] | None,
         features: torch.Tensor | None,
     ) -> Pending:
-        sa, sb, sc = self.streams["A"], self.streams["B"], self.streams["C"]
         t0 = time.perf_counter()
-        cur = torch.cuda.current_stream(self.device)
+        feats, ev_a = self._features_stage(parts, features)
+        t1 = time.perf_counter()
+        self.launch_s["features"] += t1 - t0
+        if len(feats) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(feats)} feature rows")
+        # group rows by avatar (their order inside each block is kept)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.avatar_id, []).append(i)
+        faces, frame_idx, ev_b = self._model_stage(rows, groups, feats, ev_a)
+        t2 = time.perf_counter()
+        self.launch_s["unet_vae"] += t2 - t1
+        pending = self._paste_stage(slot, len(rows), groups, faces, frame_idx, ev_b)
+        self.launch_s["paste"] += time.perf_counter() - t2
+        return pending
+
+    def _features_stage(
+        self,
+        parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]] | None,
+        features: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Stream A: the batch's features (streaming: from `parts`), and their event."""
+        sa = self.streams["A"]
+        cur = torch.cuda.current_stream(self.device)  # the caller's: A starts after its work
         with torch.cuda.stream(sa):
             sa.wait_stream(cur)
             if features is None:
@@ -313,14 +335,18 @@ class GpuPipeline:
                 feats = features.to(self.device)
             ev_a = torch.cuda.Event()
             ev_a.record(sa)
-        t1 = time.perf_counter()
-        self.launch_s["features"] += t1 - t0
-        if len(feats) != len(rows):
-            raise ValueError(f"{len(rows)} rows but {len(feats)} feature rows")
-        # group rows by avatar (their order inside each block is kept)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(r.avatar_id, []).append(i)
+        return feats, ev_a
+
+    def _model_stage(
+        self,
+        rows: Sequence[Row],
+        groups: dict[str, list[int]],
+        feats: torch.Tensor,
+        ev_a: torch.cuda.Event,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.cuda.Event]:
+        """Stream B, after A: UNet + VAE decode of the rows, grouped by avatar. Returns the
+        faces (in group order), each avatar's frame indices, and B's event."""
+        sb = self.streams["B"]
         frame_idx: dict[str, torch.Tensor] = {}
         with torch.cuda.stream(sb):
             sb.wait_event(ev_a)
@@ -341,10 +367,22 @@ class GpuPipeline:
             ev_b = torch.cuda.Event()
             ev_b.record(sb)
         feats.record_stream(sb)
-        t2 = time.perf_counter()
-        self.launch_s["unet_vae"] += t2 - t1
+        return faces, frame_idx, ev_b
+
+    def _paste_stage(
+        self,
+        slot: int,
+        n_rows: int,
+        groups: dict[str, list[int]],
+        faces: torch.Tensor,
+        frame_idx: dict[str, torch.Tensor],
+        ev_b: torch.cuda.Event,
+    ) -> Pending:
+        """Stream C, after B: paste-back (+ I420) into each avatar's frames and the copy into
+        host slot `slot`'s pinned buffers."""
+        sc = self.streams["C"]
         host: dict[str, torch.Tensor] = {}
-        order: list[tuple[str, int]] = [("", 0)] * len(rows)
+        order: list[tuple[str, int]] = [("", 0)] * n_rows
         sizes: dict[str, tuple[int, int]] = {}
         with torch.cuda.stream(sc):
             sc.wait_event(ev_b)
@@ -368,7 +406,6 @@ class GpuPipeline:
         # keep the batch's tensors alive until stream C is done with them
         for t in (faces, *frame_idx.values()):
             t.record_stream(sc)
-        self.launch_s["paste"] += time.perf_counter() - t2
         return Pending(
             done=done,
             host=host,

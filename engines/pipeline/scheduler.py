@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 # On the H200, 20 ms took the sessions holding 25 fps with a p99 frame interval <= 60 ms from
-# 12 to 16 (bench/results/stream_H200_2026-12-01_gather20.json, README "Benchmarks")
+# 12 to 16 (bench/results/stream_H200_2026-12-01_gather20.json, docs/benchmarks.md)
 GATHER_S = 0.02
 # a session that submitted work this recently is "active": a gather waits for each active
 # session's next frame (up to `gather_s`), not for sessions that have gone quiet. Three frame

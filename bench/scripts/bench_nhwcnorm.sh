@@ -1,5 +1,5 @@
-# Issue 4, GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200 when stock):
-# stock, channels-last (engines/pipeline/nhwc_norm.py, the default since session 9) and the Triton
+# GroupNorms (39 % of the compiled VAE decoder's GPU time on the H200 when stock):
+# stock, channels-last (engines/pipeline/nhwc_norm.py, the default) and the Triton
 # kernels (engines/pipeline/triton_norm.py), on the GPU machine (repo root).
 #   PART=profile  (~3 min for two runs): kernel_profile.py for RUNS (default "vae:channel
 #                           vae:triton"; also vae:stock, vae:group; the UNet's compile is

@@ -1,4 +1,4 @@
-# Issue 4: the streaming bench for pipeline variants side by side, on the GPU machine (repo
+# The streaming bench for pipeline variants side by side, on the GPU machine (repo
 # root). BACKENDS (default compiled,compiled-cpaste; e.g. compiled,compiled-enc1 or
 # compiled,compiled-nhwcnorm), SESSIONS (default 1,12), SWEEP_S, GATHER_MS (the scheduler's
 # gather_s in ms, default 20 as the server; per variant: compiled-gather0), PHASE_SPREAD_MS

@@ -1,4 +1,4 @@
-# Issue 4: a whisper encoder call at fixed batches 1, 2, 4, 8 (compiled + CUDA graph), and the
+# a whisper encoder call at fixed batches 1, 2, 4, 8 (compiled + CUDA graph), and the
 # cheapest padding for a step that needs k windows (bench/gpu/encoder_batches.py), on the GPU
 # machine (repo root). Output: $OUT/encoder_batches.json (+ the log). About 1-2 minutes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -1,4 +1,4 @@
-# Issue 4: where a model's GPU time goes (bench/gpu/kernel_profile.py), on the GPU machine
+# where a model's GPU time goes (bench/gpu/kernel_profile.py), on the GPU machine
 # (repo root): conv FLOPs per frame, CUDA kernel time by kind, eager and compiled.
 # MODEL=vae|unet, FLAGS="--nhwc-norm" etc. Output: $OUT/profile_$MODEL.json (+ the log).
 # About 1-2 minutes.

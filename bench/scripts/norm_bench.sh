@@ -1,4 +1,4 @@
-# Issue 4: GroupNorm + SiLU alone at the VAE decoder's shapes (batch 16): eager, the compiled
+# GroupNorm + SiLU alone at the VAE decoder's shapes (batch 16): eager, the compiled
 # channels-last torch form and the Triton kernels over launch shapes, in GB/s against the
 # bytes each call must move (bench/gpu/norm_bench.py), on the GPU machine (repo root).
 # Output: $OUT/norm_bench.json (+ the log). About 1-2 minutes.

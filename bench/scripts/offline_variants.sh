@@ -1,4 +1,4 @@
-# Issue 4: the offline full pipeline (encoder + UNet + VAE + GPU paste-back into 720p + I420)
+# The offline full pipeline (encoder + UNet + VAE + GPU paste-back into 720p + I420)
 # for pipeline variants side by side, MuseTalk's way measured in the same run, on the GPU
 # machine (repo root). VARIANTS (default compiled,compiled-split,compiled-tuned; the eager
 # `torch` pipeline always runs first), BUCKETS (default 48: offline batches are full, so one

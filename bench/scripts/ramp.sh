@@ -1,8 +1,8 @@
 # GPU admission ramp (repo root, on the GPU machine, with the server of soak_run.sh already up
 # at http://127.0.0.1:8000): open one more speaking session every $RAMP_EVERY s (default 4),
 # at most $RAMP_N attempts (default 24), until the server refuses 3 in a row as "overloaded"
-# (bench.ramp), its clients spread over $RAMP_CLIENTS processes (default 3, as the soak's;
-# session 14 and before: 1); /tmp/ramp.json goes to $OUT. Prints each attempt: t, sessions open before it,
+# (bench.ramp), its clients spread over $RAMP_CLIENTS processes (default 3, as the soak's);
+# /tmp/ramp.json goes to $OUT. Prints each attempt: t, sessions open before it,
 # the answer's status and reason, and the engine's late fraction (/readyz) just before.
 set -u
 export PYTHONPATH=/tmp/site:$PWD

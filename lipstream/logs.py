@@ -12,8 +12,11 @@ a line stays one line that a program can split.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -78,3 +81,22 @@ def setup(level: int | str = logging.INFO, stream: TextIO | None = None) -> None
     handler = logging.StreamHandler(stream)
     handler.setFormatter(FieldsFormatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+@contextlib.contextmanager
+def to_current_stderr() -> Iterator[None]:
+    """Inside the block, the root logger's stderr handlers write to whatever `sys.stderr` is
+    when the block starts: under a rich progress bar, its proxy, which prints each line above
+    the bar instead of through it."""
+    swapped = [
+        handler
+        for handler in logging.getLogger().handlers
+        if type(handler) is logging.StreamHandler and handler.stream is sys.__stderr__
+    ]
+    for handler in swapped:
+        handler.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for handler in swapped:
+            handler.setStream(sys.__stderr__)  # type: ignore[arg-type]

@@ -3,13 +3,16 @@ and, through the root logger, for uvicorn's."""
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from lipstream.logs import FORMAT, FieldsFormatter, extra_fields, field_text
+import pytest
+
+from lipstream.logs import FORMAT, FieldsFormatter, extra_fields, field_text, to_current_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,3 +115,24 @@ def test_the_cli_setup_and_uvicorns_loggers_print_fields_on_stderr() -> None:
     assert lines[1].endswith(" INFO uvicorn.error: Started server process [7]")
     assert lines[2].endswith(' INFO uvicorn.access: 127.0.0.1:5000 - "GET /healthz HTTP/1.1" 200')
     assert done.stdout == ""
+
+
+def test_stderr_handlers_follow_a_redirected_stderr_inside_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under `avatar add`'s progress bar, rich replaces sys.stderr with a proxy that prints
+    above the bar; the root handler must write there, and back to the real stderr after."""
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(FieldsFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    proxy = io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", proxy)
+        with to_current_stderr():
+            assert handler.stream is proxy
+            logging.getLogger("avatars.prepare").warning("prepared", extra={"frames": 3})
+        assert handler.stream is sys.__stderr__
+    finally:
+        root.removeHandler(handler)
+    assert proxy.getvalue() == "prepared frames=3\n"

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from lipstream import logs
+
 log = logging.getLogger(__name__)
 
 avatar_app = typer.Typer(help="Register, list, show and remove avatars.", no_args_is_help=True)
@@ -80,9 +82,12 @@ def add_cmd(
     store = AvatarStore(resolve_avatars_dir(avatars_dir))
     encode, key, note = _latent_encoder(resolve_models_dir(models_dir), device)
     avatar_id = store.new_id()
-    with Progress(
-        TextColumn("{task.description:<20}"), BarColumn(), TaskProgressColumn(), transient=True
-    ) as bar:
+    with (
+        Progress(
+            TextColumn("{task.description:<20}"), BarColumn(), TaskProgressColumn(), transient=True
+        ) as bar,
+        logs.to_current_stderr(),  # log lines above the bar, not through it
+    ):
         task = bar.add_task("decoding", total=1.0)
 
         def progress(fraction: float, stage: str) -> None:

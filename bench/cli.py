@@ -154,7 +154,9 @@ def bench_cmd(
     try:
         opts = BenchOptions(
             models_dir=str(models_dir) if models_dir else None,
-            sessions=tuple(int(x) for x in (sessions or "1,8,12,16,20,24").split(",")),
+            sessions=tuple(int(x) for x in sessions.split(","))
+            if sessions
+            else BenchOptions.sessions,
             long_s=long_s,
             sweep_s=sweep_s,
             gather_s=gather_ms / 1e3,

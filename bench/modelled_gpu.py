@@ -158,8 +158,6 @@ def run_point(
     phase_spread_s: float | None = None,
 ) -> dict[str, Any]:
     """One `bench.simulation.simulate` run of `sessions` through the real scheduler on `model`."""
-    # the scheduler imports this (and torch) at its first GPU launch: not inside the run
-    import engines.pipeline.gpu  # noqa: F401
     from bench.simulation import simulate
     from engines.pipeline.scheduler import GpuScheduler, SchedulerOptions
     from engines.preview import PreviewEngine

@@ -13,14 +13,10 @@ fails only the tests that use the fixture needing it.
 - `astronaut_avatar`: those frames prepared with the tiny VAE's latents (session).
 - `preview_avatar`: the same without latents (what the preview engine needs).
 - `avatars_dir`: an empty folder for an `AvatarStore`.
-
-Without a CUDA GPU, Triton kernels run in Triton's interpreter (numpy on the CPU):
-`TRITON_INTERPRET=1` must be set before triton is first imported, so it is set here.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -31,9 +27,6 @@ import numpy as np
 import pytest
 import torch
 from leakcheck import leakcheck, pytest_configure  # noqa: F401  (autouse leak check)
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/test_triton_norm.py
 
 SPEECH_SECONDS = 3.0
 SAMPLE_RATE = 16_000
@@ -160,7 +153,6 @@ def astronaut_frames() -> np.ndarray:
 
 def tiny_encoder(models_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
     """(n, 256, 256, 3) uint8 RGB crops -> (n, 8, 32, 32) latents with the tiny VAE (fp32 CPU)."""
-    import torch
 
     from engines.musetalk.vae import encode_crops
     from engines.musetalk.weights import load_vae

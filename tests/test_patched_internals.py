@@ -10,8 +10,7 @@ Who relies on what:
   `aiortc.codecs.h264`, through which those modules open their codec contexts.
 - `server.media.webrtc` cancels RTCPeerConnection's private `__connect` task and, when
   `close()` fails, finishes its bookkeeping (`__isClosed`, `__update*State`).
-- `engines.pipeline.fold` and `engines.pipeline.triton_norm` swap children of diffusers'
-  `Upsample2D`, `ResnetBlock2D` and the VAE decoder by attribute name.
+- `engines.pipeline.fold` swaps the VAE decoder's `Upsample2D` children by attribute name.
 - `engines.musetalk.weights` loads checkpoints in the layouts their authors published:
   sd-vae-ft-mse's old attention key names (diffusers renames them on load), openai/whisper-tiny
   as a `WhisperForConditionalGeneration` (keys under `model.`), MuseTalk's `unet.pth` as a
@@ -164,27 +163,6 @@ def test_diffusers_upsamplers_have_what_fold_reads(tiny_vae: Any) -> None:
         for attr in ("use_conv", "use_conv_transpose", "interpolate", "norm", "name", "conv"):
             assert hasattr(up, attr), _moved("diffusers", f"Upsample2D.{attr}", user)
         assert can_fold(up), _moved("diffusers", "Upsample2D (nearest 2x + 3x3 conv)", user)
-
-
-def test_diffusers_resnet_blocks_have_what_the_norm_swap_reads(tiny_vae: Any) -> None:
-    from torch import nn
-
-    user = "engines.pipeline.triton_norm.swap_norm_silu_pairs"
-    blocks = [m for m in tiny_vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D"]
-    assert blocks, _moved("diffusers", "the VAE decoder's ResnetBlock2D modules", user)
-    for block in blocks:
-        assert type(block.norm1) is nn.GroupNorm and type(block.norm2) is nn.GroupNorm, _moved(
-            "diffusers", "ResnetBlock2D.norm1 / norm2 (nn.GroupNorm)", user
-        )
-        assert type(block.nonlinearity) is nn.SiLU, _moved(
-            "diffusers", "ResnetBlock2D.nonlinearity (nn.SiLU)", user
-        )
-        for attr in ("time_embedding_norm", "time_emb_proj"):
-            assert hasattr(block, attr), _moved("diffusers", f"ResnetBlock2D.{attr}", user)
-    decoder = tiny_vae.decoder
-    assert type(decoder.conv_norm_out) is nn.GroupNorm and type(decoder.conv_act) is nn.SiLU, (
-        _moved("diffusers", "the VAE decoder's conv_norm_out / conv_act", user)
-    )
 
 
 def _old_attention_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

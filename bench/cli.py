@@ -131,7 +131,7 @@ def bench_cmd(
         except (ValueError, RuntimeError, httpx.HTTPError) as exc:
             raise _fail(f"the ramp against {soak_url}: {exc}") from exc
         return
-    if soak:  # H7: the server soak (engine etc. from LIPSTREAM_* as for `serve`)
+    if soak:  # the server soak (engine etc. from LIPSTREAM_* as for `serve`)
         from bench.soak import run_soak
 
         if soak_pid is not None and soak_url is None:

@@ -88,7 +88,7 @@ def test_offline_options_are_checked() -> None:
 
 
 def test_stream_runs_keep_the_long_sessions_point_without_a_long_run() -> None:
-    """`--long-s 0` used to drop the 20-session point from the first backend's sweep."""
+    """`--long-s 0` keeps the 20-session point in the first backend's sweep."""
     from bench.options import BenchOptions, stream_runs
 
     o = BenchOptions(sessions=(1, 16, 20), long_sessions=20, long_s=0, sweep_s=12)

@@ -68,8 +68,8 @@ def test_gather_must_not_be_negative() -> None:
 
 def test_gathering_does_not_hold_back_a_lone_session() -> None:
     """A lone session's next frame comes after its last batch is off the GPU: the gather sees
-    an idle GPU and launches at once. (It used to check for a busy GPU only before waiting
-    for that frame, so every frame of a lone session waited the whole gather: +20 ms each on
+    an idle GPU and launches at once. (A gather that checked for a busy GPU only before waiting
+    for that frame would hold every frame of a lone session the whole gather: +20 ms each on
     the H200 at gather 20 ms, `bench/results/stream_H200_2026-12-01_gather20.json`.)"""
     base = CALIBRATIONS["h200-2026-12-01"]()
     plain = run_point(base, 1, 2.0, 2, 0.5)

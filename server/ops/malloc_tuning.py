@@ -9,11 +9,11 @@ frames ever in flight at once and grows in steps as rarer bursts come (a 10-minu
 
 Two cures were measured (`lipstream bench --malloc`, which runs both against glibc's default):
 
-- A fixed mmap threshold below the frame size (the previous cure here): each frame buffer is an
+- A fixed mmap threshold below the frame size: each frame buffer is an
   mmap, its page faults and an munmap (a TLB shootdown across the process's threads). Freed
   bursts go back at once, but every buffer costs several times what an arena chunk costs (CPU
   machine: ~7x per frame); the GPU soak run with it (12 sessions of 720p, H200) dropped 38
-  frames with a p99 frame interval of 86 ms, where the run before it had dropped none (71 ms).
+  frames with a p99 frame interval of 86 ms, where the default with trims dropped none (71 ms).
 - glibc's default plus `malloc_trim(0)` every few seconds from a thread (this module): frames
   come from the arenas at their usual cost, and each trim gives the free pages of every arena
   back to the kernel (glibc >= 2.8 releases whole free pages inside arenas, not just at the

@@ -3,9 +3,8 @@
 
 Frames leave each session on a 40 ms clock. When the server's event loop stops for a few
 hundred ms, every session's clock catches up with a burst of ticks, which can overrun a media
-process's encoder queue (frames dropped before the encoder, in all sessions at once). That
-was a suspect for the drops of the H200 soaks; the 5-minute run with these measurements ruled
-it out (no lag over 100 ms). They say whether, and which, stall it was:
+process's encoder queue (frames dropped before the encoder, in all sessions at once). These
+measurements say whether, and which, stall it was:
 
 - `LoopLag`: a task sleeping `interval_s` and measuring how late it wakes (the lag every
   callback on the loop saw at that moment); a lag over `warn_s` is logged with the last

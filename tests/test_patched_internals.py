@@ -48,7 +48,10 @@ def test_aiortc_sender_makes_its_encoder_through_the_module_global() -> None:
     assert callable(getattr(sender, "get_encoder", None)), _moved(
         "aiortc", "aiortc.rtcrtpsender.get_encoder", user
     )
-    assert sender.get_encoder is codecs.get_encoder, _moved(
+    from server.media import encoder_watch
+
+    # the server may already have wrapped it in this process (`encoder_watch.install`)
+    assert sender.get_encoder in (codecs.get_encoder, encoder_watch._installed), _moved(
         "aiortc", "where rtcrtpsender's get_encoder comes from", user
     )
     assert "get_encoder(" in inspect.getsource(sender.RTCRtpSender), _moved(
@@ -72,7 +75,13 @@ def test_aiortc_codec_modules_open_their_encoders_through_av(
 
     module = importlib.import_module(module_name)
     user = "server.media.encoder_tuning"
-    assert getattr(module, "av", None) is av, _moved("aiortc", f"{module_name}.av", user)
+    from server.media import encoder_tuning
+
+    # the server may already have replaced it in this process (`encoder_tuning.apply`)
+    current = getattr(module, "av", None)
+    assert current is av or isinstance(current, encoder_tuning._Av), _moved(
+        "aiortc", f"{module_name}.av", user
+    )
     source = inspect.getsource(getattr(module, class_name))
     assert f'av.CodecContext.create("{codec_name}", "w")' in source, _moved(
         "aiortc", f"how {class_name} opens its {codec_name} context", user

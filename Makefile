@@ -53,7 +53,7 @@ test-gpu: setup
 check: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy lipstream server engines avatars
+	$(VENV)/bin/mypy lipstream server engines avatars bench
 	$(VENV)/bin/lint-imports  # the layers and no-cycle contracts in pyproject.toml
 	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
 	$(PY) .ci/audit.py  # the same from the registry alone, where pip-audit cannot query (see the file)

@@ -4,6 +4,11 @@ A `SpeechStream` holds the current utterance (float32 mono 16 kHz). Frame i of t
 is ready once `ready_horizon(i)` samples are in (its 120 ms lookahead), or, after `end()`,
 once the utterance is complete. Each job's horizon is `min(ready_horizon(i), final length)`,
 a function of the audio alone, so frames never depend on how the audio was chunked.
+
+An utterance yields floor(duration x 25) frames, as MuseTalk's offline inference does, so its
+last n mod 640 samples belong to no frame. A stream made with `pad_end=True` (the server's:
+every sample sent before `end` is played) pads that last partial frame with silence at `end`,
+so it yields ceil(duration x 25) frames and the padded audio is what the frame reads and plays.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
 class SpeechStream:
     """The utterance being spoken and which of its frames have been handed out."""
 
-    def __init__(self, max_utterance_s: float = MAX_UTTERANCE_S) -> None:
+    def __init__(self, max_utterance_s: float = MAX_UTTERANCE_S, pad_end: bool = False) -> None:
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
+        self._pad_end = pad_end
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, dtype=np.float32)
         self._n = 0
@@ -50,7 +56,14 @@ class SpeechStream:
             self._n += samples.size
 
     def end(self) -> None:
-        """The utterance is complete: its last frames become ready."""
+        """The utterance is complete: its last frames become ready (with `pad_end`, the last
+        partial frame filled up with silence first)."""
+        if self._ended:
+            return
+        short = -self._n % SAMPLES_PER_FRAME
+        if self._pad_end and short:
+            self._chunks.append(np.zeros(short, dtype=np.float32))
+            self._n += short
         self._ended = True
 
     def reset(self, loop_position: int | None = None) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.media.tracks import AUDIO_FRAMES_PER_TICK, QueueTrack, audio_frames, video_frame
+from server.media.tracks import AUDIO_FRAMES_PER_TICK, AudioFramer, QueueTrack, video_frame
 from server.media.webrtc import close_peer, make_peer, negotiate, packets_received
 from server.settings import Settings
 
@@ -77,6 +77,7 @@ class LocalMedia(MediaLink):
             events.started,
             events.dropped,
         )
+        self._audio_framer = AudioFramer()
         pc = make_peer(settings)
         self.pc = pc
         self._closed = False
@@ -95,7 +96,7 @@ class LocalMedia(MediaLink):
 
     def put_audio(self, k: int, pcm: np.ndarray) -> None:
         """Tick k's 640 int16 samples, as the audio track's 20 ms frames."""
-        for frame in audio_frames(pcm, k):
+        for frame in self._audio_framer.frames(pcm, k):
             self.audio.put(frame)
 
     @property

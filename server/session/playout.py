@@ -48,7 +48,8 @@ class Utterance:
     """Speech between two `end`s (or an `end` and a `clear`)."""
 
     id: int
-    stream: SpeechStream = field(default_factory=SpeechStream)
+    # every sample sent before `end` is played: the last partial frame is padded with silence
+    stream: SpeechStream = field(default_factory=lambda: SpeechStream(pad_end=True))
     arrivals: deque[tuple[int, float]] = field(default_factory=deque)  # (first sample, time)
     first_arrival: float | None = None
     first_taken: float | None = None  # frame 0 handed to the engine
@@ -159,9 +160,11 @@ class Playout:
         return True
 
     def clear(self) -> list[dict[str, Any]]:
-        """Drop every utterance and made frame; the idle loop goes on from where it is."""
+        """Drop every utterance and made frame; the idle loop goes on from where it is. An
+        utterance that started playing ends with `playback_finished` (interrupted); one that had
+        not started ends without events."""
         events: list[dict[str, Any]] = []
-        if self.utterances:
+        if self.utterances and self.utterances[0].played > 0:
             head = self.utterances[0]
             events.append(
                 {"type": "playback_finished", "position": head.played / FPS, "interrupted": True}
@@ -346,6 +349,8 @@ class Playout:
     def _retire(self, events: list[dict[str, Any]]) -> None:
         while self.utterances and self.utterances[0].finished:
             done = self.utterances.popleft()
+            if done.played == 0:  # nothing was played, so no playback_started either
+                continue
             events.append(
                 {"type": "playback_finished", "position": done.played / FPS, "interrupted": False}
             )

@@ -57,22 +57,25 @@ class Recording:
     finished: int = 0
 
 
+def _record_packets(receiver: Any, kind: str, rec: Recording) -> None:
+    handle = receiver._handle_rtp_packet
+
+    async def recorded(packet: Any, arrival_time_ms: int) -> None:
+        rec.packets.append((time.monotonic(), kind, packet.timestamp))
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = recorded
+
+
 def _watch_rtp(client: LoopbackClient, rec: Recording) -> None:
-    """Record each RTP packet as the client's transport hands it to a receiver."""
+    """Record each RTP packet as the client's transport hands it to a receiver (the receivers
+    are wrapped as their tracks appear, while the answer is applied: before any RTP)."""
 
     @client.pc.on("track")
     def on_track(track: Any) -> None:
         for receiver in client.pc.getReceivers():
-            if receiver.track is not track:
-                continue
-            handle = receiver._handle_rtp_packet
-            kind = track.kind
-
-            async def watched(packet: Any, arrival_time_ms: int) -> None:
-                rec.packets.append((time.monotonic(), kind, packet.timestamp))
-                await handle(packet, arrival_time_ms)
-
-            receiver._handle_rtp_packet = watched
+            if receiver.track is track:
+                _record_packets(receiver, track.kind, rec)
 
 
 async def _drive(srv: ServerThread, avatar_id: str, rec: Recording) -> None:
@@ -229,4 +232,3 @@ def test_received_audio_has_no_clicks_between_ticks(recording: Recording) -> Non
     residual = x - basis @ fit
     snr_db = 10 * np.log10(np.mean((basis @ fit) ** 2) / np.mean(residual**2))
     assert snr_db >= 25.0, snr_db
-

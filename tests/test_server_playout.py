@@ -72,22 +72,23 @@ def test_speech_frames_carry_their_own_audio_and_continue_the_loop() -> None:
     ticks = run(p, 30)
     kinds = [t.kind for t in ticks]
     speech = [t for t in ticks if t.kind == "speech"]
-    assert len(speech) == 20
+    assert len(speech) == 21  # the last 100 samples too, padded with silence to a frame
     # the pairing: frame i plays exactly samples [640 i, 640 i + 640) of the utterance
+    padded = np.concatenate([audio, np.zeros(SAMPLES_PER_FRAME - 100, np.float32)])
     for i, t in enumerate(speech):
         assert int(t.image[0, 0, 2]) == i
-        np.testing.assert_array_equal(t.pcm, float_to_pcm16(audio[i * 640 : (i + 1) * 640]))
+        np.testing.assert_array_equal(t.pcm, float_to_pcm16(padded[i * 640 : (i + 1) * 640]))
     # no jump: the shown loop positions step by one through idle -> speech -> idle
     positions = [t.loop_position for t in ticks]
     assert positions == list(range(7, 7 + 30)), positions
     first = kinds.index("speech")
     assert first == 2  # `lead` frames of idle before the first speaking frame
-    assert kinds[first : first + 20] == ["speech"] * 20
-    assert kinds[first + 20 :] == ["idle"] * (30 - first - 20)
+    assert kinds[first : first + 21] == ["speech"] * 21
+    assert kinds[first + 21 :] == ["idle"] * (30 - first - 21)
     events = [e for t in ticks for e in t.events]
     assert events == [
         {"type": "playback_started"},
-        {"type": "playback_finished", "position": 20 / 25, "interrupted": False},
+        {"type": "playback_finished", "position": 21 / 25, "interrupted": False},
     ]
 
 
@@ -230,13 +231,19 @@ def test_utterances_play_back_to_back_in_order() -> None:
     ]
 
 
-def test_an_utterance_too_short_for_a_frame_finishes_at_once() -> None:
-    p = Playout(idle_image)
-    p.push(ramp(100), now=0.0)
+def test_an_utterance_shorter_than_a_frame_plays_as_one_padded_frame() -> None:
+    p = Playout(idle_image, lead=0)
+    audio = ramp(100)
+    p.push(audio, now=0.0)
     p.end()
     ticks = run(p, 2)
-    assert [t.kind for t in ticks] == ["idle", "idle"]
-    assert ticks[0].events == [{"type": "playback_finished", "position": 0.0, "interrupted": False}]
+    assert [t.kind for t in ticks] == ["speech", "idle"]
+    expected = np.concatenate([float_to_pcm16(audio), np.zeros(SAMPLES_PER_FRAME - 100, np.int16)])
+    np.testing.assert_array_equal(ticks[0].pcm, expected)
+    assert ticks[0].events == [
+        {"type": "playback_started"},
+        {"type": "playback_finished", "position": 1 / 25, "interrupted": False},
+    ]
     assert not p.speaking
 
 

@@ -106,12 +106,21 @@ async def _drive(srv: ServerThread, avatar_id: str, rec: Recording) -> None:
         await client.close()
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+@pytest.fixture(scope="module", params=[0, 1], ids=["in-process", "media-process"])
+def recording(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Recording]:
+    """The session's peer in the server's process, or in a media process (the audio crosses
+    to it as the tick's 16 kHz samples and is framed there)."""
     from skimage.data import astronaut
 
     root = tmp_path_factory.mktemp("audio")
-    settings = Settings(engine="preview", avatars_dir=root / "avatars", max_sessions=2)
+    settings = Settings(
+        engine="preview",
+        avatars_dir=root / "avatars",
+        max_sessions=2,
+        media_processes=request.param,
+    )
     with ServerThread(create_app(settings, engine=PreviewEngine(), reason="audio test")) as srv:
         ok, png = cv2.imencode(".png", cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
         assert ok

@@ -5,7 +5,7 @@ Layout (format_version 1 = `avatars.avatar.FORMAT_VERSION`)::
     <avatars_dir>/
       av_<16 hex>/              one avatar; the id is made by the server, never by a client
         meta.json               the commit point, always replaced whole (tmp + os.replace)
-        frames.npy              (N, H, W, 3) uint8 RGB; loaded with mmap (no copy, no parse)
+        frames.npy              (N, H, W, 3) uint8 RGB; loaded whole, or with mmap on request
         boxes.npz               face_boxes (N, 4) int32, crop_boxes (N, 4) int32 (-1: no face)
         masks.npz               data: every mask's bytes, concatenated (uint8, flat);
                                 shapes: (N, 2) int32 (crop_h, crop_w), (0, 0) where no face
@@ -27,6 +27,13 @@ new meta.json (status "ready") is written last; meanwhile the status is not "rea
 `load` refuses anything not "ready", so a reader never sees a half-written avatar. Numpy
 files load with `allow_pickle=False`. Ids are checked against `ID_PATTERN` before any path
 is built, so no id can reach outside the store's root.
+
+Damage: files may change under a reader (another process, a full disk, an operator).
+`describe` (and `list`) report an avatar whose meta.json is unreadable or ill-typed, or whose
+data files are missing, truncated or disagree with meta.json, as "failed" with the reason
+(`avatars.store_check`; not written back, so a repaired file is seen at once); `load` refuses
+it with `AvatarDamagedError`. `delete` removes any avatar folder, damaged or not. A full disk
+is `AvatarStoreFullError`, with nothing half-written left behind.
 """
 
 from __future__ import annotations
@@ -40,18 +47,29 @@ import re
 import secrets
 import shutil
 import threading
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avatars import store_io
 from avatars.avatar import FORMAT_VERSION, Avatar
+from avatars.store_check import (
+    STATUSES,
+    check_avatar,
+    damaged_meta,
+    files_problem,
+    is_temporary,
+    meta_problem,
+    unpack_masks,
+)
+from avatars.store_io import NO_SPACE, fsync_dir, is_no_space, write_json
 
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"av_[0-9a-f]{16}")
-STATUSES = ("pending", "preparing", "ready", "failed")
 MAX_NAME_LENGTH = 64
 _META_LOCK = threading.RLock()  # serialises meta read-modify-write within the process
 
@@ -69,6 +87,14 @@ class AvatarNotFoundError(AvatarStoreError, KeyError):
 
 class AvatarNotReadyError(AvatarStoreError):
     """The avatar exists but is still being prepared, or its preparation failed."""
+
+
+class AvatarDamagedError(AvatarStoreError):
+    """The avatar's files are unreadable, missing or truncated; the message says which."""
+
+
+class AvatarStoreFullError(AvatarStoreError):
+    """No space left on the device (or quota) for a write; nothing half-written was kept."""
 
 
 def validate_id(avatar_id: str) -> str:
@@ -89,50 +115,6 @@ def validate_name(name: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, allow_pickle=False, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _check_avatar(avatar: Avatar) -> None:
-    n = avatar.n_frames
-    if avatar.frames.ndim != 4 or avatar.frames.shape[3] != 3 or avatar.frames.dtype != np.uint8:
-        raise ValueError("avatar.frames must be (N, H, W, 3) uint8")
-    for label, boxes in (("face_boxes", avatar.face_boxes), ("crop_boxes", avatar.crop_boxes)):
-        if boxes.shape != (n, 4):
-            raise ValueError(f"avatar.{label} must be ({n}, 4), got {boxes.shape}")
-    if len(avatar.masks) != n:
-        raise ValueError(f"avatar.masks must hold {n} masks, got {len(avatar.masks)}")
-    if avatar.latents is not None and avatar.latents.shape != (n, 8, 32, 32):
-        raise ValueError(f"avatar.latents must be ({n}, 8, 32, 32), got {avatar.latents.shape}")
 
 
 class AvatarStore:
@@ -156,7 +138,8 @@ class AvatarStore:
         return self.path(avatar_id) / "meta.json"
 
     def info(self, avatar_id: str) -> dict[str, Any]:
-        """The avatar's meta.json as a dict (raises AvatarNotFoundError)."""
+        """The avatar's meta.json as a dict, as stored (raises AvatarNotFoundError, and
+        AvatarDamagedError where it is unreadable)."""
         path = self._meta_path(avatar_id)
         try:
             with open(path, encoding="utf-8") as fh:
@@ -164,54 +147,83 @@ class AvatarStore:
         except FileNotFoundError:
             raise AvatarNotFoundError(f"no avatar {avatar_id!r}") from None
         except (OSError, ValueError) as exc:
-            raise AvatarStoreError(f"avatar {avatar_id!r} has an unreadable meta.json") from exc
+            raise AvatarDamagedError(f"avatar {avatar_id!r} has an unreadable meta.json") from exc
         if not isinstance(meta, dict):
-            raise AvatarStoreError(f"avatar {avatar_id!r} has an unreadable meta.json")
+            raise AvatarDamagedError(f"avatar {avatar_id!r} has an unreadable meta.json")
         return meta
+
+    def describe(self, avatar_id: str) -> dict[str, Any]:
+        """The avatar's meta, with status "failed" and the reason where its files are damaged
+        (see the module docstring). Raises AvatarNotFoundError only where no folder exists."""
+        folder = self.path(avatar_id)
+        try:
+            meta = self.info(avatar_id)
+        except AvatarNotFoundError:
+            if not folder.is_dir():
+                raise
+            return damaged_meta(avatar_id, folder, {}, "meta.json is missing")
+        except AvatarDamagedError:
+            return damaged_meta(avatar_id, folder, {}, "meta.json is unreadable")
+        problem = meta_problem(meta, FORMAT_VERSION)
+        if problem is None and meta.get("status") == "ready":
+            problem = files_problem(folder, meta)
+        if problem is not None:
+            return damaged_meta(avatar_id, folder, meta, problem)
+        return {**meta, "id": avatar_id}
 
     def _update(self, avatar_id: str, **changes: Any) -> dict[str, Any]:
         with _META_LOCK:
             meta = self.info(avatar_id)
             meta.update(changes, updated=_now())
             try:
-                _write_json(self._meta_path(avatar_id), meta)
+                write_json(self._meta_path(avatar_id), meta, in_place_when_full=True)
             except FileNotFoundError:  # deleted by another process meanwhile
                 raise AvatarNotFoundError(f"no avatar {avatar_id!r}") from None
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise AvatarStoreFullError(f"{NO_SPACE} to update the avatar") from exc
+                raise
             return meta
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     def create(self, name: str, avatar_id: str | None = None) -> str:
-        """Register a new, empty avatar (status "pending"); returns its id."""
+        """Register a new, empty avatar (status "pending"); returns its id. Its folder
+        appears whole (written aside, then renamed) or not at all."""
         name = validate_name(name)
         self.root.mkdir(parents=True, exist_ok=True)
         avatar_id = validate_id(avatar_id) if avatar_id else self.new_id()
         folder = self.root / avatar_id
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            raise AvatarStoreError(f"avatar {avatar_id!r} already exists") from None
+        if folder.exists():
+            raise AvatarStoreError(f"avatar {avatar_id!r} already exists")
         now = _now()
-        _write_json(
-            folder / "meta.json",
-            {
-                "format_version": FORMAT_VERSION,
-                "id": avatar_id,
-                "name": name,
-                "status": "pending",
-                "progress": 0.0,
-                "error": None,
-                "created": now,
-                "updated": now,
-                "n_frames": 0,
-                "size": None,
-                "fps": None,
-                "bbox_shift": 0,
-                "latents_key": None,
-                "prep_seconds_per_frame": None,
-                "prep": {},
-            },
-        )
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "id": avatar_id,
+            "name": name,
+            "status": "pending",
+            "progress": 0.0,
+            "error": None,
+            "created": now,
+            "updated": now,
+            "n_frames": 0,
+            "size": None,
+            "fps": None,
+            "bbox_shift": 0,
+            "latents_key": None,
+            "prep_seconds_per_frame": None,
+            "prep": {},
+        }
+        tmp = self.root / f".tmp-{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()
+            write_json(tmp / "meta.json", meta)
+            os.rename(tmp, folder)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(exc):
+                raise AvatarStoreFullError(f"{NO_SPACE} for a new avatar") from exc
+            raise
         return avatar_id
 
     def set_status(
@@ -231,7 +243,7 @@ class AvatarStore:
 
     def save(self, avatar: Avatar) -> None:
         """Write a prepared avatar and mark it "ready" (atomically, see the module doc)."""
-        _check_avatar(avatar)
+        check_avatar(avatar)
         validate_id(avatar.id)
         self.root.mkdir(parents=True, exist_ok=True)
         folder = self.root / avatar.id
@@ -241,13 +253,13 @@ class AvatarStore:
                 self._update(avatar.id, status="preparing")
         created = existing.get("created", _now()) if existing else _now()
         tmp = (folder if existing is not None else self.root) / f".tmp-{secrets.token_hex(6)}"
-        tmp.mkdir()
         try:
-            names = self._write_data(tmp, avatar)
+            tmp.mkdir()
+            names = store_io.write_avatar_data(tmp, avatar)
             meta = self._meta_for(avatar, created)
             if existing is None:
-                _write_json(tmp / "meta.json", meta)
-                _fsync_dir(tmp)
+                write_json(tmp / "meta.json", meta)
+                fsync_dir(tmp)
                 os.rename(tmp, folder)  # fails if the id appeared meanwhile: no overwrite
             else:
                 for file in names:
@@ -256,32 +268,15 @@ class AvatarStore:
                     with contextlib.suppress(FileNotFoundError):
                         (folder / "latents.npy").unlink()
                 with _META_LOCK:
-                    _write_json(folder / "meta.json", meta)
+                    write_json(folder / "meta.json", meta)
                 tmp.rmdir()
-            _fsync_dir(folder)
-        except BaseException:
+            fsync_dir(folder)
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(exc):
+                raise AvatarStoreFullError(f"{NO_SPACE} to store the avatar") from exc
             raise
         log.info("saved avatar", extra={"avatar_id": avatar.id, "frames": avatar.n_frames})
-
-    def _write_data(self, folder: Path, avatar: Avatar) -> list[str]:
-        _write_npy(folder / "frames.npy", np.ascontiguousarray(avatar.frames))
-        _write_npz(
-            folder / "boxes.npz",
-            {
-                "face_boxes": np.asarray(avatar.face_boxes, dtype=np.int32),
-                "crop_boxes": np.asarray(avatar.crop_boxes, dtype=np.int32),
-            },
-        )
-        masks = [np.asarray(m, dtype=np.uint8) for m in avatar.masks]
-        shapes = np.array([m.shape if m.ndim == 2 else (0, 0) for m in masks], dtype=np.int32)
-        data = np.concatenate([m.reshape(-1) for m in masks]) if masks else np.zeros(0, np.uint8)
-        _write_npz(folder / "masks.npz", {"data": data, "shapes": shapes})
-        names = ["frames.npy", "boxes.npz", "masks.npz"]
-        if avatar.latents is not None:
-            _write_npy(folder / "latents.npy", np.asarray(avatar.latents, dtype=np.float32))
-            names.append("latents.npy")
-        return names
 
     def _meta_for(self, avatar: Avatar, created: str) -> dict[str, Any]:
         prep = dict(avatar.meta)
@@ -316,7 +311,7 @@ class AvatarStore:
         folder = self.path(avatar_id)
         tmp = folder / f".latents.{secrets.token_hex(4)}.tmp"
         try:
-            _write_npy(tmp, latents)
+            store_io.write_npy(tmp, latents)
             self._update(avatar_id, latents_key=None)  # invalidate before the swap
             os.replace(tmp, folder / "latents.npy")
         finally:
@@ -325,41 +320,42 @@ class AvatarStore:
         self._update(avatar_id, latents_key=str(key))
 
     def load(self, avatar_id: str, mmap: bool = True) -> Avatar:
-        """The ready avatar. `frames` is a read-only memory map unless `mmap` is False."""
+        """The ready avatar. `frames` is a read-only memory map unless `mmap` is False: a
+        long-lived reader (the server) loads them whole, since touching a memory map of a
+        file truncated meanwhile kills the process (SIGBUS). Raises AvatarNotReadyError, and
+        AvatarDamagedError (the reason in its message) for damaged files."""
         meta = self.info(avatar_id)
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise AvatarStoreError(
-                f"avatar {avatar_id!r} is stored in format version {version!r}, and this "
-                f"lipstream reads version {FORMAT_VERSION}: add the avatar again"
-            )
-        status = meta.get("status")
-        if status != "ready":
+        problem = meta_problem(meta, FORMAT_VERSION)
+        if problem is None and meta.get("status") != "ready":
+            status = meta.get("status")
             detail = f": {meta.get('error')}" if status == "failed" and meta.get("error") else ""
             raise AvatarNotReadyError(f"avatar {avatar_id!r} is {status}{detail}")
         folder = self.path(avatar_id)
+        problem = problem or files_problem(folder, meta)
+        if problem is not None:
+            raise AvatarDamagedError(f"avatar {avatar_id!r} is unusable: {problem}")
         n = int(meta["n_frames"])
         try:
             frames = np.load(folder / "frames.npy", mmap_mode="r" if mmap else None)
             with np.load(folder / "boxes.npz", allow_pickle=False) as boxes:
                 face_boxes, crop_boxes = boxes["face_boxes"], boxes["crop_boxes"]
             with np.load(folder / "masks.npz", allow_pickle=False) as packed:
-                data, shapes = packed["data"], packed["shapes"]
-            latents = None
-            if meta.get("latents_key") and (folder / "latents.npy").exists():
-                latents = np.load(folder / "latents.npy", allow_pickle=False)
-        except (OSError, ValueError, KeyError) as exc:
-            raise AvatarStoreError(f"avatar {avatar_id!r} has missing or corrupt files") from exc
-        masks = _unpack_masks(data, shapes)
-        height, width = meta["size"]
+                masks = unpack_masks(packed["data"], packed["shapes"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise AvatarDamagedError(
+                f"avatar {avatar_id!r} is unusable: its files changed while being read"
+            ) from exc
         if (
-            frames.shape != (n, height, width, 3)
+            masks is None
+            or frames.shape != (n, *meta["size"], 3)
             or face_boxes.shape != (n, 4)
             or crop_boxes.shape != (n, 4)
             or len(masks) != n
-            or (latents is not None and latents.shape != (n, 8, 32, 32))
         ):
-            raise AvatarStoreError(f"avatar {avatar_id!r} has files that disagree with meta.json")
+            raise AvatarDamagedError(
+                f"avatar {avatar_id!r} is unusable: its files disagree with meta.json"
+            )
+        latents = self._load_latents(avatar_id, folder, meta, n)
         return Avatar(
             id=avatar_id,
             name=meta["name"],
@@ -374,18 +370,32 @@ class AvatarStore:
             meta=dict(meta.get("prep") or {}),
         )
 
+    def _load_latents(
+        self, avatar_id: str, folder: Path, meta: dict[str, Any], n: int
+    ) -> np.ndarray | None:
+        """The stored latents, or None (none stored, or damaged: an engine makes them anew)."""
+        path = folder / "latents.npy"
+        if not meta.get("latents_key") or not path.exists():
+            return None
+        try:
+            latents = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            latents = None
+        if latents is None or latents.shape != (n, 8, 32, 32) or latents.dtype != np.float32:
+            log.warning("ignoring damaged latents", extra={"avatar_id": avatar_id})
+            return None
+        return np.asarray(latents)
+
     def list(self) -> list[dict[str, Any]]:
-        """Every avatar's meta, oldest first (unreadable ones are logged and skipped)."""
+        """Every avatar's meta (`describe`: damaged ones as "failed"), oldest first."""
         if not self.root.is_dir():
             return []
         found = []
         for entry in self.root.iterdir():
             if not ID_PATTERN.fullmatch(entry.name) or not entry.is_dir():
                 continue
-            try:
-                found.append(self.info(entry.name))
-            except AvatarStoreError:
-                log.warning("skipping unreadable avatar", extra={"avatar_id": entry.name})
+            with contextlib.suppress(AvatarNotFoundError):  # deleted meanwhile
+                found.append(self.describe(entry.name))
         return sorted(found, key=lambda m: (str(m.get("created", "")), str(m.get("id"))))
 
     def resolve(self, id_or_name: str) -> str:
@@ -413,8 +423,9 @@ class AvatarStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def recover(self) -> builtins.list[str]:
-        """At start-up (one process): remove leftover temporary folders and mark avatars left
-        "pending"/"preparing" by a crash as failed. Returns the ids marked failed."""
+        """At start-up (one process): remove leftover temporary files and folders, and avatar
+        folders a crash left with nothing but those; mark avatars left "pending"/"preparing"
+        by a crash as failed. Returns the ids marked failed."""
         failed: builtins.list[str] = []
         if not self.root.is_dir():
             return failed
@@ -422,25 +433,27 @@ class AvatarStore:
             if entry.name.startswith(".tmp-"):
                 shutil.rmtree(entry, ignore_errors=True)
             elif ID_PATTERN.fullmatch(entry.name) and entry.is_dir():
-                for leftover in entry.glob(".tmp-*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
-                try:
-                    status = self.info(entry.name).get("status")
-                except AvatarStoreError:
+                for leftover in entry.iterdir():
+                    if is_temporary(leftover.name):
+                        shutil.rmtree(leftover, ignore_errors=True)
+                        with contextlib.suppress(FileNotFoundError):
+                            leftover.unlink()
+                if not any(entry.iterdir()):  # created, never written: half of nothing
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()
                     continue
-                if status in ("pending", "preparing"):
-                    self.set_status(entry.name, "failed", error="interrupted by a restart")
+                if self._fail_interrupted(entry.name):
                     failed.append(entry.name)
         return failed
 
-
-def _unpack_masks(data: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
-    if data.dtype != np.uint8 or shapes.ndim != 2 or shapes.shape[1] != 2:
-        raise AvatarStoreError("masks.npz is malformed")
-    sizes = shapes[:, 0].astype(np.int64) * shapes[:, 1].astype(np.int64)
-    if (shapes < 0).any() or int(sizes.sum()) != data.size:
-        raise AvatarStoreError("masks.npz is malformed")
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    return [
-        data[offsets[i] : offsets[i + 1]].reshape(int(h), int(w)) for i, (h, w) in enumerate(shapes)
-    ]
+    def _fail_interrupted(self, avatar_id: str) -> bool:
+        try:
+            if self.info(avatar_id).get("status") not in ("pending", "preparing"):
+                return False
+            self.set_status(avatar_id, "failed", error="interrupted by a restart")
+        except AvatarStoreError:  # damaged (listed as failed anyway) or a full disk
+            log.warning(
+                "could not mark an interrupted avatar failed", extra={"avatar_id": avatar_id}
+            )
+            return False
+        return True

@@ -25,6 +25,7 @@ from avatars.avatar import Avatar
 from avatars.decode import AvatarInputError, DecodeLimits
 from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
+from avatars.store_io import NO_SPACE, is_no_space
 from engines.base import Engine
 from server.media.pictures import IdleFrames
 from server.metrics import ServerMetrics
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 PROGRESS_WRITE_S = 0.5
 UPLOADS = ".uploads"
 INTERNAL_ERROR = "preparation failed (internal error; see the server log)"
+NO_SPACE_ERROR = f"preparation failed: {NO_SPACE} (free space in the avatars folder, then retry)"
 PUBLIC_FIELDS = (
     "id",
     "name",
@@ -77,6 +79,7 @@ class AvatarService:
         self._loaded: dict[str, Avatar] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._deleted: set[str] = set()
+        self._failed: dict[str, str] = {}  # id -> error, where "failed" could not be written
         self._lock = threading.Lock()  # save vs delete
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -103,22 +106,28 @@ class AvatarService:
 
     def public(self, meta: dict[str, Any]) -> dict[str, Any]:
         out = {k: meta.get(k) for k in PUBLIC_FIELDS}
-        live = self._live.get(str(meta.get("id")))
-        if live is not None and out["status"] in ("pending", "preparing"):
-            out["progress"] = round(max(float(out["progress"] or 0.0), live[0]), 4)
-            out["stage"] = live[1]
+        avatar_id = str(meta.get("id"))
+        live = self._live.get(avatar_id)
+        if out["status"] in ("pending", "preparing"):
+            if avatar_id in self._failed:  # its final status could not be written (full disk)
+                out.update(status="failed", error=self._failed[avatar_id])
+            elif live is not None:
+                out["progress"] = round(max(float(out["progress"] or 0.0), live[0]), 4)
+                out["stage"] = live[1]
         return out
 
     def list(self) -> list[dict[str, Any]]:
         return [self.public(m) for m in self.store.list()]
 
     def get(self, avatar_id: str) -> dict[str, Any]:
-        """Raises AvatarNotFoundError."""
-        return self.public(self.store.info(avatar_id))
+        """The avatar as clients see it (damaged files: "failed", the reason as its error).
+        Raises AvatarNotFoundError."""
+        return self.public(self.store.describe(avatar_id))
 
     # -- registration --------------------------------------------------------------------
     def submit(self, upload: Path, name: str, bbox_shift: int) -> dict[str, Any]:
-        """Register an avatar for the uploaded file and queue its preparation."""
+        """Register an avatar for the uploaded file and queue its preparation. Raises
+        AvatarStoreFullError (nothing registered) on a full disk."""
         avatar_id = self.store.create(name)
         self._live[avatar_id] = (0.0, "queued")
         future = self._prep.submit(self._prepare, avatar_id, upload, name, bbox_shift)
@@ -167,10 +176,7 @@ class AvatarService:
             )
             return str(exc)
         except Exception as exc:
-            log.exception(
-                "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": repr(exc)}
-            )
-            return INTERNAL_ERROR
+            return _failure(avatar_id, exc)
         key = getattr(self.engine, "latents_key", None)
         if avatar.latents is not None and key:
             avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
@@ -189,18 +195,25 @@ class AvatarService:
                     return
                 self.store.save(outcome)
         except Exception as exc:
-            log.exception(
-                "avatar preparation failed", extra={"avatar_id": avatar_id, "reason": repr(exc)}
-            )
-            self._fail(avatar_id, INTERNAL_ERROR)
+            self._fail(avatar_id, _failure(avatar_id, exc))
             return
         log.info("avatar ready", extra={"avatar_id": avatar_id, "frames": outcome.n_frames})
 
     def _fail(self, avatar_id: str, message: str) -> None:
         if avatar_id in self._deleted:
             return
-        with contextlib.suppress(AvatarStoreError):
+        try:
             self.store.set_status(avatar_id, "failed", error=message)
+        except AvatarNotFoundError:
+            pass
+        except (AvatarStoreError, OSError):
+            # shown from memory until a restart (which marks it failed, as interrupted)
+            self._failed[avatar_id] = message
+            log.warning(
+                "could not store an avatar's failed status",
+                exc_info=True,
+                extra={"avatar_id": avatar_id},
+            )
 
     def _progress_cb(self, avatar_id: str) -> Callable[[float, str], None]:
         last = [0.0]
@@ -210,7 +223,8 @@ class AvatarService:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_WRITE_S and avatar_id not in self._deleted:
                 last[0] = now
-                with contextlib.suppress(AvatarStoreError):
+                # progress is shown from memory too: a write that fails (a full disk) is skipped
+                with contextlib.suppress(AvatarStoreError, OSError):
                     self.store.set_status(avatar_id, "preparing", progress=fraction)
 
         return progress
@@ -228,10 +242,11 @@ class AvatarService:
 
     # -- engine residency ----------------------------------------------------------------
     async def ready(self, avatar_id: str) -> Avatar:
-        """The avatar, loaded into the engine. Raises AvatarNotFoundError / AvatarNotReady."""
-        if avatar_id in self._deleted:
-            raise AvatarNotFoundError(f"avatar {avatar_id!r} was deleted")
-        meta = await asyncio.to_thread(self.store.info, avatar_id)
+        """The avatar, loaded into the engine. Raises AvatarNotFoundError (unknown, or being
+        deleted) / AvatarNotReady (not ready, failed, or its files damaged: the reason)."""
+        self._check_not_deleted(avatar_id)
+        meta = self.public(await asyncio.to_thread(self.store.describe, avatar_id))
+        self._check_not_deleted(avatar_id)  # its files may have gone while described
         status = meta.get("status")
         if status != "ready":
             detail = f": {meta.get('error')}" if status == "failed" and meta.get("error") else ""
@@ -240,24 +255,40 @@ class AvatarService:
         if loaded is not None:
             return loaded
         lock = self._load_locks.setdefault(avatar_id, asyncio.Lock())
-        async with lock:
+        async with lock:  # `delete` takes it too: a load under way ends before an unload
+            self._check_not_deleted(avatar_id)
             loaded = self._loaded.get(avatar_id)
             if loaded is None:
-                avatar = await asyncio.to_thread(self.store.load, avatar_id)
-                stored_key = avatar.latents_key
-                # through the worker: the GPU scheduler also uploads its paste-back data
-                # and runs one warm frame, so the session's first frame pays no set-up
-                await asyncio.wrap_future(self.worker.load_avatar(avatar))
-                self._loaded[avatar_id] = loaded = avatar
-                log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
-                if (
-                    avatar.latents is not None
-                    and avatar.latents_key
-                    and avatar.latents_key != stored_key
-                ):
-                    # the engine made latents for this avatar: keep them for the next start
-                    await asyncio.to_thread(self._save_latents, avatar)
+                loaded = await self._load(avatar_id)
         return loaded
+
+    def _check_not_deleted(self, avatar_id: str) -> None:
+        if avatar_id in self._deleted:
+            raise AvatarNotFoundError(f"no avatar {avatar_id!r} (deleted)")
+
+    async def _load(self, avatar_id: str) -> Avatar:
+        """Load from the store (whole, not a memory map of files that may change) and make
+        resident in the engine; called with the avatar's load lock held."""
+        try:
+            avatar = await asyncio.to_thread(self.store.load, avatar_id, False)
+        except AvatarNotFoundError:
+            raise
+        except AvatarStoreError as exc:
+            self._check_not_deleted(avatar_id)  # its folder went away under the load
+            raise AvatarNotReady(str(exc)) from None
+        stored_key = avatar.latents_key
+        # through the worker: the GPU scheduler also uploads its paste-back data
+        # and runs one warm frame, so the session's first frame pays no set-up
+        await asyncio.wrap_future(self.worker.load_avatar(avatar))
+        if avatar_id in self._deleted:  # deleted while it loaded: leave nothing resident
+            await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
+            self._check_not_deleted(avatar_id)
+        self._loaded[avatar_id] = avatar
+        log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
+        if avatar.latents is not None and avatar.latents_key and avatar.latents_key != stored_key:
+            # the engine made latents for this avatar: keep them for the next start
+            await asyncio.to_thread(self._save_latents, avatar)
+        return avatar
 
     def _save_latents(self, avatar: Avatar) -> None:
         try:
@@ -275,20 +306,37 @@ class AvatarService:
                 extra={"avatar_id": avatar.id},
             )
 
-    async def delete(self, avatar_id: str) -> None:
-        """Free engine memory and disk. Raises AvatarNotFoundError. End its sessions first."""
-        await asyncio.to_thread(self.store.info, avatar_id)  # 404 if unknown
+    def deleted(self, avatar_id: str) -> bool:
+        """Whether a delete of this avatar has begun (a session opened for it must not start)."""
+        return avatar_id in self._deleted
+
+    def begin_delete(self, avatar_id: str) -> None:
+        """The first step of a delete, synchronous: from now on `ready` answers "no avatar"
+        and `deleted` is true. Raises AvatarNotFoundError (unknown, or already deleted)."""
+        self._check_not_deleted(avatar_id)
+        if not self.store.path(avatar_id).is_dir():  # damaged or not, any avatar folder goes
+            raise AvatarNotFoundError(f"no avatar {avatar_id!r}")
         self._deleted.add(avatar_id)
+
+    async def delete(self, avatar_id: str) -> None:
+        """Free engine memory and disk, after `begin_delete` and after ending its sessions."""
+        if avatar_id not in self._deleted:
+            self.begin_delete(avatar_id)
         job = self._jobs.get(avatar_id)
         if job is not None and job[0].cancel():  # never started: clean up for it
             with contextlib.suppress(OSError):
                 job[1].unlink()
             self._jobs.pop(avatar_id, None)
             self._live.pop(avatar_id, None)
+        lock = self._load_locks.get(avatar_id)
+        if lock is not None:
+            async with lock:  # a load under way finishes (and sees the delete) first
+                pass
         if self._loaded.pop(avatar_id, None) is not None:
             await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
         self.idle_frames.forget(avatar_id)
         self._load_locks.pop(avatar_id, None)
+        self._failed.pop(avatar_id, None)
 
         def remove() -> None:
             with self._lock:
@@ -306,3 +354,16 @@ class AvatarService:
                 counts[status] = counts.get(status, 0) + 1
         for status, n in counts.items():
             self.metrics.avatars.labels(status).set(n)
+
+
+def _failure(avatar_id: str, exc: BaseException) -> str:
+    """The error a failed preparation shows, for a cause that is not the upload's fault."""
+    if is_no_space(exc):
+        log.warning("avatar preparation failed", extra={"avatar_id": avatar_id, "reason": NO_SPACE})
+        return NO_SPACE_ERROR
+    log.error(
+        "avatar preparation failed",
+        exc_info=exc,
+        extra={"avatar_id": avatar_id, "reason": repr(exc)},
+    )
+    return INTERNAL_ERROR

@@ -13,7 +13,7 @@ import pytest
 from skimage.data import astronaut
 from typer.testing import CliRunner
 
-from avatars import store as store_mod
+from avatars import store_io
 from avatars.avatar import FORMAT_VERSION, Avatar
 from avatars.store import (
     AvatarNotFoundError,
@@ -127,14 +127,14 @@ def test_failed_save_leaves_nothing_half_written(
     ready_id = store.new_id()
     good = make_avatar(ready_id)
     store.save(good)
-    real_write = store_mod._write_npz
+    real_write = store_io.write_npz
 
     def failing_write(path: Path, arrays: dict[str, np.ndarray]) -> None:
         if path.name == "masks.npz":
             raise OSError("disk full")
         real_write(path, arrays)
 
-    monkeypatch.setattr(store_mod, "_write_npz", failing_write)
+    monkeypatch.setattr(store_io, "write_npz", failing_write)
     # a new avatar: nothing appears under its id, no temporary folder is left
     new_id = store.new_id()
     with pytest.raises(OSError, match="disk full"):
@@ -201,7 +201,8 @@ def test_corrupt_files_refused(tmp_path: Path) -> None:
     (tmp_path / avatar_id / "meta.json").write_text("{not json")
     with pytest.raises(AvatarStoreError, match="unreadable"):
         store.info(avatar_id)
-    assert store.list() == []  # skipped, not fatal
+    (listed,) = store.list()  # listed as failed with the reason, so it can be deleted
+    assert listed["status"] == "failed" and "meta.json is unreadable" in listed["error"]
 
 
 def test_list_resolve_delete(tmp_path: Path) -> None:

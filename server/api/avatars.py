@@ -8,7 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from avatars.store import AvatarNotFoundError, AvatarStoreError, validate_name
+from avatars.store import (
+    AvatarNotFoundError,
+    AvatarStoreError,
+    AvatarStoreFullError,
+    validate_name,
+)
+from avatars.store_io import NO_SPACE
 from server.api.uploads import UploadError, receive_upload
 from server.auth import require_api_key
 from server.avatar_service import AvatarService
@@ -54,6 +60,10 @@ async def create_avatar(request: Request) -> Response:
     except ValueError as exc:
         upload.discard()
         return _error(400, str(exc))
+    except AvatarStoreFullError:
+        upload.discard()
+        log.warning("no space for a new avatar", extra={"avatars_dir": str(service.store.root)})
+        return _error(507, f"{NO_SPACE}: the avatar cannot be stored")
     except AvatarStoreError as exc:
         upload.discard()
         log.error("avatar store refused a new avatar", extra={"error": str(exc)})
@@ -93,7 +103,9 @@ async def delete_avatar(avatar_id: str, request: Request) -> Response:
     service = _service(request)
     sessions: SessionManager = request.app.state.sessions
     try:
-        service.get(avatar_id)
+        # from here on a session being opened for it is refused (404) or, if it was added
+        # before, is among the sessions ended next: no await in between
+        service.begin_delete(avatar_id)
     except AvatarNotFoundError as exc:
         return _error(404, str(exc))
     ended = await sessions.end_where("avatar_deleted", avatar_id=avatar_id)
@@ -101,4 +113,7 @@ async def delete_avatar(avatar_id: str, request: Request) -> Response:
         await service.delete(avatar_id)
     except AvatarNotFoundError as exc:
         return _error(404, str(exc))
+    except OSError:
+        log.exception("could not remove an avatar's files", extra={"avatar_id": avatar_id})
+        return _error(503, "the avatar's files could not be removed; see the server log")
     return JSONResponse({"id": avatar_id, "deleted": True, "sessions_ended": ended})

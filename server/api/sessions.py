@@ -122,7 +122,10 @@ async def create_session(request: Request) -> Response:
                 await session.close("error")
                 raise
             session.wanted = sending
-            manager.add(session)
+            if avatars.deleted(avatar_id):  # the delete began while this one was negotiated
+                await session.close("avatar_deleted")
+                return _error(404, f"no avatar {avatar_id!r} (deleted)")
+            manager.add(session)  # no await since the check: the delete ends it, or it saw it
     except SessionLimitError as exc:
         return _error(
             503,

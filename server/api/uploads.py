@@ -2,7 +2,8 @@
 
 The request body is parsed as it arrives (python-multipart's push parser), so an upload over
 the limit is refused (413) as soon as the limit is crossed (or at once, from Content-Length),
-never held in memory, and never stored under the client's file name.
+never held in memory, and never stored under the client's file name. A disk that fills up
+during the upload is 507 ("no space left on the device"), the partial file removed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
+
+from avatars.store_io import NO_SPACE, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ class UploadError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _storage_error(exc: OSError) -> UploadError:
+    """A failed write of the upload: 507 on a full disk, else 503."""
+    if is_no_space(exc):
+        log.warning("no space for an upload", extra={"error": exc.strerror})
+        return UploadError(507, f"{NO_SPACE}: the upload cannot be stored")
+    log.error("could not store an upload", extra={"error": repr(exc)})
+    return UploadError(503, "the upload could not be stored; see the server log")
 
 
 @dataclass
@@ -52,7 +63,7 @@ class _Collector:
         self.folder = folder
         self.max_bytes = max_bytes
         self.upload = Upload()
-        self._fh: BinaryIO | None = None
+        self._fd: int | None = None
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
@@ -89,10 +100,12 @@ class _Collector:
         if name == "file":
             if self.upload.path is not None:
                 raise UploadError(400, "only one `file` part is allowed")
-            self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"upload-{secrets.token_hex(12)}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._fh = os.fdopen(fd, "wb")
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise _storage_error(exc) from None
             self.upload.path = path
             self._is_file = True
 
@@ -102,8 +115,8 @@ class _Collector:
             self.upload.size += n
             if self.upload.size > self.max_bytes:
                 raise UploadError(413, f"the file is larger than {self.max_bytes} bytes")
-            if self._fh is not None:
-                self._fh.write(data[start:end])
+            if self._fd is not None:
+                self._write(self._fd, memoryview(data)[start:end])
         else:
             self._buf += data[start:end]
             if len(self._buf) > MAX_FIELD_BYTES:
@@ -117,10 +130,18 @@ class _Collector:
         elif self._name:
             self.upload.fields[self._name] = self._buf.decode("utf-8", "replace")
 
+    def _write(self, fd: int, view: memoryview) -> None:
+        """Unbuffered: a full disk shows here, at the chunk that did not fit."""
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            raise _storage_error(exc) from None
+
     def close_file(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 async def receive_upload(request: Request, folder: Path, max_bytes: int) -> Upload:

@@ -179,6 +179,12 @@ class Settings:
     avatar_decode_timeout_s: float = 120.0
     audio_burst_s: float = 30.0  # audio a client may send ahead of real time
     audio_rate: float = 1.1  # then at most this many seconds of audio per second
+    # a session's audio-websocket budget, whatever the messages hold; past it the socket closes
+    # with 1008 (server.session.limits.MessageBudget). A browser sends 50 messages a second
+    ws_messages_per_s: float = 250.0
+    ws_message_burst: int = 2000
+    ws_bytes_per_s: int = 256 * 1024  # 8x real-time PCM16 at 16 kHz
+    ws_byte_burst: int = 4 * 1024 * 1024  # at least ws_max_message_bytes
     peer_silence_s: float = 10.0  # a connected peer sending nothing this long has vanished
     drain_grace_s: float = 30.0  # SIGTERM: live sessions may run this long, then exit
     # free heap pages go back to the kernel this often (server.ops.malloc_tuning; 0: never)
@@ -231,12 +237,21 @@ class Settings:
             "avatar_decode_timeout_s",
             "audio_burst_s",
             "audio_rate",
+            "ws_messages_per_s",
+            "ws_message_burst",
+            "ws_bytes_per_s",
+            "ws_byte_burst",
             "peer_silence_s",
             "drain_grace_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.ws_byte_burst < self.ws_max_message_bytes:
+            raise SettingsError(
+                f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "
+                f"({self.ws_max_message_bytes}), or the largest message could never pass"
+            )
         if self.media_processes < -1 or self.media_processes > 64:
             raise SettingsError(
                 f"media_processes must be -1 (auto), 0 or up to 64, got {self.media_processes}"

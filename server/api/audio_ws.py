@@ -13,6 +13,14 @@ Server -> client (text JSON):
 
 A wrong or missing token closes the socket with 1008 before anything is read. A second socket
 for the same session replaces the first (which is closed with 1000).
+
+Every message, whatever it holds, counts against the session's `MessageBudget` (settings
+`ws_messages_per_s`, `ws_message_burst`, `ws_bytes_per_s`, `ws_byte_burst`). Past it the socket
+is closed with 1008 and the server stops reading it at once; the session itself goes on, and a
+new socket is refused (1008 before the handshake completes) until the budget has refilled to
+half. Closing, rather than dropping messages, is what bounds the work: a dropped message has
+already cost its parsing, and a client writing as fast as it can would keep the event loop busy
+parsing. Messages handled back to back give the event loop a turn every `YIELD_EVERY`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_TEXT = 4096  # bytes of a control message
+YIELD_EVERY = 32  # messages handled back to back before other work gets a turn
+CLOSE_FLUSH_S = 0.25  # a socket closed over budget: time for the close frame to leave
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -48,6 +58,10 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     if session is None or session.closed or not token_matches(token, session.token):
         await websocket.close(code=1008, reason="unknown session or wrong token")
         return
+    if not session.ws_budget.ready(session.loop.time()):
+        _note_over_budget(session, "refused")
+        await websocket.close(code=1008, reason="over the message budget: try again shortly")
+        return
     await websocket.accept()
     events, previous = session.attach(websocket)
     if previous is not None:
@@ -55,7 +69,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
             await previous.close(code=1000, reason="replaced by a newer connection")
     sender = asyncio.create_task(_send_events(websocket, events), name=f"ws-events-{session.id}")
     try:
-        await _receive(websocket, session, websocket.app.state.settings)
+        over = await _receive(websocket, session, websocket.app.state.settings)
+        if over is not None:
+            await _close_over_budget(websocket, session, over, websocket.app.state.settings)
     except WebSocketDisconnect:
         log.debug("audio websocket closed by the client", extra={"session_id": session.id})
     except RuntimeError as exc:  # the socket was closed under us (session ended, replaced)
@@ -79,14 +95,23 @@ async def _send_events(websocket: WebSocket, events: asyncio.Queue[dict[str, Any
             return
 
 
-async def _receive(websocket: WebSocket, session: Session, settings: Any) -> None:
+async def _receive(websocket: WebSocket, session: Session, settings: Any) -> str | None:
+    """Handle messages until the socket or the session ends (None) or the budget runs out
+    (what ran out: "messages" or "bytes")."""
     max_bytes = settings.ws_max_message_bytes
+    handled = 0
     while not session.closed:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
-            return
+            return None
         data = message.get("bytes")
         text = message.get("text")
+        over = session.ws_budget.take(len(data or text or ""), session.loop.time())
+        if over is not None:
+            return over
+        handled += 1
+        if handled % YIELD_EVERY == 0:  # queued messages are handed over without a pause
+            await asyncio.sleep(0)
         if data is not None:
             if len(data) > max_bytes:
                 session.emit(
@@ -99,6 +124,57 @@ async def _receive(websocket: WebSocket, session: Session, settings: Any) -> Non
                 session.emit(_error(exc.code, str(exc)))
         elif text is not None:
             _control(session, text)
+    return None
+
+
+async def _close_over_budget(
+    websocket: WebSocket, session: Session, over: str, settings: Any
+) -> None:
+    session.ws_budget.closed_over()
+    _note_over_budget(session, over)
+    if over == "messages":
+        reason = f"over the message budget: {settings.ws_messages_per_s:g} messages/s"
+    else:
+        reason = f"over the byte budget: {settings.ws_bytes_per_s} bytes/s"
+    transport = _stop_reading(websocket)
+    # a client that reads nothing would hold the close up (its socket is not writable)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.close(code=1008, reason=reason), CLOSE_FLUSH_S)
+    if transport is not None:
+        asyncio.get_running_loop().call_later(CLOSE_FLUSH_S, transport.abort)
+
+
+def _note_over_budget(session: Session, what: str) -> None:
+    """One log line a second per session, however often a client comes back for more."""
+    count = session.ws_budget.notice.hit(session.loop.time())
+    if count:
+        log.warning(
+            "audio websocket over its message budget",
+            extra={"session_id": session.id, "what": what, "times": count},
+        )
+
+
+def _stop_reading(websocket: WebSocket) -> Any:
+    """Read nothing more from a socket about to be closed over budget; its transport (to be
+    dropped once the close frame has had `CLOSE_FLUSH_S` to leave), or None.
+
+    Sending a close frame, uvicorn resumes reading and reads (and parses) whatever the client
+    sends until the client answers it, for up to 10 s, many reads per wake-up: a client that
+    floods and ignores the close would keep the event loop parsing all that time. ASGI has no
+    way to say "stop reading", so this goes to the server's transport through its receive
+    callable (uvicorn's websocket protocols keep it as `transport`, and resume reading on close
+    only where their `read_paused` says they paused it); under a server without these it does
+    nothing.
+    """
+    protocol: Any = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not hasattr(transport, "pause_reading"):
+        return None
+    with contextlib.suppress(Exception):
+        transport.pause_reading()
+    if getattr(protocol, "read_paused", None) is True:
+        protocol.read_paused = False  # paused for good: the close must not resume it
+    return transport
 
 
 def _control(session: Session, text: str) -> None:

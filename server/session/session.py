@@ -29,7 +29,7 @@ from engines.stream import pcm16_to_float
 from server.media.link import MediaEvents, MediaLink
 from server.media.pictures import AvatarPictures
 from server.metrics import ServerMetrics, SessionStats
-from server.session.limits import AudioRateLimiter
+from server.session.limits import AudioRateLimiter, MessageBudget, RepeatedWarning
 from server.session.liveness import PeerWatch
 from server.session.overload import LateFrames
 from server.session.playout import Made, Playout, Tick
@@ -87,6 +87,13 @@ class Session:
         )
         self.media: MediaLink | None = None  # the peer connection (here or in a media process)
         self.audio_limiter = AudioRateLimiter(settings.audio_burst_s, settings.audio_rate)
+        self.ws_budget = MessageBudget(
+            settings.ws_messages_per_s,
+            settings.ws_message_burst,
+            settings.ws_bytes_per_s,
+            settings.ws_byte_burst,
+        )
+        self._events_dropped = RepeatedWarning()
         self.peer_watch = PeerWatch()
         self.wanted: set[str] = {"video"}
         self._started: set[str] = set()
@@ -120,6 +127,7 @@ class Session:
             "audio_ws_connected": self.ws is not None,
             "speaking": self.playout.speaking,
             "playout": self.playout.state(),
+            "ws_closed_over_budget": self.ws_budget.closes,
             **self.stats.snapshot(),
         }
 
@@ -180,8 +188,13 @@ class Session:
         q = self._events
         if q is None:
             return
-        if q.full():
-            log.warning("event queue full, dropping event", extra={"session_id": self.id})
+        if q.full():  # the client does not read its socket: drop, say so once a second
+            count = self._events_dropped.hit(self.loop.time())
+            if count:
+                log.warning(
+                    "event queue full, dropping events",
+                    extra={"session_id": self.id, "dropped": count},
+                )
             return
         q.put_nowait(event)
 

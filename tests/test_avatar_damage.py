@@ -162,7 +162,11 @@ def server_process(
         yield proc, f"http://127.0.0.1:{port}", root
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)  # drains: its sessions are ended by now
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()

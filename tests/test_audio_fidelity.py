@@ -193,8 +193,10 @@ def test_every_utterance_played(recording: Recording) -> None:
 
 def test_both_halves_of_a_tick_leave_with_its_video(recording: Recording) -> None:
     """Each 20 ms audio packet arrives within 2 ms of its tick's video frame (its first RTP
-    packet). The first half is the baseline: it always left with its video, so its spread is
-    what the loaded machine adds to the measurement; the second half must match it."""
+    packet), as measured where the client reads it: the median over the session. The first
+    half is the baseline for the tails: it always left with its video, so its spread is what
+    the loaded machine adds to the measurement; the second half must not be later than that
+    (a packet a tick late is ~39 ms late)."""
     first, second = tick_offsets(recording)
     assert first.size > 75, first.size
     summary = {
@@ -205,7 +207,7 @@ def test_both_halves_of_a_tick_leave_with_its_video(recording: Recording) -> Non
     }
     assert abs(summary["first_median_ms"]) <= 2.0, summary
     assert abs(summary["second_median_ms"]) <= 2.0, summary
-    assert summary["second_p90_ms"] <= summary["first_p90_ms"] + 2.0, summary
+    assert summary["second_p90_ms"] <= summary["first_p90_ms"] + 5.0, summary
 
 
 def test_every_sample_before_end_is_played(recording: Recording) -> None:
@@ -240,4 +242,4 @@ def test_received_audio_has_no_clicks_between_ticks(recording: Recording) -> Non
     fit, *_ = np.linalg.lstsq(basis, x, rcond=None)
     residual = x - basis @ fit
     snr_db = 10 * np.log10(np.mean((basis @ fit) ** 2) / np.mean(residual**2))
-    assert snr_db >= 25.0, snr_db
+    assert snr_db >= 35.0, snr_db

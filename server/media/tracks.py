@@ -60,8 +60,9 @@ def video_frame(image: np.ndarray, k: int) -> av.VideoFrame:
 
 def _upsample_phases() -> np.ndarray:
     """(TAPS_PER_PHASE, UPSAMPLE) coefficients, each column applied to the newest input
-    samples, oldest first: a Kaiser-windowed sinc low-pass at 16 kHz's Nyquist frequency (about 60 dB
-    down on the images), each phase normalised to unit gain at 0 Hz."""
+    samples, oldest first: a Kaiser-windowed sinc low-pass at 16 kHz's Nyquist frequency, each
+    phase normalised to unit gain at 0 Hz. Flat within 0.01 dB to 7 kHz, -6 dB at 8 kHz, at
+    least 60 dB down from 9 kHz on (the images of the 16 kHz audio)."""
     length = TAPS_PER_PHASE * UPSAMPLE
     m = np.arange(length) - (length - 1) / 2
     prototype = np.sinc(m / UPSAMPLE) * np.kaiser(length, 5.65)

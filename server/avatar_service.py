@@ -342,7 +342,11 @@ class AvatarService:
             with self._lock:
                 self.store.delete(avatar_id)
 
-        await asyncio.to_thread(remove)
+        try:
+            await asyncio.to_thread(remove)
+        except OSError:
+            self._deleted.discard(avatar_id)  # still there: a later delete may retry
+            raise
         self._count()
         log.info("avatar deleted", extra={"avatar_id": avatar_id})
 

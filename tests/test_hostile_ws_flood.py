@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from bench.loopback import LoopbackClient, ServerThread, wait_first_avatar_ready
 from engines.preview import PreviewEngine
 from server.app import create_app
+from server.session.limits import MessageBudget, RepeatedWarning
 from server.settings import Settings, SettingsError
 
 FLOODER = Path(__file__).with_name("ws_flood_client.py")
@@ -289,3 +290,22 @@ async def test_a_tts_burst_fits_the_default_budget(server: tuple[ServerThread, s
 def test_the_byte_burst_holds_the_largest_message() -> None:
     with pytest.raises(SettingsError, match="ws_byte_burst"):
         Settings(ws_max_message_bytes=2 * 1024 * 1024, ws_byte_burst=1024 * 1024)
+
+
+def test_the_budget_counts_messages_and_bytes_and_makes_a_closed_socket_wait() -> None:
+    budget = MessageBudget(messages_per_s=10, message_burst=20, bytes_per_s=100, byte_burst=1000)
+    assert all(budget.take(1, 0.0) is None for _ in range(20))
+    assert budget.take(1, 0.0) == "messages"
+    assert budget.take(1, 0.1) is None  # one message back after 0.1 s
+    assert budget.take(2000, 10.0) == "bytes"
+    assert budget.ready(10.0)  # nothing was closed: a new socket may open at once
+    budget.closed_over()
+    assert budget.take(1000, 10.0) is None and not budget.ready(10.0)
+    assert not budget.ready(14.9) and budget.ready(15.1)  # the bytes back to half at 15 s
+    assert budget.closes == 1
+
+
+def test_a_repeated_warning_is_logged_once_a_second_with_its_count() -> None:
+    warning = RepeatedWarning(every_s=1.0)
+    hits = [warning.hit(t / 100) for t in range(250)]  # 100 a second for 2.5 s
+    assert [(i, n) for i, n in enumerate(hits) if n] == [(0, 1), (100, 100), (200, 100)]

@@ -65,7 +65,12 @@ def redact(text: str, keys: tuple[str, ...] = ()) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites a record's message (and its exception text) with `redact`."""
+    """Rewrites a record's message template and each of its string arguments with `redact`.
+
+    The arguments keep their number and types: formatters may read them (uvicorn's access
+    formatter unpacks exactly five). Only where a secret would still show in the formatted
+    message (it came from a non-string argument) is the message replaced by its redacted text
+    and the arguments dropped."""
 
     def __init__(self, keys: tuple[str, ...] = ()) -> None:
         super().__init__("lipstream-redact")
@@ -76,10 +81,25 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a malformed record: leave it to the handler's own error path
             return True
-        cleaned = redact(message, self.keys)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
+        if redact(message, self.keys) == message:
+            return True
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg, self.keys)
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(self._clean(a) for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: self._clean(v) for k, v in args.items()}
+        try:
+            leaked = redact(record.getMessage(), self.keys) != record.getMessage()
+        except Exception:
+            leaked = True
+        if leaked:
+            record.msg, record.args = redact(message, self.keys), ()
         return True
+
+    def _clean(self, value: object) -> object:
+        return redact(value, self.keys) if isinstance(value, str) else value
 
 
 def install_log_redaction(keys: tuple[str, ...]) -> RedactingFilter:

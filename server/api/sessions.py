@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from avatars.store import AvatarNotFoundError
 from server.auth import require_api_key
@@ -47,13 +48,16 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if length is not None and length.isdigit() and int(length) > limit:
         raise BadRequest(413, f"the request body is larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the request body is larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BadRequest(413, f"the request body is larger than {limit} bytes")
+    except ClientDisconnect:  # gone mid-body (or cut off by the body timeout): nobody to answer
+        raise BadRequest(400, "the request body was cut off") from None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequest(400, 'the body must be JSON: {avatar_id, sdp, type: "offer"}') from None
     if not isinstance(data, dict):
         raise BadRequest(400, 'the body must be a JSON object: {avatar_id, sdp, type: "offer"}')

@@ -1,7 +1,7 @@
 """A real server on loopback and a real aiortc client: for tests, soak runs and debugging.
 
-`ServerThread` runs uvicorn (websockets backend, message size limit) on 127.0.0.1 and a free
-port in a background thread. `LoopbackClient` opens a session like a browser would: an aiortc
+`ServerThread` runs uvicorn (with the server's connection limits and websocket message size
+limit, as `lipstream serve` does) on 127.0.0.1 and a free port in a background thread. `LoopbackClient` opens a session like a browser would: an aiortc
 peer receiving video and audio, the REST offer/answer, the audio websocket; it records what
 arrives (with arrival times and RTP timestamps) through caller-supplied sinks.
 """
@@ -27,6 +27,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from fastapi import FastAPI
 
+from server.app import uvicorn_options
 from server.media.webrtc import close_peer
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,18 @@ class ServerThread:
     def __init__(
         self,
         app: FastAPI,
-        ws_max_size: int = 1024 * 1024,
+        ws_max_size: int | None = None,
         start_timeout: float = 60.0,
         wait_started: bool = True,
     ) -> None:
+        options = uvicorn_options(app.state.settings)  # the connection limits, as `serve` has
+        if ws_max_size is not None:
+            options["ws_max_size"] = ws_max_size
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=0,
-            ws="websockets-sansio",
-            ws_max_size=ws_max_size,
+            **options,
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=5,

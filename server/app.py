@@ -29,6 +29,7 @@ from lipstream.paths import avatars_dir
 from server.api import audio_ws
 from server.api import avatars as avatars_api
 from server.api import sessions as sessions_api
+from server.api.upload_slots import UploadSlots
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
 from server.media.link import LocalHost, MediaHost
@@ -36,7 +37,9 @@ from server.media.pictures import IdleFrames
 from server.media.pool import MediaPool
 from server.metrics import ServerMetrics
 from server.ops import malloc_tuning, stall_watch
+from server.ops.conn_guard import ConnectionGuard, ConnectionLimits, GuardedHttpProtocol, bound
 from server.ops.starting import StartingGate, cancel_start, start_in_background, starting_body
+from server.ops.ws_guard import GuardedWebSocketProtocol
 from server.session.gpu_worker import create_worker
 from server.session.limits import decode_limits
 from server.session.manager import SessionManager
@@ -62,6 +65,31 @@ def build_engine(settings: Settings) -> tuple[Engine, str]:
     )
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        body_min_rate=settings.body_min_rate,
+        send_timeout_s=settings.send_timeout_s,
+        ws_max_send_buffer=settings.ws_max_send_buffer_bytes,
+        ws_ping_rate=settings.ws_ping_rate,
+    )
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The `uvicorn.Config` arguments every server of this app is run with: the HTTP and
+    websocket protocols under the connection limits (server.ops.conn_guard, ws_guard) and
+    the websocket message size limit."""
+    guard = ConnectionGuard(connection_limits(settings))
+    return {
+        "http": bound(GuardedHttpProtocol, guard),
+        "ws": bound(GuardedWebSocketProtocol, guard),
+        "ws_max_size": settings.ws_max_message_bytes,
+    }
+
+
 def create_app(
     settings: Settings | None = None, engine: Engine | None = None, reason: str = ""
 ) -> FastAPI:
@@ -82,6 +110,9 @@ def create_app(
     app.state.ready = False
     app.state.started = False
     app.state.draining = False
+    app.add_middleware(
+        UploadSlots, limit=settings.max_uploads_in_flight, retry_after_s=settings.retry_after_s
+    )
     app.add_middleware(StartingGate)
     app.include_router(avatars_api.router)
     app.include_router(sessions_api.router)

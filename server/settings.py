@@ -170,6 +170,20 @@ class Settings:
     max_sdp_bytes: int = 64 * 1024
     max_sdp_media: int = 4  # m= lines in an offer
     ws_max_message_bytes: int = 1024 * 1024
+    # connections, under the app (server.ops.conn_guard, server.ops.ws_guard): open HTTP and
+    # websocket connections (at the cap the longest-idle one is closed, else 503), request
+    # headers (size; time from connecting), a body's time (body_timeout_s, plus a second per
+    # body_min_rate bytes), a client not taking what is sent (send_timeout_s), uploads being
+    # received at once (503 past it), a websocket's unsent bytes and the pings it may send
+    max_connections: int = 2048
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_min_rate: int = 8 * 1024
+    send_timeout_s: float = 30.0
+    max_uploads_in_flight: int = 4
+    ws_max_send_buffer_bytes: int = 1024 * 1024
+    ws_ping_rate: float = 2.0  # a second, 10 at once
     # hardening (README "Security and limits")
     max_pending_avatars: int = 4  # uploads queued or being prepared; more -> 503
     avatar_max_side: int = 1920  # width and height of an uploaded picture or video
@@ -243,6 +257,15 @@ class Settings:
             "ws_byte_burst",
             "peer_silence_s",
             "drain_grace_s",
+            "max_connections",
+            "max_header_bytes",
+            "header_timeout_s",
+            "body_timeout_s",
+            "body_min_rate",
+            "send_timeout_s",
+            "max_uploads_in_flight",
+            "ws_max_send_buffer_bytes",
+            "ws_ping_rate",
         )
         for name in positive:
             if not getattr(self, name) > 0:

@@ -60,11 +60,14 @@ def serve(
     ),
     log_level: str = typer.Option("info", help="debug | info | warning"),
 ) -> None:
+    import dataclasses
+
     import uvicorn
 
     from engines.base import EngineError
-    from server.app import build_engine, create_app
+    from server.app import build_engine, create_app, uvicorn_options
     from server.ops import malloc_tuning
+    from server.ops.conn_guard import fit_fd_limit
     from server.ops.drain import DrainingServer, reserve_s
     from server.settings import Settings, SettingsError, parse_assignments
 
@@ -89,6 +92,8 @@ def serve(
         settings = Settings.from_env(**overrides)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
+    connections = fit_fd_limit(settings.max_connections)
+    settings = dataclasses.replace(settings, max_connections=connections)
     malloc_tuning.start(settings.malloc_trim_interval_s)  # before the media processes start
     try:
         chosen, reason = build_engine(settings)
@@ -100,11 +105,10 @@ def serve(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_message_bytes,
         log_level=log_level.lower(),
         log_config=logs.UVICORN_LOG_CONFIG,
         timeout_graceful_shutdown=max(1, int(reserve_s(settings.drain_grace_s))),
+        **uvicorn_options(settings),  # connection limits (server.ops.conn_guard, ws_guard)
     )
     DrainingServer(config, app, settings.drain_grace_s).run()
     error = getattr(app.state, "start_error", None)

@@ -3,7 +3,9 @@
 Every ping is answered with a pong; a client that never reads them leaves them in the server's
 outgoing buffer. The server (`lipstream serve`, its own process, so that its memory can be
 measured) must disconnect such a client before it costs more than a bounded amount, however
-often it comes back, while another session goes on streaming.
+often it comes back, while another session goes on streaming. Twice: as configured by default
+(the ping budget ends the flood), and with a budget too large to matter (the cap on the
+outgoing buffer alone bounds the memory).
 """
 
 from __future__ import annotations

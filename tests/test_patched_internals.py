@@ -10,6 +10,8 @@ Who relies on what:
   `aiortc.codecs.h264`, through which those modules open their codec contexts.
 - `server.media.webrtc` cancels RTCPeerConnection's private `__connect` task and, when
   `close()` fails, finishes its bookkeeping (`__isClosed`, `__update*State`).
+- `server.ops.conn_guard` and `server.ops.ws_guard` subclass uvicorn's httptools and
+  websockets (sans-I/O) protocols, overriding their parser callbacks and reading their state.
 - `engines.pipeline.fold` swaps the VAE decoder's `Upsample2D` children by attribute name.
 - `engines.musetalk.weights` loads checkpoints in the layouts their authors published:
   sd-vae-ft-mse's old attention key names (diffusers renames them on load), openai/whisper-tiny
@@ -282,3 +284,44 @@ def test_unet_state_dict_has_musetalks_key_names_and_shapes() -> None:
         assert shapes.get(key) == shape, _moved(
             "diffusers", f"UNet2DConditionModel's {key} ({shapes.get(key)}, expected {shape})", user
         )
+
+
+def test_uvicorn_protocol_internals_the_connection_limits_build_on() -> None:
+    """`server.ops.conn_guard` subclasses uvicorn's httptools protocol (its data_received is a
+    copy of uvicorn's, and it reads the request cycle's state); `server.ops.ws_guard` subclasses
+    the websockets sans-I/O protocol (pings are answered in `handle_ping`)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    user = "server.ops.conn_guard / ws_guard"
+    for name in (
+        "data_received",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+        "on_response_complete",
+        "handle_websocket_upgrade",
+        "send_400_response",
+        "_unset_keepalive_if_required",
+        "_should_upgrade",
+        "_unsupported_upgrade_warning",
+        "pause_writing",
+        "resume_writing",
+    ):
+        assert callable(getattr(HttpToolsProtocol, name, None)), _moved(
+            "uvicorn", f"HttpToolsProtocol.{name}", user
+        )
+    cycle = inspect.getsource(RequestResponseCycle)
+    for attr in ("disconnected", "waiting_for_100_continue", "message_event", "response_started"):
+        assert f"self.{attr}" in cycle, _moved("uvicorn", f"RequestResponseCycle.{attr}", user)
+    source = inspect.getsource(HttpToolsProtocol)
+    for attr in ("self.cycle", "self.flow", "self.pipeline", "self.parser", "self.client"):
+        assert attr in source, _moved("uvicorn", f"HttpToolsProtocol {attr}", user)
+    for name in ("data_received", "handle_ping", "handle_pong", "pause_writing", "resume_writing"):
+        assert callable(getattr(WebSocketsSansIOProtocol, name, None)), _moved(
+            "uvicorn", f"WebSocketsSansIOProtocol.{name}", user
+        )
+    ws = inspect.getsource(WebSocketsSansIOProtocol)
+    for attr in ("self.conn", "self.close_sent", "self.client"):
+        assert attr in ws, _moved("uvicorn", f"WebSocketsSansIOProtocol {attr}", user)

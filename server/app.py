@@ -28,7 +28,9 @@ from engines.base import Engine
 from lipstream.paths import avatars_dir
 from server.api import audio_ws
 from server.api import avatars as avatars_api
+from server.api import livekit as livekit_api
 from server.api import sessions as sessions_api
+from server.api import whep as whep_api
 from server.api.upload_slots import UploadSlots
 from server.auth import install_log_redaction, require_api_key
 from server.avatar_service import AvatarService
@@ -37,6 +39,7 @@ from server.media.pictures import IdleFrames
 from server.media.pool import MediaPool
 from server.metrics import ServerMetrics
 from server.ops import malloc_tuning, stall_watch
+from server.ops.agent_check import AgentCheck
 from server.ops.conn_guard import ConnectionGuard, ConnectionLimits, GuardedHttpProtocol, bound
 from server.ops.starting import StartingGate, cancel_start, start_in_background, starting_body
 from server.ops.ws_guard import GuardedWebSocketProtocol
@@ -116,7 +119,9 @@ def create_app(
     app.add_middleware(StartingGate)
     app.include_router(avatars_api.router)
     app.include_router(sessions_api.router)
+    app.include_router(livekit_api.router)  # 501 where the livekit packages are missing
     app.include_router(audio_ws.router)
+    app.include_router(whep_api.router)
     _health_routes(app)
     _client_routes(app, settings.client_dir or Path(client_demo.__file__).parent)
 
@@ -171,6 +176,8 @@ async def _start_parts(
     if settings.demo_avatar:
         await asyncio.to_thread(register_demo_avatar, avatars)
     _watch_stalls(app, settings, metrics)
+    if settings.agent_port:  # a fleet's balancer reads the free capacity (server.ops.agent_check)
+        app.state.agent_check = await AgentCheck(app, settings.host, settings.agent_port).start()
     app.state.ready = True
     app.state.started = True
     log.info(
@@ -203,6 +210,9 @@ def media_host(settings: Settings) -> MediaHost:
 async def _stop(app: FastAPI) -> None:
     app.state.ready = False
     app.state.draining = True
+    agent: AgentCheck | None = getattr(app.state, "agent_check", None)
+    if agent is not None:
+        await agent.stop()
     sessions: SessionManager | None = getattr(app.state, "sessions", None)
     if sessions is not None:
         sessions.draining = True

@@ -29,9 +29,19 @@ BODY_SLACK = 4096  # JSON framing and the other fields, beyond the SDP itself
 
 
 class BadRequest(ValueError):
-    def __init__(self, status: int, message: str) -> None:
+    """A refusal with its HTTP status (and headers, extra body fields): the route formats it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
+        self.extra = extra
 
 
 def _error(
@@ -77,26 +87,44 @@ def _offer_fields(data: dict[str, Any]) -> tuple[str, str]:
 
 @router.post("")
 async def create_session(request: Request) -> Response:
-    app = request.app
+    settings = request.app.state.settings
+    try:
+        data = await _read_json(request, settings.max_sdp_bytes + BODY_SLACK)
+        avatar_id, sdp = _offer_fields(data)
+        session, answer = await open_session(request.app, avatar_id, sdp)
+    except BadRequest as exc:
+        return _error(exc.status, str(exc), headers=exc.headers, extra=exc.extra)
+    return JSONResponse(
+        {
+            "session_id": session.id,
+            "sdp": answer,
+            "type": "answer",
+            "audio_ws": f"/v1/sessions/{session.id}/audio",
+            "token": session.token,
+        },
+        status_code=201,
+    )
+
+
+async def open_session(app: Any, avatar_id: str, sdp: str) -> tuple[Session, str]:
+    """Check the offer, take a session slot, negotiate, register the session: (session,
+    answer SDP). Every refusal raises BadRequest (400 offer, 404/409 avatar, 503 limits);
+    POST /v1/sessions and WHEP (server.api.whep) both open sessions here."""
     settings = app.state.settings
     manager: SessionManager = app.state.sessions
     avatars: AvatarService = app.state.avatars
     try:
-        data = await _read_json(request, settings.max_sdp_bytes + BODY_SLACK)
-        avatar_id, sdp = _offer_fields(data)
         check_offer(sdp, settings)
-    except BadRequest as exc:
-        return _error(exc.status, str(exc))
     except OfferError as exc:
-        return _error(400, str(exc))
+        raise BadRequest(400, str(exc)) from None
     try:
         async with manager.slot():
             try:
                 avatar = await avatars.ready(avatar_id)
             except AvatarNotFoundError as exc:
-                return _error(404, str(exc))
+                raise BadRequest(404, str(exc)) from None
             except AvatarNotReady as exc:
-                return _error(409, str(exc))
+                raise BadRequest(409, str(exc)) from None
             session = Session(
                 avatar=avatar,
                 pictures=AvatarPictures(avatar, app.state.engine, app.state.idle_frames),
@@ -118,39 +146,31 @@ async def create_session(request: Request) -> Response:
                 answer, sending = await session.media.negotiate(sdp)
             except OfferError as exc:
                 await session.close("bad_offer")
-                return _error(400, str(exc))
+                raise BadRequest(400, str(exc)) from None
             except MediaProcessError as exc:
                 await session.close("error")
-                return _error(503, str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+                retry = {"Retry-After": str(settings.retry_after_s)}
+                raise BadRequest(503, str(exc), headers=retry) from None
             except BaseException:
                 await session.close("error")
                 raise
             session.wanted = sending
             if avatars.deleted(avatar_id):  # the delete began while this one was negotiated
                 await session.close("avatar_deleted")
-                return _error(404, f"no avatar {avatar_id!r} (deleted)")
+                raise BadRequest(404, f"no avatar {avatar_id!r} (deleted)")
             manager.add(session)  # no await since the check: the delete ends it, or it saw it
     except SessionLimitError as exc:
-        return _error(
+        raise BadRequest(
             503,
             str(exc),
             headers={"Retry-After": str(exc.retry_after)},
             extra={"reason": exc.reason},
-        )
+        ) from None
     log.info(
         "session opened",
         extra={"session_id": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},
     )
-    return JSONResponse(
-        {
-            "session_id": session.id,
-            "sdp": answer,
-            "type": "answer",
-            "audio_ws": f"/v1/sessions/{session.id}/audio",
-            "token": session.token,
-        },
-        status_code=201,
-    )
+    return session, answer
 
 
 def _session(request: Request, session_id: str) -> Session | None:

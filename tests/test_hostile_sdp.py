@@ -1,5 +1,6 @@
 """Mutated SDP offers against the real app: only 4xx (or 201 where the mutation is still a
-valid offer), never 5xx, and nothing left behind (sessions, peer connections, tasks).
+valid offer), never 5xx, and nothing left behind (sessions, peer connections, tasks). Every
+other offer goes to WHEP (`POST /whep/{avatar_id}`, application/sdp) instead of /v1/sessions.
 
 The offers are mutations of a real aiortc offer kept beside the tests
 (`tests/hostile/sdp/aiortc_offer.sdp`) and of the crafted files next to it: byte flips, line
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import itertools
 import json
 import logging
 import os
@@ -223,9 +225,32 @@ async def _fuzz(avatars_dir: Path, n: int, seed: int, with_crafted: bool) -> dic
             for _ in range(n):
                 queue.put_nowait(mutate(BASE, rng))
 
+            sent = itertools.count()
+
+            async def whep(sdp: str) -> None:  # the same offers as WHEP (server.api.whep)
+                r = await c.post(
+                    f"/whep/{avatar_id}",
+                    content=sdp.encode("utf-8", "surrogatepass"),
+                    headers={"content-type": "application/sdp"},
+                )
+                statuses[r.status_code] += 1
+                if r.status_code not in ALLOWED:
+                    bad.append((r.status_code, "WHEP: " + sdp[:2000]))
+                elif r.status_code == 201:
+                    d = await c.delete(r.headers["location"])
+                    if d.status_code not in (200, 404):
+                        bad.append((d.status_code, "WHEP DELETE after: " + sdp[:2000]))
+                elif r.headers["content-type"] != "application/problem+json":
+                    bad.append((r.status_code, "WHEP refusal not a problem document"))
+                else:
+                    details["whep: " + r.json()["detail"][:54]] += 1
+
             async def run() -> None:
                 while not queue.empty():
                     sdp = queue.get_nowait()
+                    if next(sent) % 2:  # every other offer through WHEP
+                        await whep(sdp)
+                        continue
                     body = json.dumps({"avatar_id": avatar_id, "sdp": sdp, "type": "offer"})
                     r = await c.post(
                         "/v1/sessions",

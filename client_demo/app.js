@@ -60,6 +60,36 @@ function logEvent(text, kind = "event") {
   while (list.children.length > 100) list.lastChild.remove();
 }
 
+// ---------------------------------------------------------------- the engine (header)
+
+const ENGINE_NOTES = {
+  preview: "the mouth follows loudness only (no lip-sync model): not MuseTalk",
+  musetalk: "MuseTalk v1.5 lip-sync",
+};
+
+// Which engine the server runs and why (/readyz: open, no key); retried while it starts.
+async function showEngine() {
+  const el = $("engine");
+  let body = null;
+  try {
+    body = await (await fetch("/readyz", { cache: "no-store" })).json();
+  } catch {
+    body = null; // not up (yet): retried below
+  }
+  if (!body || !body.engine) {
+    el.textContent = body && body.status === "failed" ? "engine: failed to start" : "engine: starting…";
+    if (!body || body.status !== "failed") setTimeout(showEngine, 2000);
+    return;
+  }
+  el.textContent = `engine: ${body.engine}`;
+  el.className = `engine ${body.engine}`;
+  const note = document.createElement("span");
+  note.className = "engine-reason";
+  note.textContent = ` (${body.engine_reason || "no reason given"}; ${ENGINE_NOTES[body.engine] || ""})`;
+  el.append(note);
+  el.dataset.engine = body.engine;
+}
+
 // ---------------------------------------------------------------- REST
 
 function authHeaders() {
@@ -728,6 +758,7 @@ function init() {
   }
   renderOverlay();
   refreshAvatars();
+  showEngine();
 }
 
 init();

@@ -192,6 +192,14 @@ def test_demo_page_connects_streams_and_reports(
             # The avatar registered over REST is listed and picked; Connect opens a session.
             _wait(page, "!document.getElementById('connect').disabled", 10_000, console)
             assert "astronaut" in page.inner_text("#avatar-list")
+            # The header says which engine runs and why (preview is not taken for broken lip-sync).
+            _wait(
+                page,
+                "document.getElementById('engine').dataset.engine === 'preview'",
+                10_000,
+                console,
+            )
+            assert "preview engine asked for" in page.inner_text("#engine")
             page.click("#connect")
             _wait(page, "window.lipstreamStats.connected", 20_000, console)
             page.click("#unmute")  # a user gesture: the received audio plays (and is measured)

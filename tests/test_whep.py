@@ -135,8 +135,9 @@ async def test_whep_client_receives_video_and_audio_and_delete_ends_it(
 
         # the Link's websocket drives speech: the server says it started playing it
         async with websockets.connect(server.ws_url + audio_ws) as ws:
-            for i in range(0, 16000 * 2, 640):
-                await ws.send(tone(1.0)[i % 32000 : i % 32000 + 1280])
+            speech = tone(2.0)
+            for i in range(0, len(speech), 640):  # 20 ms messages
+                await ws.send(speech[i : i + 640])
             await ws.send(json.dumps({"type": "end"}))
             event = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert event["type"] == "playback_started", event

@@ -26,9 +26,14 @@ from avatars.musetalk_faces.dwpose import (
 
 
 @pytest.fixture(scope="module")
-def full_state() -> dict[str, torch.Tensor]:
+def full_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_dwpose("full").state_dict()
+    return build_dwpose("full")
+
+
+@pytest.fixture(scope="module")
+def full_state(full_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in full_model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +78,15 @@ def test_tiny_has_the_same_key_names(full_state: dict[str, torch.Tensor], tiny) 
         build_dwpose("huge")
 
 
-def test_strict_round_trip_both_forms(full_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    model = build_dwpose("full")
-    load_dwpose_state(model, {"state_dict": full_state, "meta": {"epoch": 270}})
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, full_state[key]), key
+def test_strict_round_trip_both_forms(
+    full_model: torch.nn.Module, full_state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    shifted = {k: v + 1 if v.is_floating_point() else v + 7 for k, v in full_state.items()}
+    load_dwpose_state(full_model, {"state_dict": shifted, "meta": {"epoch": 270}})
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, shifted[key]), key
+    load_dwpose_state(full_model, full_state)  # the bare form
+    assert all(torch.equal(full_model.state_dict()[k], v) for k, v in full_state.items())
     torch.manual_seed(1)
     tiny_state = build_dwpose("tiny").state_dict()
     for wrapped in (tiny_state, {"state_dict": tiny_state}):
@@ -87,11 +96,16 @@ def test_strict_round_trip_both_forms(full_state: dict[str, torch.Tensor], tmp_p
         assert all(torch.equal(loaded[k], v) for k, v in tiny_state.items())
 
 
-def test_renamed_or_missing_key_fails_clearly(full_state: dict[str, torch.Tensor]) -> None:
+def test_renamed_or_missing_key_fails_clearly(
+    full_model: torch.nn.Module, full_state: dict[str, torch.Tensor]
+) -> None:
     renamed = dict(full_state)
     renamed["head.cls_x.weights"] = renamed.pop("head.cls_x.weight")
     with pytest.raises(ValueError, match=r"missing \['head.cls_x.weight'\].*unexpected"):
-        load_dwpose_state(build_dwpose("full"), renamed)
+        load_dwpose_state(full_model, renamed)
+    del renamed["head.cls_x.weights"]
+    with pytest.raises(ValueError, match=r"missing \['head.cls_x.weight'\] \(1 in all\)"):
+        load_dwpose_state(full_model, renamed)
     with pytest.raises(ValueError, match=r"shapes differ.*stem\.0\.conv\.weight \(32, 3, 3, 3\)"):
         load_dwpose_state(build_dwpose("tiny"), full_state)  # right names, wrong shapes
     with pytest.raises(ValueError, match="not a mapping"):

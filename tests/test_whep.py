@@ -227,3 +227,17 @@ async def test_whep_limits_patch_and_options(
 def test_whep_is_in_the_api_docs() -> None:
     text = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
     assert "POST /whep/{avatar_id}" in text and "urn:lipstream:audio-ws" in text
+
+
+async def test_whep_answers_503_while_the_server_starts(tmp_path: Path) -> None:
+    """The app before its lifespan has started its parts: a problem document, not a 500."""
+    settings = Settings(engine="preview", avatars_dir=tmp_path / "avatars")
+    app = create_app(settings, engine=PreviewEngine(), reason="test")
+    app.state.started = False
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post("/whep/av_0123456789abcdef", content=b"v=0\r\n", headers=SDP)
+        body = _assert_problem(r, 503, "starting")
+        assert body["server_status"] == "starting" and r.headers["retry-after"], body
+        r = await c.delete("/whep/sessions/se_0123456789abcdef")
+        _assert_problem(r, 503, "starting")

@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from server.api.sessions import BadRequest, open_session
 from server.auth import require_api_key
+from server.ops.starting import RETRY_AFTER_S, starting_body
 from server.session.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,19 @@ def problem(
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
     body.update(detail=detail, **(extra or {}))
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_TYPE)
+
+
+def _not_started(request: Request) -> Response | None:
+    """503 until the server has started (as `server.ops.starting.StartingGate` does for /v1)."""
+    state = request.app.state
+    if getattr(state, "started", True):
+        return None
+    body = starting_body(state)
+    detail = "the server is starting (its engine is warming up): try again shortly"
+    if body["status"] == "failed":
+        detail = f"the server failed to start: {body['error']}"
+    extra = {"server_status": body.pop("status"), **body}  # "status" is the problem's own
+    return problem(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)}, extra=extra)
 
 
 def _is_sdp(content_type: str | None) -> bool:
@@ -86,6 +100,9 @@ def _links(request: Request, session_id: str, token: str) -> list[str]:
 
 @router.post("/{avatar_id}", dependencies=[Depends(require_api_key)])
 async def whep_offer(avatar_id: str, request: Request) -> Response:
+    starting = _not_started(request)
+    if starting is not None:
+        return starting
     settings = request.app.state.settings
     if not _is_sdp(request.headers.get("content-type")):
         return problem(
@@ -115,6 +132,9 @@ async def whep_endpoint_options(avatar_id: str) -> Response:
 
 @router.delete("/sessions/{session_id}", dependencies=[Depends(require_api_key)])
 async def whep_delete(session_id: str, request: Request) -> Response:
+    starting = _not_started(request)
+    if starting is not None:
+        return starting
     manager: SessionManager = request.app.state.sessions
     if not await manager.end(session_id, "deleted"):
         return problem(404, f"no session {session_id[:40]!r} (unknown or ended)")

@@ -1,8 +1,16 @@
 """Avatar preparation: decoded frames -> an `Avatar` (boxes, crops' latents, blend masks).
 
-Stages and their share of `progress` (0..1): face detection 0..0.6, blend masks 0.6..0.7,
-latents 0.7..1.0 (masks run to 1.0 when no `encode_latents` is given). `prepare_avatar_file`
-adds decoding in front (0..0.2, the rest scaled into 0.2..1.0).
+Two face pipelines, recorded in the avatar's meta as `face_pipeline`:
+
+- "musetalk": MuseTalk v1.5's own preparation (`avatars.musetalk_faces.pipeline`: S3FD,
+  DWPose landmark boxes, BiSeNet jaw masks), used when its four weight files are present;
+- "fallback": OpenCV's Haar box and the geometric mask (`avatars.faces`, `avatars.masks`),
+  with `face_pipeline_reason` saying why (the missing weights). The lips are less accurate:
+  MuseTalk's UNet was trained on its own crops.
+
+Stages and their share of `progress` (0..1): faces and blend masks 0..0.7, latents 0.7..1.0
+(faces run to 1.0 when no `encode_latents` is given). `prepare_avatar_file` adds decoding in
+front (0..0.2, the rest scaled into 0.2..1.0).
 
 Frames where the detector finds no face are kept and shown unchanged (MuseTalk's
 `coord_placeholder`): their face and crop boxes are -1, their mask is (0, 0), their latents
@@ -18,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +36,9 @@ from avatars.decode import AvatarInputError, DecodeLimits, Source, decode_media
 from avatars.faces import Box, FaceDetector, make_detector, smooth_boxes
 from avatars.masks import FaceParser, MaskOptions, blend_mask
 
+if TYPE_CHECKING:
+    from avatars.musetalk_faces.pipeline import FacePipeline
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
@@ -34,6 +46,7 @@ EncodeLatents = Callable[[np.ndarray], np.ndarray]  # (n, 256, 256, 3) uint8 -> 
 
 LATENT_SHAPE = (8, 32, 32)
 LATENT_BATCH = 16  # crops per encode_latents call (bounds memory, paces progress)
+FALLBACK_REASON = "no face pipeline was given (the Haar box and geometric mask were used)"
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,14 @@ def prepare_avatar(
     progress: Progress | None = None,
     options: PrepareOptions | None = None,
     face_parser: FaceParser | None = None,
+    face_pipeline: FacePipeline | None = None,
+    fallback_reason: str | None = None,
 ) -> Avatar:
     """Prepare an avatar from decoded RGB frames (N, H, W, 3) uint8.
+
+    With `face_pipeline` (`FacePipeline.load`), boxes and masks are MuseTalk v1.5's (S3FD,
+    DWPose, BiSeNet); without it they come from `detector` (default: Haar) and the geometric
+    mask, and the avatar's meta records `face_pipeline: "fallback"` with `fallback_reason`.
 
     `encode_latents` maps face crops (n, 256, 256, 3) uint8 RGB to MuseTalk's UNet latents
     (n, 8, 32, 32) (e.g. `engines.musetalk.vae.encode_crops` bound to a loaded VAE); without it
@@ -109,28 +128,18 @@ def prepare_avatar(
     if not fps > 0:
         raise ValueError("fps must be > 0")
     n = len(frames)
-    detector = detector or make_detector()
     use_latents = encode_latents is not None
     masks_end = 0.7 if use_latents else 1.0
     t0 = time.perf_counter()
-
-    detected = detect_faces(frames, detector, sub_progress(progress, 0.0, 0.6))
-    detected = smooth_boxes(detected, options.smooth_window)
-    if all(b is None for b in detected):
-        raise AvatarInputError(
-            f"no face found in any of the {n} frame(s): use a clip where one frontal face "
-            "is clearly visible"
+    faces_progress = sub_progress(progress, 0.0, masks_end)
+    if face_pipeline is not None:
+        faces = _musetalk_faces(frames, bbox_shift, face_pipeline, faces_progress)
+    else:
+        reason = fallback_reason or FALLBACK_REASON
+        faces = _fallback_faces(
+            frames, bbox_shift, detector, options, face_parser, reason, faces_progress
         )
-    t_detect = time.perf_counter()
-
-    face_boxes, crop_boxes, masks = boxes_and_masks(
-        frames,
-        detected,
-        bbox_shift,
-        options,
-        face_parser,
-        sub_progress(progress, 0.6, masks_end),
-    )
+    face_boxes, crop_boxes, masks, face_meta = faces
     t_masks = time.perf_counter()
 
     latents: np.ndarray | None = None
@@ -142,23 +151,27 @@ def prepare_avatar(
 
     n_faces = int((face_boxes[:, 0] >= 0).sum())
     total = t_end - t0
+    stage_seconds = dict(face_meta.pop("stage_seconds"))
+    stage_seconds["latents"] = round(t_end - t_masks, 4)
     meta = {
         "format_version": FORMAT_VERSION,
-        "detector": getattr(detector, "name", type(detector).__name__),
-        "mask_source": options.mask.source,
-        "mask_mode": options.mask.mode,
+        **face_meta,
         "extra_margin": options.extra_margin,
         "smooth_window": options.smooth_window,
         "n_faces": n_faces,
         "prep_seconds": round(total, 4),
         "prep_seconds_per_frame": round(total / n, 6),
-        "stage_seconds": {
-            "detect": round(t_detect - t0, 4),
-            "masks": round(t_masks - t_detect, 4),
-            "latents": round(t_end - t_masks, 4),
-        },
+        "stage_seconds": stage_seconds,
     }
-    log.info("prepared avatar", extra={"avatar_id": avatar_id, "frames": n, "faces": n_faces})
+    log.info(
+        "prepared avatar",
+        extra={
+            "avatar_id": avatar_id,
+            "frames": n,
+            "faces": n_faces,
+            "face_pipeline": meta["face_pipeline"],
+        },
+    )
     _report(progress, 1.0, "prepared")
     return Avatar(
         id=avatar_id,
@@ -172,6 +185,74 @@ def prepare_avatar(
         bbox_shift=int(bbox_shift),
         meta=meta,
     )
+
+
+Faces = tuple[np.ndarray, np.ndarray, list[np.ndarray], dict[str, Any]]
+
+
+def _no_face_error(n: int) -> AvatarInputError:
+    return AvatarInputError(
+        f"no face found in any of the {n} frame(s): use a clip where one frontal face "
+        "is clearly visible"
+    )
+
+
+def _musetalk_faces(
+    frames: np.ndarray, bbox_shift: int, pipeline: FacePipeline, progress: Progress | None
+) -> Faces:
+    """Boxes and masks as MuseTalk v1.5 makes them (S3FD, DWPose, BiSeNet)."""
+    face_boxes, masks, info = pipeline.run(frames, bbox_shift, progress)
+    if not (face_boxes[:, 0] >= 0).any():
+        raise _no_face_error(len(frames))
+    crop_boxes = np.full_like(face_boxes, -1)
+    for i in np.flatnonzero(face_boxes[:, 0] >= 0):
+        crop_boxes[i] = crop_box(face_boxes[i])
+    meta = {
+        "face_pipeline": "musetalk",
+        "face_pipeline_reason": None,
+        "bbox_shift_range": info["bbox_shift_range"],
+        "detector": "s3fd+dwpose",
+        "mask_source": "parsing",
+        "mask_mode": "jaw",
+        "face_details": {k: v for k, v in info.items() if k != "stage_seconds"},
+        "stage_seconds": info["stage_seconds"],
+    }
+    return face_boxes, crop_boxes, masks, meta
+
+
+def _fallback_faces(
+    frames: np.ndarray,
+    bbox_shift: int,
+    detector: FaceDetector | None,
+    options: PrepareOptions,
+    face_parser: FaceParser | None,
+    reason: str,
+    progress: Progress | None,
+) -> Faces:
+    """The fallback: the Haar detector's box (or the given detector's) and the geometric mask."""
+    t0 = time.perf_counter()
+    detector = detector or make_detector()
+    detected = detect_faces(frames, detector, sub_progress(progress, 0.0, 0.85))
+    detected = smooth_boxes(detected, options.smooth_window)
+    if all(b is None for b in detected):
+        raise _no_face_error(len(frames))
+    t_detect = time.perf_counter()
+    face_boxes, crop_boxes, masks = boxes_and_masks(
+        frames, detected, bbox_shift, options, face_parser, sub_progress(progress, 0.85, 1.0)
+    )
+    meta = {
+        "face_pipeline": "fallback",
+        "face_pipeline_reason": reason,
+        "bbox_shift_range": None,
+        "detector": getattr(detector, "name", type(detector).__name__),
+        "mask_source": options.mask.source,
+        "mask_mode": options.mask.mode,
+        "stage_seconds": {
+            "detect": round(t_detect - t0, 4),
+            "masks": round(time.perf_counter() - t_detect, 4),
+        },
+    }
+    return face_boxes, crop_boxes, masks, meta
 
 
 def boxes_and_masks(
@@ -235,6 +316,8 @@ def prepare_avatar_file(
     encode_latents: EncodeLatents | None = None,
     progress: Progress | None = None,
     options: PrepareOptions | None = None,
+    face_pipeline: FacePipeline | None = None,
+    fallback_reason: str | None = None,
 ) -> Avatar:
     """Decode an uploaded file and prepare it (decoding is 0..0.2 of `progress`)."""
     t0 = time.perf_counter()
@@ -250,6 +333,8 @@ def prepare_avatar_file(
         encode_latents=encode_latents,
         progress=sub_progress(progress, 0.2, 1.0),
         options=options,
+        face_pipeline=face_pipeline,
+        fallback_reason=fallback_reason,
     )
     avatar.meta["source_kind"] = media.kind
     avatar.meta["decode_seconds"] = round(t_decode, 4)

@@ -253,3 +253,105 @@ def test_blend_mask_equals_musetalk(box) -> None:
     assert list(crop) == want_crop
     got = blend_mask_from_parsing(p, box, crop)
     assert got.shape == want.shape and np.array_equal(got, want)
+
+
+# ---- the pipeline on the astronaut ---------------------------------------------------------
+
+
+def astronaut_frames(n: int = 3) -> np.ndarray:
+    data = pytest.importorskip("skimage.data")
+    face = np.ascontiguousarray(data.astronaut()[:384, 64:448])  # 384 x 384, the face inside
+    return np.stack([np.roll(face, 3 * i, axis=1) for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Tiny random weights of the real layout in MuseTalk's folders."""
+    try:
+        from avatars.musetalk_faces.weights import make_random
+    except ImportError as exc:
+        pytest.skip(f"the face models' weights module is not there yet ({exc})")
+    root = tmp_path_factory.mktemp("models")
+    make_random(root, "tiny", seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_models):
+    from avatars.musetalk_faces.pipeline import FacePipeline, PipelineOptions
+
+    pipeline, reason = FacePipeline.load(tiny_models, "cpu", PipelineOptions(batch=2))
+    assert pipeline is not None, reason
+    return pipeline
+
+
+def test_pipeline_missing_weights_says_which_and_how(tmp_path) -> None:
+    from avatars.musetalk_faces.pipeline import FacePipeline
+
+    pipeline, reason = FacePipeline.load(tmp_path, "cpu")
+    assert pipeline is None
+    assert "dw-ll_ucoco_384.pth" in reason and "79999_iter.pth" in reason
+    assert "s3fd-619a316812.pth" in reason and "lipstream models download" in reason
+
+
+def test_pipeline_equals_musetalk_rules_on_the_astronaut(tiny_pipeline) -> None:
+    """The pipeline with tiny random models gives the boxes and masks MuseTalk's rules give
+    from the same models' outputs (a -10 shift; S3FD's box where the landmarks are unusable)."""
+    from avatars.musetalk_faces.bisenet import parse_faces
+    from avatars.musetalk_faces.dwpose import face_landmarks
+    from avatars.musetalk_faces.s3fd import detect_faces
+
+    pipeline = tiny_pipeline
+    assert pipeline.sizes == {"s3fd": "tiny", "dwpose": "tiny", "bisenet": "tiny"}
+    frames = astronaut_frames(2)
+    seen: list[float] = []
+    boxes, masks, info = pipeline.run(frames, -10, lambda f, s: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert set(info["stage_seconds"]) == {"detect", "landmarks", "parse", "masks"}
+    from avatars.boxes import crop_region
+
+    all_dets = detect_faces(pipeline.s3fd, frames)
+    all_kps = face_landmarks(pipeline.dwpose, frames)
+    for i, frame in enumerate(frames):
+        want = ref_box(all_kps[i].copy(), ref_detection(all_dets[i]), -10)
+        if want is None:  # no face: shown unchanged
+            assert tuple(boxes[i]) == NO_FACE and masks[i].shape == (0, 0)
+            continue
+        x1, y1, x2, y2 = ref_v15(want, frame.shape[0])
+        assert boxes[i].tolist() == [x1, y1, min(x2, frame.shape[1]), y2]
+        crop = crop_box(boxes[i])
+        parsed = parse_faces(pipeline.bisenet, [crop_region(frame, crop)])[0]
+        want_mask, _ = ref_prepare_material(parsed, tuple(boxes[i]), frame.shape)
+        assert np.array_equal(masks[i], want_mask)
+    assert info["frames_without_face"] == int((boxes[:, 0] < 0).sum())
+
+
+def test_astronaut_registers_through_both_pipelines(tiny_pipeline) -> None:
+    from avatars.decode import AvatarInputError
+    from avatars.prepare import prepare_avatar
+
+    frames = astronaut_frames(2)
+    fallback = prepare_avatar(
+        frames, 25.0, name="a", avatar_id="a1", fallback_reason="no weights here"
+    )
+    assert fallback.meta["face_pipeline"] == "fallback"
+    assert fallback.meta["face_pipeline_reason"] == "no weights here"
+    assert fallback.has_face.all() and fallback.meta["bbox_shift_range"] is None
+
+    one = frames[:1]
+    try:
+        avatar = prepare_avatar(one, 25.0, name="a", avatar_id="a2", face_pipeline=tiny_pipeline)
+    except AvatarInputError:  # the random detector found nothing: refused, as without a face
+        boxes, _, _ = tiny_pipeline.run(one, 0)
+        assert (boxes[:, 0] < 0).all()
+        return
+    assert avatar.meta["face_pipeline"] == "musetalk"
+    assert avatar.meta["face_pipeline_reason"] is None
+    assert avatar.meta["bbox_shift_range"] == avatar.meta["face_details"]["bbox_shift_range"]
+    assert set(avatar.meta["stage_seconds"]) == {"detect", "landmarks", "parse", "masks", "latents"}
+    for i in np.flatnonzero(avatar.has_face):
+        assert tuple(avatar.crop_boxes[i]) == crop_box(avatar.face_boxes[i])
+        assert avatar.masks[i].shape == (
+            avatar.crop_boxes[i][3] - avatar.crop_boxes[i][1],
+            avatar.crop_boxes[i][2] - avatar.crop_boxes[i][0],
+        )

@@ -26,6 +26,7 @@ landmarks: `bbox_shift` values in [-a, b] keep the nose point between landmarks 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +120,7 @@ def adjust_range(landmarks: np.ndarray, has_face: np.ndarray) -> tuple[int, int]
 
 def face_boxes(
     landmarks: np.ndarray,
-    detections: list[np.ndarray | None],
+    detections: Sequence[np.ndarray | None],
     bbox_shift: int,
     frame_shape: tuple[int, ...],
     extra_margin: int = EXTRA_MARGIN,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,6 +141,14 @@ def build_s3fd(size: str = "full") -> S3FD:
     if size not in WIDTHS:
         raise ValueError(f"S3FD size must be 'full' or 'tiny', got {size!r}")
     return S3FD(WIDTHS[size])
+
+
+def load_s3fd(path: str | Path, size: str = "full", device: str | torch.device = "cpu") -> S3FD:
+    """`build_s3fd(size)` with `s3fd-619a316812.pth` loaded strictly (tensors only), eval mode."""
+    model = build_s3fd(size)
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _decode_level(

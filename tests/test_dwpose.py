@@ -124,8 +124,52 @@ def test_renamed_or_missing_key_fails_clearly(
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "dw.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read DWPose checkpoint"):
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_dwpose(bad, size="tiny")
+
+
+def _touch(path: str) -> None:
+    Path(path).write_text("ran")
+
+
+class _Runs:
+    """An object whose unpickling would call `_touch` (as a hostile checkpoint might)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _touch, (self.marker,)
+
+
+class HistoryBuffer:  # stands for mmengine's message-hub classes
+    def __init__(self) -> None:
+        self.values = [1.0, 2.0]
+
+
+def test_training_checkpoint_loads_its_tensors_only(tmp_path: Path) -> None:
+    """Like the published file: state_dict beside optimizer state, a message hub of foreign
+    classes and numpy metadata. Only tensors are built; nothing in the pickle runs."""
+    torch.manual_seed(3)
+    state = build_dwpose("tiny").state_dict()
+    marker = tmp_path / "ran"
+    checkpoint = {
+        "meta": {"dataset_meta": {"sigmas": np.ones(133, np.float32)}, "epoch": 270},
+        "state_dict": state,
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 4e-3}]},
+        "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}, "hook": _Runs(marker)},
+    }
+    path = tmp_path / "dw-ll_ucoco_384.pth"
+    torch.save(checkpoint, path)
+    with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global"):
+        torch.load(path, weights_only=True)
+    loaded = load_dwpose(path, size="tiny").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert not marker.exists()
+    torch.save({"meta": {"x": _Runs(marker)}}, path)  # no state dict at all
+    with pytest.raises(ValueError, match=r"does not match|no state dict"):
+        load_dwpose(path, size="tiny")
+    assert not marker.exists()
 
 
 def test_frame_box_pads_and_fixes_the_aspect() -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from avatars.musetalk_faces.checkpoints import read_state_dict
 from avatars.musetalk_faces.dwpose_blocks import CSPNeXt, RTMCCHead
 
 logger = logging.getLogger(__name__)
@@ -137,15 +138,12 @@ def load_dwpose_state(model: RTMPoseWholeBody, state: Mapping[str, object]) -> N
 
 
 def load_dwpose(path: Path, size: str = "full", device: str = "cpu") -> RTMPoseWholeBody:
-    """Build the model and load `dw-ll_ucoco_384.pth` (tensors only: `weights_only=True`)."""
+    """Build the model and load `dw-ll_ucoco_384.pth` strictly.
+
+    The published file is a whole mmengine training checkpoint; only its tensors are read
+    (`checkpoints.read_state_dict`: nothing else in the pickle is constructed)."""
     model = build_dwpose(size)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with non-tensor objects, or a damaged file
-        raise ValueError(f"cannot read DWPose checkpoint {path}: {exc}") from exc
-    if not isinstance(state, Mapping):
-        raise ValueError(f"DWPose checkpoint {path} is not a state dict")
-    load_dwpose_state(model, state)
+    load_dwpose_state(model, read_state_dict(Path(path)))
     logger.info("dwpose loaded", extra={"path": str(path), "size": size})
     return model.to(device).eval()
 

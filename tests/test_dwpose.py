@@ -269,3 +269,32 @@ def test_flip_test_is_mirror_symmetric(tiny) -> None:
     assert torch.allclose(x_m, x[:, FLIP_INDICES].flip(-1), atol=1e-4)
     assert torch.allclose(y_m, y[:, FLIP_INDICES], atol=1e-4)
     assert x.shape == (1, 133, 576) and y.shape == (1, 133, 768)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu_at_full_size() -> None:
+    """The full-size model on the GPU: the SimCC logits of two astronaut crops as on the CPU
+    (TF32 off), and face_landmarks in a batch of 8 gives the points of a batch of 1."""
+    torch.manual_seed(4)
+    model = build_dwpose("full")
+    frames = np.ascontiguousarray(np.stack([astronaut()] * 8))
+    crops = torch.from_numpy(np.stack([crop_frame(f)[0] for f in frames])).permute(0, 3, 1, 2)
+    crops = crops.float()[:2]
+    with torch.inference_mode():
+        cpu_x, cpu_y = model.simcc_flip_test(crops)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu_model = model.to("cuda")
+        with torch.inference_mode():
+            gpu_x, gpu_y = gpu_model.simcc_flip_test(crops.cuda())
+        assert torch.allclose(gpu_x.cpu(), cpu_x, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(gpu_y.cpu(), cpu_y, rtol=1e-3, atol=1e-3)
+        batched = face_landmarks(gpu_model, frames, device="cuda", batch=8)
+        single = face_landmarks(gpu_model, frames[:1], device="cuda", batch=1)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert batched.shape == (8, 68, 2)
+    # The same frame eight times, and once alone: the same points but for rare argmax ties.
+    close = np.abs(batched - single).max(axis=-1) <= 0.5
+    assert close.mean() >= 0.95

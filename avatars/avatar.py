@@ -8,6 +8,37 @@ import numpy as np
 
 FORMAT_VERSION = 1
 
+# which face pipeline prepared an avatar (`avatars.prepare`); avatars stored before the field
+# existed were all prepared by the fallback
+FACE_PIPELINES = ("musetalk", "fallback")
+LEGACY_FACE_PIPELINE_REASON = "registered before face models"
+FALLBACK_WARNING = (
+    "the lips will be less accurate: this avatar's face box and blend mask come from the "
+    "fallback (OpenCV's Haar box and a geometric mask), not MuseTalk's face models"
+)
+
+
+def face_pipeline_fields(meta: dict) -> dict:
+    """`face_pipeline`, `face_pipeline_reason` and `bbox_shift_range` of a stored avatar's
+    meta; a ready avatar without them reads as "fallback", "registered before face models"."""
+    pipeline = meta.get("face_pipeline")
+    if pipeline not in FACE_PIPELINES:
+        if meta.get("status") != "ready":
+            return {"face_pipeline": None, "face_pipeline_reason": None, "bbox_shift_range": None}
+        return {
+            "face_pipeline": "fallback",
+            "face_pipeline_reason": LEGACY_FACE_PIPELINE_REASON,
+            "bbox_shift_range": None,
+        }
+    shift_range = meta.get("bbox_shift_range")
+    if not (isinstance(shift_range, list) and len(shift_range) == 2):
+        shift_range = None
+    return {
+        "face_pipeline": pipeline,
+        "face_pipeline_reason": meta.get("face_pipeline_reason"),
+        "bbox_shift_range": [int(v) for v in shift_range] if shift_range else None,
+    }
+
 
 @dataclass
 class Avatar:

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from avatars import store_io
-from avatars.avatar import FORMAT_VERSION, Avatar
+from avatars.avatar import FORMAT_VERSION, Avatar, face_pipeline_fields
 from avatars.store_check import (
     STATUSES,
     check_avatar,
@@ -169,7 +169,7 @@ class AvatarStore:
             problem = files_problem(folder, meta)
         if problem is not None:
             return damaged_meta(avatar_id, folder, meta, problem)
-        return {**meta, "id": avatar_id}
+        return {**meta, **face_pipeline_fields(meta), "id": avatar_id}
 
     def _update(self, avatar_id: str, **changes: Any) -> dict[str, Any]:
         with _META_LOCK:
@@ -296,6 +296,7 @@ class AvatarStore:
             "bbox_shift": int(avatar.bbox_shift),
             "latents_key": avatar.latents_key if avatar.latents is not None else None,
             "prep_seconds_per_frame": prep.get("prep_seconds_per_frame"),
+            **face_pipeline_fields({**prep, "status": "ready"}),
             "prep": prep,
         }
 

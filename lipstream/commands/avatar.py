@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -14,6 +15,10 @@ from lipstream import logs
 
 log = logging.getLogger(__name__)
 
+FALLBACK_HINT = (
+    'faces "fallback": Haar box and geometric mask, less accurate lips '
+    "(`lipstream models download`, then add the avatar again)"
+)
 avatar_app = typer.Typer(help="Register, list, show and remove avatars.", no_args_is_help=True)
 
 
@@ -50,12 +55,48 @@ def _latent_encoder(
     return encode, weights_key(files.vae_weights), f"latents from the VAE in {files.vae_dir}"
 
 
+def _face_pipeline(models_dir: Path, device: str) -> tuple[Any, str]:
+    """(MuseTalk's face pipeline, "") where its weights are there, else (None, why); the
+    fallback's warning is printed here, before preparing."""
+    from avatars.avatar import FALLBACK_WARNING
+    from avatars.musetalk_faces.pipeline import FacePipeline
+
+    pipeline, reason = FacePipeline.load(models_dir, None if device == "auto" else device)
+    if pipeline is None:
+        typer.secho(f"warning: {FALLBACK_WARNING}.", err=True, fg=typer.colors.YELLOW)
+        typer.secho(f"  why: {reason}", err=True, fg=typer.colors.YELLOW)
+    return pipeline, reason
+
+
+def _say_face_pipeline(meta: dict[str, Any]) -> None:
+    """Which face pipeline prepared the avatar, its bbox_shift range, per-stage seconds."""
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in meta.get("stage_seconds", {}).items())
+    shift = meta.get("bbox_shift_range")
+    line = f"faces: {meta.get('face_pipeline')} ({stages})"
+    if shift:
+        line += f"; bbox_shift adjust range [{shift[0]} ~ {shift[1]}]"
+    typer.echo(line)
+    if meta.get("face_pipeline") == "fallback":
+        typer.secho(
+            "warning: prepared with the fallback face pipeline (less accurate lips); "
+            "run `lipstream models download`, then add the avatar again",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+
+
 @avatar_app.command("add")
 def add_cmd(
     name: str = typer.Argument(..., help="A display name for the avatar."),
     file: Path = typer.Argument(..., help="A video (mp4/mov/webm/mkv) or photo (png/jpg)."),
     bbox_shift: int = typer.Option(
-        0, "--bbox-shift", help="Move the face box's top edge down by this many px (up if < 0)."
+        0,
+        "--bbox-shift",
+        help=(
+            "MuseTalk's bbox_shift: move the nose point the face box is built from down by "
+            "this many px (the top edge by twice that; up if < 0). The fallback moves the "
+            "top edge by this many px."
+        ),
     ),
     smooth: int = typer.Option(
         0, "--smooth", min=0, help="Smooth face boxes over this many frames (0: off)."
@@ -81,6 +122,7 @@ def add_cmd(
         raise _fail(f"no such file: {file}")
     store = AvatarStore(resolve_avatars_dir(avatars_dir))
     encode, key, note = _latent_encoder(resolve_models_dir(models_dir), device)
+    faces, faces_reason = _face_pipeline(resolve_models_dir(models_dir), device)
     avatar_id = store.new_id()
     with (
         Progress(
@@ -102,12 +144,15 @@ def add_cmd(
                 encode_latents=encode,
                 progress=progress,
                 options=PrepareOptions(smooth_window=smooth),
+                face_pipeline=faces,
+                fallback_reason=faces_reason or None,
             )
         except AvatarInputError as exc:
             raise _fail(str(exc)) from exc
     avatar.latents_key = key
     store.save(avatar)
     meta = avatar.meta
+    _say_face_pipeline(meta)
     typer.echo(f"latents: {note}" if encode else f"no latents stored: {note}")
     if encode is None:
         typer.echo("the MuseTalk engine computes the latents when it first loads this avatar")
@@ -145,6 +190,8 @@ def list_cmd(
         Console(width=width or 10_000).print(shown.table)
     for line in shown.lines:
         typer.echo(line)
+    if any(m.get("face_pipeline") == "fallback" for m in metas):
+        typer.echo(FALLBACK_HINT)
     if shown.cut:
         for line in hint_lines(width):
             typer.echo(line)
@@ -163,7 +210,7 @@ def show_cmd(
 
     store = AvatarStore(resolve_avatars_dir(avatars_dir))
     try:
-        meta = store.info(store.resolve(id_or_name))
+        meta = store.describe(store.resolve(id_or_name))
     except AvatarStoreError as exc:
         raise _fail(str(exc)) from exc
     if as_json:

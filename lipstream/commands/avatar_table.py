@@ -21,8 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 ESSENTIAL = ("id", "name", "status")
-# the optional columns, the most useful first: the last one goes first when space is short
-OPTIONAL = ("frames", "size", "latents", "ms/frame", "fps")
+# the optional columns, the most useful first: the last one goes first when space is short;
+# "faces" is the face pipeline that prepared the avatar, "shift" MuseTalk's bbox_shift range
+BASE_OPTIONAL = ("frames", "size", "latents", "ms/frame", "fps")
+FACE_OPTIONAL = ("faces", "shift")
+OPTIONAL = BASE_OPTIONAL + FACE_OPTIONAL
 RIGHT = frozenset({"frames", "fps", "ms/frame"})
 STATUS_SOFT = 24  # a status shortened to this still says what went wrong
 STATUS_MIN = 14  # "preparing 42%", "failed: no fa…": the kind of failure
@@ -74,7 +77,16 @@ def cells(meta: dict[str, Any]) -> dict[str, str]:
         "fps": f"{meta['fps']:g}" if meta.get("fps") else "-",
         "latents": "yes" if meta.get("latents_key") else "no",
         "ms/frame": f"{1000 * per_frame:.1f}" if per_frame else "-",
+        "faces": str(meta.get("face_pipeline") or "-"),
+        "shift": shift_range_text(meta.get("bbox_shift_range")),
     }
+
+
+def shift_range_text(shift_range: Any) -> str:
+    """MuseTalk's bbox_shift adjust range [-a, b] as "-a..b"; "-" where there is none."""
+    if isinstance(shift_range, (list, tuple)) and len(shift_range) == 2:
+        return f"{int(shift_range[0])}..{int(shift_range[1])}"
+    return "-"
 
 
 def shorten(text: str, width: int) -> str:
@@ -153,12 +165,13 @@ def stacked_lines(rows: Sequence[dict[str, str]], width: int) -> list[str]:
     for row in rows:
         lines += [row["id"], f"  name: {row['name']}", f"  status: {row['status']}"]
         line = ""
-        for item in (f"{c} {row[c]}" for c in OPTIONAL):
+        for item in (f"{c} {row[c]}" for c in BASE_OPTIONAL):
             if line and cell_len(f"  {line}, {item},") > width:
                 lines.append(f"  {line},")
                 line = ""
             line = f"{line}, {item}" if line else item
         lines.append(f"  {line}")
+        lines.append("  " + ", ".join(f"{c} {row[c]}" for c in FACE_OPTIONAL))
     return lines
 
 

@@ -1,0 +1,1 @@
+"""Glue for the frameworks voice agents are built with (Pipecat; each one an optional extra)."""

@@ -20,9 +20,11 @@ app = typer.Typer(
 def _register() -> None:
     from lipstream.commands.avatar import avatar_app
     from lipstream.commands.engines import register as register_engine_commands
+    from lipstream.commands.livekit import livekit_app
     from lipstream.commands.serve import register as register_server_commands
 
     app.add_typer(avatar_app, name="avatar", help="Register, list, show and remove avatars.")
+    app.add_typer(livekit_app, name="livekit", help="Play an avatar in a LiveKit room.")
     register_engine_commands(app)
     register_server_commands(app)
     _register_bench()

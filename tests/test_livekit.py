@@ -5,9 +5,12 @@ binary exists) a whole room with an agent-side sender."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -297,3 +300,117 @@ def test_without_the_livekit_packages_the_route_says_501(
     body = {"avatar_id": avatar_id, "url": "ws://127.0.0.1:1", "token": FAKE_JWT}
     r = httpx.post(f"{srv.base_url}/v1/livekit/sessions", json=body, timeout=10)
     assert r.status_code == 501 and "lipstream[livekit]" in r.json()["detail"]
+
+
+# -- the agent side and the command -----------------------------------------------------
+
+
+def test_the_worker_token_joins_the_room_as_an_agent_publishing_for_the_agent() -> None:
+    from livekit import api
+    from livekit.agents.voice.room_io import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+    from lipstream.integrations.livekit import LipstreamError, LiveKitCredentials, worker_token
+
+    creds = LiveKitCredentials("ws://127.0.0.1:7880", "devkey", "secret" * 6)
+    jwt = worker_token(creds, "room-1", "lipstream-avatar", "agent-7")
+    claims = api.TokenVerifier("devkey", "secret" * 6).verify(jwt)
+    assert claims.identity == "lipstream-avatar" and claims.kind == "agent"
+    assert claims.video is not None and claims.video.room == "room-1" and claims.video.room_join
+    assert claims.video.can_publish and claims.video.can_publish_data
+    assert claims.attributes == {ATTRIBUTE_PUBLISH_ON_BEHALF: "agent-7"}
+    with pytest.raises(LipstreamError, match="api secret"):
+        LiveKitCredentials("ws://127.0.0.1:7880", "devkey", "")
+    with pytest.raises(LipstreamError, match="ws"):
+        LiveKitCredentials("ftp://h", "devkey", "s")
+
+
+def test_livekit_join_command_says_why_the_room_could_not_be_joined(
+    server: tuple[ServerThread, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from lipstream.commands.livekit import livekit_app
+
+    srv, avatar_id = server
+    monkeypatch.setenv("LIVEKIT_API_KEY", "devkey")
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "secret" * 6)
+    lk = f"ws://127.0.0.1:{free_port()}"
+    args = ["join", "--avatar", avatar_id, "--room", "r", "--url", lk]
+    result = CliRunner().invoke(livekit_app, [*args, "--server", srv.base_url])
+    assert result.exit_code == 1
+    assert "could not join the LiveKit room" in result.output, result.output
+    result = CliRunner().invoke(livekit_app, [*args, "--token", FAKE_JWT, "--server", srv.base_url])
+    assert result.exit_code == 2 and "exactly one of --room and --token" in result.output
+    assert srv.app.state.sessions.sessions == {}
+
+
+# -- a whole room (only where a LiveKit server can run) ----------------------------------
+
+LIVEKIT_SERVER = shutil.which("livekit-server")
+
+
+@pytest.mark.skipif(
+    LIVEKIT_SERVER is None, reason="no livekit-server binary on PATH: the room test did not run"
+)
+async def test_an_agent_speaks_through_the_avatar_in_a_real_room(
+    server: tuple[ServerThread, str], tmp_path: Path
+) -> None:
+    from livekit import api
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    from lipstream.integrations.livekit import LiveKitCredentials, request_join, worker_token
+
+    srv, avatar_id = server
+    port = free_port()
+    log = (tmp_path / "livekit.log").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [str(LIVEKIT_SERVER), "--dev", "--bind", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    room = rtc.Room()
+    try:
+        creds = LiveKitCredentials(f"ws://127.0.0.1:{port}", "devkey", "secret")
+        agent_jwt = (
+            api.AccessToken("devkey", "secret")
+            .with_kind("agent")
+            .with_identity("agent")
+            .with_grants(api.VideoGrants(room_join=True, room="lk-e2e"))
+            .to_jwt()
+        )
+        for _ in range(100):  # the server takes a moment to listen
+            try:
+                await room.connect(creds.url, agent_jwt)
+                break
+            except rtc.ConnectError:
+                await asyncio.sleep(0.1)
+        assert room.isconnected()
+        jwt = worker_token(creds, "lk-e2e", "lipstream-avatar", "agent")
+        answer = await request_join(srv.base_url, avatar_id, creds.url, jwt)
+        output = DataStreamAudioOutput(
+            room, destination_identity="lipstream-avatar", sample_rate=16000
+        )
+        finished: list[Any] = []
+        output.on("playback_finished", finished.append)
+        for frame in tone(1.0, rate=16000, channels=1):
+            await output.capture_frame(frame)
+        output.flush()
+        deadline = time.monotonic() + 15
+        while not finished and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert finished and finished[0].interrupted is False
+        assert finished[0].playback_position == pytest.approx(1.0, abs=0.1)
+        published = [
+            p
+            for participant in room.remote_participants.values()
+            for p in participant.track_publications.values()
+        ]
+        assert {p.kind for p in published} >= {rtc.TrackKind.KIND_VIDEO, rtc.TrackKind.KIND_AUDIO}
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
+            r = await http.delete(f"/v1/sessions/{answer['session_id']}")
+        assert r.status_code == 200
+    finally:
+        await room.disconnect()
+        proc.terminate()
+        proc.wait(10)
+        log.close()

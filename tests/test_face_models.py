@@ -5,7 +5,11 @@ checks and random stand-ins."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from PIL import Image
 
 from avatars.musetalk_faces import bisenet, s3fd
 from avatars.musetalk_faces import weights as fw
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -- the published layouts, written out from the reference definitions (net_s3fd.s3fd and
 # face_parsing model.BiSeNet / resnet.Resnet18): (in, out, kernel) of every convolution.
@@ -245,7 +251,9 @@ def test_bisenet_renamed_key_fails_with_the_names(tiny_dir: Path, tmp_path: Path
 def test_bisenet_input_is_musetalks_preprocessing(astronaut: np.ndarray) -> None:
     crop = np.ascontiguousarray(astronaut[50:290, 140:320])
     ours = bisenet.preprocess(crop).numpy()
-    img = np.asarray(Image.fromarray(crop).resize((512, 512), Image.Resampling.BILINEAR), np.float64)
+    img = np.asarray(
+        Image.fromarray(crop).resize((512, 512), Image.Resampling.BILINEAR), np.float64
+    )
     ref = (img / 255 - np.array(bisenet.MEAN)) / np.array(bisenet.STD)
     assert ours.shape == (3, 512, 512)
     np.testing.assert_allclose(ours, ref.transpose(2, 0, 1), atol=1e-5)
@@ -310,3 +318,26 @@ def test_download_offline_names_every_source(
     assert spec.rel in msg and "HF_HUB_OFFLINE is set" in msg
     assert all(repo in msg for repo, _ in spec.sources)
     assert "lipstream models download" in msg and not (tmp_path / spec.rel).exists()
+
+
+def test_cli_download_offline_keeps_the_stand_ins_and_names_the_sources(
+    tiny_models_dir: Path, tiny_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, root)  # MuseTalk's files: kept, so the face models come next
+    shutil.copytree(tiny_dir, root, dirs_exist_ok=True)
+    before = (root / fw.S3FD_FILE).read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    code = "from lipstream.commands.models import models_app; models_app()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "download", "--dir", str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
+    assert all(repo in proc.stderr for repo, _ in fw.FACE_WEIGHTS[0].sources)
+    assert (root / fw.S3FD_FILE).read_bytes() == before  # not replaced by nothing

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import client_demo
 from avatars.store import AvatarStore
 from engines.base import Engine
-from lipstream.paths import avatars_dir
+from lipstream.paths import avatars_dir, models_dir
 from server.api import audio_ws
 from server.api import avatars as avatars_api
 from server.api import livekit as livekit_api
@@ -157,7 +157,16 @@ async def _start_parts(
         await worker.acall(warmup)
     store = AvatarStore(avatars_dir(settings.avatars_dir))
     idle_frames = IdleFrames()  # the sessions' pictures read it, the avatar service forgets
-    avatars = AvatarService(store, engine, worker, metrics, decode_limits(settings), idle_frames)
+    avatars = AvatarService(
+        store,
+        engine,
+        worker,
+        metrics,
+        decode_limits(settings),
+        idle_frames,
+        models_dir=models_dir(settings.models_dir),
+        device=settings.device,
+    )
     await asyncio.to_thread(avatars.startup)
     media = media_host(settings)
     await media.start()  # media processes, where configured

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from avatars.avatar import Avatar
+from avatars.avatar import FALLBACK_WARNING, Avatar
 from avatars.decode import AvatarInputError, DecodeLimits
+from avatars.musetalk_faces.pipeline import GET_WEIGHTS as GET_FACE_MODELS
+from avatars.musetalk_faces.pipeline import FacePipeline
 from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 from avatars.store_io import NO_SPACE, is_no_space
@@ -49,6 +51,9 @@ PUBLIC_FIELDS = (
     "size",
     "fps",
     "bbox_shift",
+    "face_pipeline",
+    "face_pipeline_reason",
+    "bbox_shift_range",
 )
 
 
@@ -65,6 +70,8 @@ class AvatarService:
         metrics: ServerMetrics,
         limits: DecodeLimits,
         idle_frames: IdleFrames,
+        models_dir: Path | None = None,
+        device: str = "auto",
     ) -> None:
         self.store = store
         self.engine = engine
@@ -73,6 +80,10 @@ class AvatarService:
         self.limits = limits  # what an upload is probed and decoded against
         self.idle_frames = idle_frames  # the sessions' cached idle pictures
         self.uploads_dir = store.root / UPLOADS
+        self.models_dir = models_dir  # the face models' weights (None: the fallback only)
+        self.device = device
+        self._faces: FacePipeline | None = None  # loaded once, by the preparation thread
+        self._live_faces: dict[str, tuple[str, str | None]] = {}  # id -> (pipeline, reason)
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prep")
         self._jobs: dict[str, tuple[Future[None], Path]] = {}
         self._live: dict[str, tuple[float, str]] = {}  # id -> (progress, stage) while preparing
@@ -114,6 +125,11 @@ class AvatarService:
             elif live is not None:
                 out["progress"] = round(max(float(out["progress"] or 0.0), live[0]), 4)
                 out["stage"] = live[1]
+            faces = self._live_faces.get(avatar_id)
+            if faces is not None:
+                out["face_pipeline"], out["face_pipeline_reason"] = faces
+        if out["face_pipeline"] == "fallback":
+            out["warning"] = f"{FALLBACK_WARNING}. {GET_FACE_MODELS}"
         return out
 
     def list(self) -> list[dict[str, Any]]:
@@ -149,6 +165,7 @@ class AvatarService:
             self._store_outcome(avatar_id, outcome)
         finally:
             self._live.pop(avatar_id, None)
+            self._live_faces.pop(avatar_id, None)
             self._jobs.pop(avatar_id, None)
             self._count()
 
@@ -161,6 +178,7 @@ class AvatarService:
             return None
         try:
             self.store.set_status(avatar_id, "preparing", progress=0.0)
+            faces, reason = self._face_pipeline(avatar_id)
             avatar = prepare_avatar_file(
                 upload,
                 name=name,
@@ -169,6 +187,8 @@ class AvatarService:
                 limits=self.limits,
                 encode_latents=self._encoder(),
                 progress=self._progress_cb(avatar_id),
+                face_pipeline=faces,
+                fallback_reason=reason or None,
             )
         except AvatarInputError as exc:  # the upload's fault: the client is told why
             log.warning(
@@ -181,6 +201,26 @@ class AvatarService:
         if avatar.latents is not None and key:
             avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
         return avatar
+
+    def _face_pipeline(self, avatar_id: str) -> tuple[FacePipeline | None, str]:
+        """MuseTalk's face pipeline (loaded once), or None and why: then the fallback is used
+        and said so, in the server log and the avatar's status, once per preparation."""
+        reason = ""
+        if self._faces is None:
+            if self.models_dir is None:
+                reason = "no models folder is configured for the face models"
+            else:
+                device = None if self.device == "auto" else self.device
+                self._faces, reason = FacePipeline.load(self.models_dir, device)
+        if self._faces is not None:
+            self._live_faces[avatar_id] = ("musetalk", None)
+            return self._faces, ""
+        self._live_faces[avatar_id] = ("fallback", reason)
+        log.warning(
+            "avatar prepared with the fallback face pipeline: less accurate lips",
+            extra={"avatar_id": avatar_id, "reason": reason},
+        )
+        return None, reason
 
     def _store_outcome(self, avatar_id: str, outcome: Avatar | str | None) -> None:
         """The final status: the avatar saved ("ready"), or "failed" with its error."""

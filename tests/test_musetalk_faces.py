@@ -355,3 +355,98 @@ def test_astronaut_registers_through_both_pipelines(tiny_pipeline) -> None:
             avatar.crop_boxes[i][3] - avatar.crop_boxes[i][1],
             avatar.crop_boxes[i][2] - avatar.crop_boxes[i][0],
         )
+
+
+# ---- the fallback, said out loud: avatar add, REST status, server log ----------------------
+
+
+def astronaut_jpeg(tmp_path) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(astronaut_frames(1)[0], cv2.COLOR_RGB2BGR))
+    assert ok
+    return bytes(data)
+
+
+def test_avatar_add_warns_of_the_fallback_and_list_shows_it(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from lipstream.commands.avatar import avatar_app
+
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg(tmp_path))
+    dirs = ["--avatars-dir", str(tmp_path / "avatars")]
+    added = CliRunner().invoke(
+        avatar_app, ["add", "astro", str(photo), *dirs, "--models-dir", str(tmp_path / "none")]
+    )
+    assert added.exit_code == 0, added.output
+    assert "warning: the lips will be less accurate" in added.output
+    assert "lipstream models download" in added.output
+    assert "faces: fallback" in added.output
+    listed = CliRunner().invoke(avatar_app, ["list", *dirs], env={"COLUMNS": "250"})
+    header = next(line for line in listed.output.splitlines() if line.startswith("┃"))
+    assert " faces " in header and " shift " in header
+    assert "fallback" in listed.output and "less accurate lips" in listed.output
+
+
+def test_avatars_stored_before_read_as_fallback(tmp_path) -> None:
+    import json
+
+    from avatars.prepare import prepare_avatar
+    from avatars.store import AvatarStore
+
+    store = AvatarStore(tmp_path / "avatars")
+    avatar = prepare_avatar(astronaut_frames(1), 25.0, name="old", avatar_id=store.new_id())
+    store.save(avatar)
+    meta_path = store.path(avatar.id) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("face_pipeline", "face_pipeline_reason", "bbox_shift_range"):
+        meta.pop(key)
+        meta["prep"].pop(key)
+    meta_path.write_text(json.dumps(meta))
+    shown = store.describe(avatar.id)
+    assert shown["status"] == "ready"
+    assert shown["face_pipeline"] == "fallback"
+    assert shown["face_pipeline_reason"] == "registered before face models"
+    assert shown["bbox_shift_range"] is None
+
+
+def test_rest_status_and_server_log_say_the_fallback_once(tmp_path, caplog) -> None:
+    import logging
+    import time
+
+    import httpx
+
+    from bench.loopback import ServerThread
+    from engines.preview import PreviewEngine
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(
+        engine="preview", avatars_dir=tmp_path / "avatars", models_dir=tmp_path / "none"
+    )
+    caplog.set_level(logging.WARNING, logger="server.avatar_service")
+    server = ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
+    try:
+        base = server.base_url
+        r = httpx.post(
+            f"{base}/v1/avatars",
+            files={"file": ("face.jpg", astronaut_jpeg(tmp_path), "image/jpeg")},
+            data={"name": "astro"},
+            timeout=30,
+        )
+        assert r.status_code == 202, r.text
+        avatar_id = r.json()["id"]
+        deadline = time.monotonic() + 30
+        while True:
+            info = httpx.get(f"{base}/v1/avatars/{avatar_id}").json()
+            if info["status"] in ("ready", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert info["status"] == "ready", info
+    assert info["face_pipeline"] == "fallback"
+    assert "s3fd-619a316812.pth" in info["face_pipeline_reason"]
+    assert "less accurate" in info["warning"] and "lipstream models download" in info["warning"]
+    assert info["bbox_shift_range"] is None
+    said = [r for r in caplog.records if "fallback face pipeline" in r.getMessage()]
+    assert len(said) == 1 and said[0].avatar_id == avatar_id

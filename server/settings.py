@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ class Settings:
     idle_timeout_s: float = 300.0  # no audio or control message for this long -> session ends
     connect_timeout_s: float = 30.0  # peer not connected within this long -> session ends
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.l.google.com:19302",); none by default
+    # a fleet behind a load balancer (docs/operations.md "A fleet"): this server's name, in its
+    # session ids (se_<server_id>-...) so the balancer routes by it; a TCP port answering
+    # HAProxy's agent-check with the free capacity (server.ops.agent_check; 0: off)
+    server_id: str = ""
+    agent_port: int = 0
     # playout
     # an utterance starts this many frames after its first frame is taken (at least; more
     # while the engine's steps take longer than a frame)
@@ -270,6 +276,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        _check_fleet(self)
         if self.ws_byte_burst < self.ws_max_message_bytes:
             raise SettingsError(
                 f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "
@@ -362,6 +369,13 @@ class Settings:
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else v
         return out
+
+
+def _check_fleet(s: Settings) -> None:
+    if not re.fullmatch(r"[a-z0-9]{0,16}", s.server_id):
+        raise SettingsError(f"server_id must be 0-16 of a-z, 0-9, got {s.server_id!r}")
+    if not 0 <= s.agent_port <= 65535:
+        raise SettingsError(f"agent_port must be in 0..65535 (0: off), got {s.agent_port}")
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

@@ -100,6 +100,12 @@ class SessionManager:
         finally:
             self._opening -= 1
 
+    def room(self) -> int:
+        """How many more sessions `slot` would admit now (0 while draining or overloaded)."""
+        if self.draining or self.late.why(asyncio.get_running_loop().time(), self.late_limit):
+            return 0
+        return max(0, self.settings.max_sessions - len(self.sessions) - self._opening)
+
     def add(self, session: Session) -> None:
         session.late_frames = self.late
         session.turnaround = self.turnaround

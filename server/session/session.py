@@ -44,6 +44,11 @@ ALL_TRACKS_WAIT_S = 2.0  # after the first track starts, how long the clock wait
 WS_CLOSE_WAIT_S = 1.0  # how long an ending session waits for its socket to say goodbye
 
 
+def session_id(server_id: str) -> str:
+    """A new session id; a fleet's balancer routes `se_<server_id>-...` to that server."""
+    return "se_" + (f"{server_id}-" if server_id else "") + secrets.token_hex(8)
+
+
 class AudioRefused(ValueError):
     """Audio the session does not take; `code` names why for the client's error event
     ("bad_audio", "rate_limited", "too_long"). The session goes on."""
@@ -65,7 +70,7 @@ class Session:
         settings: Settings,
         metrics: ServerMetrics,
     ) -> None:
-        self.id = "se_" + secrets.token_hex(8)
+        self.id = session_id(settings.server_id)
         self.token = secrets.token_urlsafe(24)
         self.avatar = avatar
         self.pictures = pictures

@@ -213,19 +213,22 @@ def detect_faces(
     best first, in frame pixels (not clipped).
 
     `frames`: (N, H, W, 3) uint8 RGB, all of one size. `bgr=True` feeds BGR as face_alignment
-    does; the default feeds RGB as MuseTalk does (see the module docstring).
+    does; the default feeds RGB as MuseTalk does (see the module docstring). Frames move to
+    `device` as uint8 and run in the model's dtype: keep S3FD in float32 as MuseTalk does
+    (the L2Norm layers' sums of squares can overflow float16).
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    dtype = next(model.parameters()).dtype
     results: list[np.ndarray] = []
     for chunk in _batches(frames, batch):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device).permute(0, 3, 1, 2).float()
         if bgr:
             x = x.flip(1)
-        olist = model(x - mean)
+        olist = model((x - mean).to(dtype))
         per_frame: list[list[np.ndarray]] = [[] for _ in range(len(chunk))]
         for level in range(LEVELS):
             b, boxes, scores = _decode_level(

@@ -128,6 +128,9 @@ class AvatarService:
             faces = self._live_faces.get(avatar_id)
             if faces is not None:
                 out["face_pipeline"], out["face_pipeline_reason"] = faces
+        prep = meta.get("prep")
+        if isinstance(prep, dict) and isinstance(prep.get("stage_seconds"), dict):
+            out["stage_seconds"] = prep["stage_seconds"]  # per preparation stage
         if out["face_pipeline"] == "fallback":
             out["warning"] = f"{FALLBACK_WARNING}. {GET_FACE_MODELS}"
         return out

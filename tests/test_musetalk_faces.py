@@ -448,5 +448,6 @@ def test_rest_status_and_server_log_say_the_fallback_once(tmp_path, caplog) -> N
     assert "s3fd-619a316812.pth" in info["face_pipeline_reason"]
     assert "less accurate" in info["warning"] and "lipstream models download" in info["warning"]
     assert info["bbox_shift_range"] is None
+    assert {"detect", "masks", "latents"} <= set(info["stage_seconds"])
     said = [r for r in caplog.records if "fallback face pipeline" in r.getMessage()]
     assert len(said) == 1 and said[0].avatar_id == avatar_id

@@ -182,7 +182,8 @@ class FacePipeline:
         found = np.flatnonzero([len(d) > 0 for d in detections])
         landmarks = np.zeros((n, 68, 2), dtype=np.float32)
         if len(found):
-            got = face_landmarks(self.dwpose, frames[found], device=self.device, batch=opts.batch)
+            picked = frames if len(found) == n else frames[found]  # no copy when all have one
+            got = face_landmarks(self.dwpose, picked, device=self.device, batch=opts.batch)
             landmarks[found] = got
         times["landmarks"], t = _lap(t)
         _report(progress, STAGE_ENDS["landmarks"], "parsing faces")

@@ -163,6 +163,27 @@ async def test_clear_buffer_returns_to_idle_within_two_frames(generated: Generat
     assert not g.session.playout.speaking
 
 
+async def test_a_room_link_not_read_keeps_the_newest_two_seconds() -> None:
+    from server.media.link import MediaEvents
+
+    drops: list[int] = []
+    link = RoomLink(MediaEvents(print, print, print), on_drop=lambda: drops.append(1))
+    picture = np.zeros((6, 4), np.uint8)
+    for k in range(60):
+        link.send(k, picture + k, None)
+        link.event({"type": "tick", "k": k})
+    assert len(drops) == 10
+    kept = [await link.take() for _ in range(10)]
+    assert [e["k"] for e in kept] == list(range(10)), "events are state changes: all kept"
+    first = await link.take()
+    assert int(first.picture[0, 0]) == 10, "the oldest ticks went first"
+    assert (await link.take())["k"] == 10, "a tick's events stay behind it"
+    assert link.drop_ticks() == 49
+    assert link.peek() == {"type": "tick", "k": 11}, "a clear keeps the events"
+    await link.close()
+    assert await link.take() is not None and link.state is None
+
+
 class _Publication:
     async def wait_for_subscription(self) -> None:
         return None
@@ -274,7 +295,7 @@ def test_an_unknown_avatar_is_a_404(server: tuple[ServerThread, str]) -> None:
 
 
 def test_an_unreachable_room_fails_cleanly_and_leaves_no_session(
-    server: tuple[ServerThread, str],
+    server: tuple[ServerThread, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     srv, avatar_id = server
     before = dict(srv.app.state.sessions.sessions)
@@ -288,6 +309,7 @@ def test_an_unreachable_room_fails_cleanly_and_leaves_no_session(
     assert time.monotonic() - t0 < 12
     assert srv.app.state.sessions.sessions == before
     assert srv.app.state.sessions._opening == 0  # the slot was given back
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "closed without errors"
 
 
 def test_without_the_livekit_packages_the_route_says_501(

@@ -55,11 +55,15 @@ class _Tick:
 class RoomLink(MediaLink):
     """The session's media link: ticks and session events into one FIFO, in their order."""
 
-    def __init__(self, events: MediaEvents) -> None:
+    def __init__(self, events: MediaEvents, on_drop: Callable[[], None] | None = None) -> None:
         self.events = events
+        # a tick dropped because the room's side is not reading (e.g. the runner waits for a
+        # subscriber before it publishes): counted, but not as a frame the host was too slow for
+        self.on_drop = on_drop
         self._fifo: deque[Any] = deque()
         self._ready = asyncio.Event()
         self._ticks = 0
+        self._queued = 0  # ticks in the FIFO
         self._closed = False
         self.on_close: Callable[[], Any] | None = None  # awaited once, by close
 
@@ -70,12 +74,13 @@ class RoomLink(MediaLink):
         if self._closed:
             return
         self._ticks += 1
-        if sum(isinstance(e, _Tick) for e in self._fifo) >= TICK_QUEUE:
-            while self._fifo and not isinstance(self._fifo[0], _Tick):
-                self._fifo.popleft()
-            if self._fifo:
-                self._fifo.popleft()
-                self.events.dropped("video")
+        if self._queued >= TICK_QUEUE:  # the oldest tick goes; events stay (state changes)
+            oldest = next(i for i, e in enumerate(self._fifo) if isinstance(e, _Tick))
+            del self._fifo[oldest]
+            self._queued -= 1
+            if self.on_drop is not None:
+                self.on_drop()
+        self._queued += 1
         self._put(_Tick(picture, pcm))
 
     def event(self, event: dict[str, Any]) -> None:
@@ -84,7 +89,7 @@ class RoomLink(MediaLink):
 
     def drop_ticks(self) -> int:
         """Drop every tick not yet taken (a clear); returns how many."""
-        n = sum(isinstance(e, _Tick) for e in self._fifo)
+        n, self._queued = self._queued, 0
         self._fifo = deque(e for e in self._fifo if not isinstance(e, _Tick))
         return n
 
@@ -99,10 +104,16 @@ class RoomLink(MediaLink):
                 return _END
             self._ready.clear()
             await self._ready.wait()
-        return self._fifo.popleft()
+        return self._pop()
 
     def take_nowait(self) -> Any | None:
-        return self._fifo.popleft() if self._fifo else None
+        return self._pop() if self._fifo else None
+
+    def _pop(self) -> Any:
+        item = self._fifo.popleft()
+        if isinstance(item, _Tick):
+            self._queued -= 1
+        return item
 
     def peek(self) -> Any | None:
         return self._fifo[0] if self._fifo else None
@@ -119,6 +130,7 @@ class RoomLink(MediaLink):
             return
         self._closed = True
         self._fifo.clear()
+        self._queued = 0
         self._ready.set()
         if self.on_close is not None:
             try:
@@ -369,7 +381,11 @@ async def open_room_session(
         settings=parts.settings,
         metrics=parts.metrics,
     )
-    link = RoomLink(session.media_events(lambda state: None))
+
+    def dropped() -> None:
+        session.stats.frames_dropped += 1
+
+    link = RoomLink(session.media_events(lambda state: None), dropped)
     session.media = link
     session.wanted = {"video", "audio"}
     worker = RoomWorker(SessionVideoGenerator(session, link))

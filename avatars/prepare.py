@@ -6,7 +6,8 @@ Two face pipelines, recorded in the avatar's meta as `face_pipeline`:
   DWPose landmark boxes, BiSeNet jaw masks), used when its four weight files are present;
 - "fallback": OpenCV's Haar box and the geometric mask (`avatars.faces`, `avatars.masks`),
   with `face_pipeline_reason` saying why (the missing weights). The lips are less accurate:
-  MuseTalk's UNet was trained on its own crops.
+  MuseTalk's UNet was trained on its own crops. `PrepareOptions.smooth_window` and `.mask`
+  apply to this pipeline only (MuseTalk neither smooths boxes nor draws geometric masks).
 
 Stages and their share of `progress` (0..1): faces and blend masks 0..0.7, latents 0.7..1.0
 (faces run to 1.0 when no `encode_latents` is given). `prepare_avatar_file` adds decoding in

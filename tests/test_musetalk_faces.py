@@ -451,3 +451,22 @@ def test_rest_status_and_server_log_say_the_fallback_once(tmp_path, caplog) -> N
     assert {"detect", "masks", "latents"} <= set(info["stage_seconds"])
     said = [r for r in caplog.records if "fallback face pipeline" in r.getMessage()]
     assert len(said) == 1 and said[0].avatar_id == avatar_id
+
+
+@pytest.mark.gpu
+def test_pipeline_runs_batched_on_the_gpu(tiny_models, tiny_pipeline) -> None:
+    """On CUDA the same models give the CPU's boxes (within 2 px: float rounding may move a
+    truncated landmark) and the same frames without a face."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    from avatars.musetalk_faces.pipeline import FacePipeline, PipelineOptions
+
+    gpu, reason = FacePipeline.load(tiny_models, "cuda", PipelineOptions(batch=4))
+    assert gpu is not None, reason
+    frames = astronaut_frames(6)
+    boxes, masks, info = gpu.run(frames, 0)
+    assert info["device"] == "cuda" and set(info["stage_seconds"]) >= {"detect", "parse"}
+    cpu_boxes, cpu_masks, _ = tiny_pipeline.run(frames, 0)
+    assert np.abs(boxes.astype(int) - cpu_boxes.astype(int)).max() <= 2
+    assert [m.size == 0 for m in masks] == [c.size == 0 for c in cpu_masks]

@@ -107,7 +107,7 @@ def _load_strict(build: Callable[[str], Any], path: Path, device: str) -> tuple[
         except RuntimeError as exc:
             errors.append(f"{size}: {str(exc).splitlines()[0]}")
             continue
-        return model.to(device).eval(), size
+        return model.to(device).eval().requires_grad_(False), size  # no autograd graphs
     raise ValueError(f"{path} matches none of the model sizes ({'; '.join(errors)})")
 
 

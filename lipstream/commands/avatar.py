@@ -103,7 +103,9 @@ def add_cmd(
     ),
     avatars_dir: Path | None = typer.Option(None, "--avatars-dir", help="Prepared avatars folder."),
     models_dir: Path | None = typer.Option(None, "--models-dir", help="MuseTalk weights folder."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for the VAE)."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cpu or cuda (the VAE and face models)."
+    ),
 ) -> None:
     """Prepare NAME from FILE: detect the face, crop, make masks and latents, store it."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn

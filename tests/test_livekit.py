@@ -309,7 +309,8 @@ def test_an_unreachable_room_fails_cleanly_and_leaves_no_session(
     assert time.monotonic() - t0 < 12
     assert srv.app.state.sessions.sessions == before
     assert srv.app.state.sessions._opening == 0  # the slot was given back
-    assert not [r for r in caplog.records if r.levelname == "ERROR"], "closed without errors"
+    ours = [r for r in caplog.records if r.name.startswith("server") and r.levelname == "ERROR"]
+    assert not ours, "closed without errors (LiveKit's own log says why it could not connect)"
 
 
 def test_without_the_livekit_packages_the_route_says_501(
@@ -318,7 +319,7 @@ def test_without_the_livekit_packages_the_route_says_501(
     import server.api.livekit as route
 
     srv, avatar_id = server
-    monkeypatch.setattr(route, "livekit_worker", None)
+    monkeypatch.setattr(route, "livekit_room", None)
     body = {"avatar_id": avatar_id, "url": "ws://127.0.0.1:1", "token": FAKE_JWT}
     r = httpx.post(f"{srv.base_url}/v1/livekit/sessions", json=body, timeout=10)
     assert r.status_code == 501 and "lipstream[livekit]" in r.json()["detail"]

@@ -26,9 +26,9 @@ from server.media.pictures import AvatarPictures
 from server.session.manager import SessionLimitError, SessionManager
 
 try:
-    from server.integrations import livekit_worker
+    from server.integrations import livekit_room
 except ImportError as exc:  # the extra is not installed
-    livekit_worker = None  # type: ignore[assignment]
+    livekit_room = None  # type: ignore[assignment]
     _MISSING = str(exc)
 else:
     _MISSING = ""
@@ -47,7 +47,7 @@ _JWT = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
 
 def available() -> bool:
     """Whether the livekit packages import here."""
-    return livekit_worker is not None
+    return livekit_room is not None
 
 
 def join_fields(data: dict[str, Any]) -> tuple[str, str, str]:
@@ -68,7 +68,7 @@ def join_fields(data: dict[str, Any]) -> tuple[str, str, str]:
 
 @router.post("")
 async def create_livekit_session(request: Request) -> Response:
-    if livekit_worker is None:
+    if livekit_room is None:
         return _error(
             501,
             "LiveKit is not installed on this server: pip install 'lipstream[livekit]' "
@@ -90,7 +90,7 @@ async def create_livekit_session(request: Request) -> Response:
                 return _error(404, str(exc))
             except AvatarNotReady as exc:
                 return _error(409, str(exc))
-            parts = livekit_worker.RoomParts(
+            parts = livekit_room.RoomParts(
                 avatar=avatar,
                 pictures=AvatarPictures(avatar, app.state.engine, app.state.idle_frames),
                 worker=app.state.worker,
@@ -98,7 +98,7 @@ async def create_livekit_session(request: Request) -> Response:
                 metrics=app.state.metrics,
             )
             try:
-                session, worker = await livekit_worker.open_room_session(
+                session, worker = await livekit_room.open_room_session(
                     parts, url, token, manager.end_soon, JOIN_TIMEOUT_S
                 )
             except ConnectionError as exc:

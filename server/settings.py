@@ -142,6 +142,9 @@ class Settings:
     idle_timeout_s: float = 300.0  # no audio or control message for this long -> session ends
     connect_timeout_s: float = 30.0  # peer not connected within this long -> session ends
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.l.google.com:19302",); none by default
+    # the TURN servers' long-term credentials (docs/operations.md "WebRTC through NAT")
+    ice_username: str | None = None
+    ice_credential: str | None = field(default=None, repr=False)
     # a fleet behind a load balancer (docs/operations.md "A fleet"): this server's name, in its
     # session ids (se_<server_id>-...) so the balancer routes by it; a TCP port answering
     # HAProxy's agent-check with the free capacity (server.ops.agent_check; 0: off)
@@ -363,8 +366,8 @@ class Settings:
         """The settings as plain values, secrets left out (for logs and /readyz)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "api_key":
-                out["api_key_set"] = self.api_key is not None
+            if f.name in ("api_key", "ice_credential"):
+                out[f"{f.name}_set"] = getattr(self, f.name) is not None
                 continue
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else v

@@ -31,7 +31,7 @@ from tests.served import ROOT, ServerProcess, free_port, lipstream_serve
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
 
-NAMES = ("s1", "s2", "s3")
+NAMES = ("s0", "s1", "s2")
 PER_SERVER = 3
 
 
@@ -211,8 +211,8 @@ async def _spread(
 async def _at_limit(
     fleet: Fleet, avatar_id: str, clients: list[LoopbackClient], http: httpx.AsyncClient
 ) -> None:
-    """s1 full, but the balancer believes it has room: s1 refuses, the balancer retries."""
-    freed = [c for c in clients if owner(c) == "s2"][:2] + [c for c in clients if owner(c) == "s3"][
+    """s0 full, but the balancer believes it has room: s0 refuses, the balancer retries."""
+    freed = [c for c in clients if owner(c) == "s1"][:2] + [c for c in clients if owner(c) == "s2"][
         :1
     ]
     for c in freed:
@@ -220,17 +220,17 @@ async def _at_limit(
         assert r.status_code == 200
         clients.remove(c)
         await c.close(delete=False)
-    await asyncio.sleep(1.5)  # the balancer reads s2's and s3's room from their agents
-    for name in NAMES:  # equal weights, taken in turn: every third pick is s1
+    await asyncio.sleep(1.5)  # the balancer reads s1's and s2's room from their agents
+    for name in NAMES:  # equal weights, taken in turn: every third pick is s0
         fleet.admin(f"disable agent lipstream/{name}")
         fleet.admin(f"set server lipstream/{name} state ready")
         fleet.admin(f"set weight lipstream/{name} 100")
-    before = fleet.refused("s1", "limit")
+    before = fleet.refused("s0", "limit")
     for _ in range(len(freed)):
         client = await _open(fleet, avatar_id)  # raises on an error answer
         clients.append(client)
-        assert owner(client) in ("s2", "s3")
-    assert fleet.refused("s1", "limit") > before, "the balancer never tried the full server"
+        assert owner(client) in ("s1", "s2")
+    assert fleet.refused("s0", "limit") > before, "the balancer never tried the full server"
     for name in NAMES:
         fleet.admin(f"enable agent lipstream/{name}")
 
@@ -238,13 +238,13 @@ async def _at_limit(
 async def _killed(
     fleet: Fleet, avatar_id: str, clients: list[LoopbackClient], http: httpx.AsyncClient
 ) -> None:
-    """SIGKILL s3: only its sessions end; a new session opens on a survivor within 5 s."""
-    freed = next(c for c in clients if owner(c) == "s2")
+    """SIGKILL s2: only its sessions end; a new session opens on a survivor within 5 s."""
+    freed = next(c for c in clients if owner(c) == "s1")
     await http.delete(f"/v1/sessions/{freed.session['session_id']}")
     clients.remove(freed)
     await freed.close(delete=False)
-    await asyncio.sleep(1.5)  # the balancer reads the agents again: room on s2 only
-    victim = fleet.servers["s3"].proc
+    await asyncio.sleep(1.5)  # the balancer reads the agents again: room on s1 only
+    victim = fleet.servers["s2"].proc
     assert victim is not None
     victim.send_signal(signal.SIGKILL)
     victim.wait(5)
@@ -252,18 +252,18 @@ async def _killed(
     client = await _open(fleet, avatar_id)
     clients.append(client)
     assert time.monotonic() - killed_at < 5.0
-    assert owner(client) == "s2"
-    for c in clients:  # the balancer takes s3 out within two health checks: 404 from then on
+    assert owner(client) == "s1"
+    for c in clients:  # the balancer takes s2 out within two health checks: 404 from then on
         for _ in range(25):  # 5 s
             r = await http.get(f"/v1/sessions/{c.session['session_id']}")
             if r.status_code != 503:
                 break
             await asyncio.sleep(0.2)
-        assert r.status_code == (404 if owner(c) == "s3" else 200), (owner(c), r.text)
-        if owner(c) != "s3":
+        assert r.status_code == (404 if owner(c) == "s2" else 200), (owner(c), r.text)
+        if owner(c) != "s2":
             n = len(c.received.video)
             await c.wait_frames(n + 5, within=10)
-    for c in [c for c in clients if owner(c) == "s3"]:
+    for c in [c for c in clients if owner(c) == "s2"]:
         clients.remove(c)
         await c.close(delete=False)
 
@@ -271,14 +271,14 @@ async def _killed(
 async def _drained(
     fleet: Fleet, avatar_id: str, clients: list[LoopbackClient], http: httpx.AsyncClient
 ) -> None:
-    """SIGTERM s2: new sessions go to s1; s2's open session plays its utterance to the end."""
-    kept = next(c for c in clients if owner(c) == "s2")
-    for c in [c for c in clients if owner(c) == "s1"][:1]:  # room on s1 only
+    """SIGTERM s1: new sessions go to s0; s1's open session plays its utterance to the end."""
+    kept = next(c for c in clients if owner(c) == "s1")
+    for c in [c for c in clients if owner(c) == "s0"][:1]:  # room on s0 only
         await http.delete(f"/v1/sessions/{c.session['session_id']}")
         clients.remove(c)
         await c.close(delete=False)
-    await asyncio.sleep(1.5)  # the balancer reads s1's room from its agent
-    draining = fleet.servers["s2"].proc
+    await asyncio.sleep(1.5)  # the balancer reads s0's room from its agent
+    draining = fleet.servers["s1"].proc
     assert draining is not None
     draining.send_signal(signal.SIGTERM)
     await kept.wait_event("server_draining", within=5)
@@ -286,7 +286,7 @@ async def _drained(
     tone = (3000 * np.sin(np.arange(16000) * 2 * np.pi * 300 / 16000)).astype(np.int16)
     client = await _open(fleet, avatar_id)
     clients.append(client)
-    assert owner(client) == "s1"
+    assert owner(client) == "s0"
     await kept.send_pcm(tone)
     await kept.send_json({"type": "end"})
     done = await kept.wait_event("playback_finished", after=t, within=10)

@@ -219,6 +219,7 @@ class ShardMedia(MediaLink):
                     "slots": slots,
                     "shape": list(self.picture_shape),
                     "ice": list(s.ice_servers),
+                    "ice_auth": [s.ice_username, s.ice_credential],
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
                     "encoders": s.encoder_tuning().as_dict(),

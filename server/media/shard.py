@@ -79,6 +79,8 @@ class Peer:
         self.ring = FrameRing(Path(msg["ring"]), int(msg["slots"]), tuple(msg["shape"]), False)
         settings = Settings(
             ice_servers=tuple(msg.get("ice", ())),
+            ice_username=(msg.get("ice_auth") or [None, None])[0],
+            ice_credential=(msg.get("ice_auth") or [None, None])[1],
             track_queue_frames=int(msg["queue"]),
             steady_bitrate=bool(msg.get("steady_bitrate", True)),
             **EncoderTuning.from_dict(msg.get("encoders", {})).as_settings(),

@@ -55,7 +55,12 @@ def check_offer(sdp: object, settings: Settings) -> str:
 
 
 def make_peer(settings: Settings) -> RTCPeerConnection:
-    servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
+    servers = [
+        RTCIceServer(urls=url, username=settings.ice_username, credential=settings.ice_credential)
+        if url.startswith(("turn:", "turns:"))
+        else RTCIceServer(urls=url)
+        for url in settings.ice_servers
+    ]
     # encodes timed; the bitrate policy or not; the codecs' threads, speed, denoiser, preset
     encoder_watch.install(settings.steady_bitrate, settings.encoder_tuning())
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))

@@ -347,6 +347,23 @@ def test_the_worker_token_joins_the_room_as_an_agent_publishing_for_the_agent() 
         LiveKitCredentials("ftp://h", "devkey", "s")
 
 
+async def test_request_join_passes_the_servers_refusal_on(
+    server: tuple[ServerThread, str],
+) -> None:
+    from lipstream.integrations.livekit import AvatarSession, LipstreamError, request_join
+
+    srv, _ = server
+    with pytest.raises(LipstreamError, match=r"answered 404: .*av_nope"):
+        await request_join(srv.base_url, "av_nope", "ws://127.0.0.1:1", FAKE_JWT)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(LipstreamError, match="could not reach the lipstream server"):
+        await request_join(nobody, "av_x", "ws://127.0.0.1:1", FAKE_JWT)
+    with pytest.raises(LipstreamError, match="base_url"):
+        AvatarSession("ws://wrong", "av_x")
+    avatar = AvatarSession(srv.base_url, "av_x")
+    assert avatar.avatar_identity == "lipstream-avatar" and avatar.provider == "lipstream"
+
+
 def test_livekit_join_command_says_why_the_room_could_not_be_joined(
     server: tuple[ServerThread, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -446,9 +446,14 @@ async def test_an_agent_speaks_through_the_avatar_in_a_real_room(
             for p in participant.track_publications.values()
         ]
         assert {p.kind for p in published} >= {rtc.TrackKind.KIND_VIDEO, rtc.TrackKind.KIND_AUDIO}
+        await room.disconnect()  # the agent leaves: the avatar's session ends and it leaves too
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=10) as http:
-            r = await http.delete(f"/v1/sessions/{answer['session_id']}")
-        assert r.status_code == 200
+            for _ in range(100):
+                r = await http.get(f"/v1/sessions/{answer['session_id']}")
+                if r.status_code == 404:
+                    break
+                await asyncio.sleep(0.1)
+        assert r.status_code == 404, "the session ended when the agent left"
     finally:
         await room.disconnect()
         proc.terminate()

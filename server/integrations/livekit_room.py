@@ -26,7 +26,7 @@ class RoomWorker:
         self.room = rtc.Room()
         self.runner: AvatarRunner | None = None
         self._start_task: asyncio.Task[None] | None = None
-        self.on_disconnected: Callable[[], None] | None = None
+        self.on_gone: Callable[[str], None] | None = None  # called with the end reason
 
     async def join(self, url: str, token: str, timeout_s: float) -> None:
         """Connect to the room (raises ConnectionError with LiveKit's reason), then start the
@@ -41,6 +41,7 @@ class RoomWorker:
             why = str(exc) or f"no answer within {timeout_s:g} s"
             raise ConnectionError(f"could not join the LiveKit room at {url}: {why}") from None
         self.room.on("disconnected", self._disconnected)
+        self.room.on("participant_disconnected", self._participant_left)
         receiver = DataStreamAudioReceiver(self.room)
         self.runner = AvatarRunner(
             self.room,
@@ -65,12 +66,25 @@ class RoomWorker:
 
     def _disconnected(self, *_: Any) -> None:
         log.info("livekit room disconnected", extra={"session_id": self.generator.session.id})
-        if self.on_disconnected is not None:
-            self.on_disconnected()
+        if self.on_gone is not None:
+            self.on_gone("room_disconnected")
+
+    def _participant_left(self, participant: rtc.RemoteParticipant) -> None:
+        """The agent left: nobody will speak through this avatar again, so it leaves too (an
+        agent's job usually removes it; this covers one that could not)."""
+        if participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            return
+        log.info(
+            "livekit agent left the room",
+            extra={"session_id": self.generator.session.id, "agent": participant.identity},
+        )
+        if self.on_gone is not None:
+            self.on_gone("agent_left")
 
     async def close(self) -> None:
         """Stop the runner and leave the room; never raises."""
         self.room.off("disconnected", self._disconnected)
+        self.room.off("participant_disconnected", self._participant_left)
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
             await asyncio.gather(self._start_task, return_exceptions=True)
@@ -125,7 +139,7 @@ async def open_room_session(
     session.wanted = {"video", "audio"}
     worker = RoomWorker(SessionVideoGenerator(session, link))
     link.on_close = worker.close
-    worker.on_disconnected = lambda: on_end(session.id, "room_disconnected")
+    worker.on_gone = lambda reason: on_end(session.id, reason)
     try:
         await worker.join(url, token, timeout_s)
     except BaseException:

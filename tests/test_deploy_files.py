@@ -98,7 +98,7 @@ def test_haproxy_config_is_valid() -> None:
 
 
 def test_server_id_in_session_ids() -> None:
-    assert re.fullmatch(r"se_s12-[0-9a-f]{16}", session_id("s12"))
+    assert re.fullmatch(r"se_gpu7-[0-9a-f]{16}", session_id("gpu7"))
     assert re.fullmatch(r"se_[0-9a-f]{16}", session_id(""))
     for bad in ("s-1", "S1", "x" * 17):
         with pytest.raises(SettingsError, match="server_id"):

@@ -146,6 +146,24 @@ async def test_frames_at_25_fps_idle_video_only_then_speech_with_its_audio(
     assert started
 
 
+async def test_back_to_back_utterances_are_two_segments_with_all_their_audio(
+    generated: Generated,
+) -> None:
+    g = generated
+    start = len(g.items)
+    for _ in range(2):  # the second is queued while the first plays: no idle tick between
+        for frame in tone(0.4, rate=16000, channels=1):
+            await g.gen.push_audio(frame)
+        await g.gen.push_audio(avatar_api.AudioSegmentEnd())
+    await g.until(lambda: g.kinds(start).count("E") == 2)
+    kinds = g.kinds(start)
+    first, second = kinds.index("E"), kinds.rindex("E")
+    assert kinds[:first].count("A") == 10 and kinds[first:second].count("A") == 10, kinds
+    assert "AA" not in kinds, "each audio frame follows its own video frame"
+    finished = [e for e in g.events if e["type"] == "playback_finished"]
+    assert [e["interrupted"] for e in finished] == [False, False]
+
+
 async def test_clear_buffer_returns_to_idle_within_two_frames(generated: Generated) -> None:
     g = generated
     for frame in tone(3.0):

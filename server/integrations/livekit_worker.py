@@ -251,23 +251,29 @@ class SessionVideoGenerator(VideoGenerator):
         return self._pending.popleft()
 
     def _frames(self, tick: _Tick | None, events: list[dict[str, Any]]) -> None:
-        finished = False
+        """One tick's items. An utterance's `playback_finished` ends its segment after this
+        tick's audio (its last), unless the next utterance starts on this same tick: then the
+        segment ends first and this tick's audio is the new utterance's."""
+        segment_end = False
         for event in events:
             if self.on_event is not None:
                 self.on_event(event)
             kind = event.get("type")
             if kind == "playback_started":
+                if segment_end:
+                    self._pending.append(AudioSegmentEnd())
+                    segment_end = False
                 self._playing = True
             elif kind == "playback_finished":
                 if event.get("interrupted"):  # AvatarRunner's clear handler told the agent
-                    self._playing = False
-                else:  # this tick still carries the utterance's last audio
-                    finished = self._playing
+                    self._playing = segment_end = False
+                elif self._playing:
+                    segment_end = True
         if tick is not None:
             self._pending.append(self._video(tick.picture))
             if self._playing and tick.pcm is not None:
                 self._pending.append(self._audio(tick.pcm))
-        if finished:
+        if segment_end:
             self._playing = False
             self._pending.append(AudioSegmentEnd())
 

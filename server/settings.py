@@ -145,6 +145,9 @@ class Settings:
     # the TURN servers' long-term credentials (docs/operations.md "WebRTC through NAT")
     ice_username: str | None = None
     ice_credential: str | None = field(default=None, repr=False)
+    # behind 1:1 NAT (a container with its UDP ports published): the address the answer's host
+    # candidates name instead of the local one ("": as found; server.media.advertise)
+    ice_advertise_address: str = ""
     # a fleet behind a load balancer (docs/operations.md "A fleet"): this server's name, in its
     # session ids (se_<server_id>-...) so the balancer routes by it; a TCP port answering
     # HAProxy's agent-check with the free capacity (server.ops.agent_check; 0: off)
@@ -379,6 +382,13 @@ def _check_fleet(s: Settings) -> None:
         raise SettingsError(f"server_id must be 0-16 of a-z, 0-9, got {s.server_id!r}")
     if not 0 <= s.agent_port <= 65535:
         raise SettingsError(f"agent_port must be in 0..65535 (0: off), got {s.agent_port}")
+    if s.ice_advertise_address:
+        try:
+            ipaddress.ip_address(s.ice_advertise_address)
+        except ValueError:
+            raise SettingsError(
+                f"ice_advertise_address must be an IP address, got {s.ice_advertise_address!r}"
+            ) from None
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from avatars.store import AvatarNotFoundError
 from server.auth import require_api_key
 from server.avatar_service import AvatarNotReady, AvatarService
+from server.media.advertise import advertise
 from server.media.pictures import AvatarPictures
 from server.media.pool import MediaProcessError
 from server.media.webrtc import OfferError, check_offer
@@ -144,6 +145,7 @@ async def open_session(app: Any, avatar_id: str, sdp: str) -> tuple[Session, str
                     session.media_events(on_state), session.pictures.shape
                 )
                 answer, sending = await session.media.negotiate(sdp)
+                answer = advertise(answer, settings.ice_advertise_address)
             except OfferError as exc:
                 await session.close("bad_offer")
                 raise BadRequest(400, str(exc)) from None

@@ -3,11 +3,11 @@ real HAProxy running docker/haproxy.cfg on loopback, with real aiortc peers.
 
 One walk, in order: an avatar registered through the balancer serves sessions on every server
 (one shared avatars directory); 9 sessions land 3 per server and each one's requests and audio
-websocket reach its own server; a server at its limit whose weight the balancer has not yet
+websocket reach its own server (an utterance on each plays to its end); a server at its limit whose weight the balancer has not yet
 lowered answers 503 and the balancer places the session elsewhere, the client seeing no error;
 a server killed with SIGKILL ends only its own sessions and a new session opens on a survivor
 within 5 s; a SIGTERM'd server gets no new sessions while its open one plays an utterance to
-the end. Skipped where HAProxy is not installed (`apt-get install haproxy`)."""
+the end, and the server exits once that session is gone. Skipped where HAProxy is not installed (`apt-get install haproxy`)."""
 
 from __future__ import annotations
 
@@ -102,12 +102,13 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     try:
         for server in servers.values():
             server.start()
-        lb = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")],
-            env=env,
-            stdout=(tmp_path / "haproxy.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with (tmp_path / "haproxy.log").open("wb") as log:
+            lb = subprocess.Popen(
+                ["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         yield Fleet(servers, agents, f"http://127.0.0.1:{lb_port}", sock)
     finally:
         if lb is not None:
@@ -195,10 +196,15 @@ async def _spread(
         r = await http.get(f"/v1/sessions/{c.session['session_id']}")
         assert r.status_code == 200, r.text
     # audio on each session's websocket reaches its own server: it plays, then says so
-    t = await clients[0].send_json({"type": "clear"})
-    await clients[0].send_pcm(np.zeros(3200, np.int16), realtime=False)
-    await clients[0].send_json({"type": "end"})
-    await clients[0].wait_event("playback_finished", after=t, within=10)
+    tone = (3000 * np.sin(np.arange(3200) * 2 * np.pi * 300 / 16000)).astype(np.int16)
+
+    async def speak(c: LoopbackClient) -> None:
+        t = await c.send_json({"type": "clear"})
+        await c.send_pcm(tone, realtime=False)
+        await c.send_json({"type": "end"})
+        await c.wait_event("playback_finished", after=t, within=15)
+
+    await asyncio.gather(*(speak(c) for c in clients))
     for c in clients:
         assert _agent(fleet.agents[owner(c)]) == "drain"  # every server full
     await asyncio.sleep(1.5)  # the balancer has read them: its own 503 says why, as they do
@@ -292,3 +298,5 @@ async def _drained(
     done = await kept.wait_event("playback_finished", after=t, within=10)
     assert done.get("interrupted") is False, done
     assert draining.poll() is None  # still serving its open session
+    await http.delete(f"/v1/sessions/{kept.session['session_id']}")  # its last one
+    assert await asyncio.to_thread(draining.wait, 15) == 0  # then it exits, drained

@@ -3,11 +3,12 @@ real HAProxy running docker/haproxy.cfg on loopback, with real aiortc peers.
 
 One walk, in order: an avatar registered through the balancer serves sessions on every server
 (one shared avatars directory); 9 sessions land 3 per server and each one's requests and audio
-websocket reach its own server (an utterance on each plays to its end); a server at its limit whose weight the balancer has not yet
-lowered answers 503 and the balancer places the session elsewhere, the client seeing no error;
-a server killed with SIGKILL ends only its own sessions and a new session opens on a survivor
-within 5 s; a SIGTERM'd server gets no new sessions while its open one plays an utterance to
-the end, and the server exits once that session is gone. Skipped where HAProxy is not installed (`apt-get install haproxy`)."""
+websocket reach its own server (an utterance on each plays to its end); a server at its limit
+whose weight the balancer has not yet lowered answers 503 and the balancer places the session
+elsewhere, the client seeing no error; a server killed with SIGKILL ends only its own sessions
+and a new session opens on a survivor within 5 s; a SIGTERM'd server gets no new sessions while
+its open one plays an utterance to the end, and exits once that session is gone. Skipped where
+HAProxy is not installed (`apt-get install haproxy`)."""
 
 from __future__ import annotations
 

@@ -470,3 +470,24 @@ def test_pipeline_runs_batched_on_the_gpu(tiny_models, tiny_pipeline) -> None:
     cpu_boxes, cpu_masks, _ = tiny_pipeline.run(frames, 0)
     assert np.abs(boxes.astype(int) - cpu_boxes.astype(int)).max() <= 2
     assert [m.size == 0 for m in masks] == [c.size == 0 for c in cpu_masks]
+
+
+def test_avatar_add_with_the_face_models_uses_musetalks_pipeline(tmp_path, tiny_models) -> None:
+    from typer.testing import CliRunner
+
+    from avatars.store import AvatarStore
+    from lipstream.commands.avatar import avatar_app
+
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg(tmp_path))
+    root = tmp_path / "avatars"
+    args = ["add", "astro", str(photo), "--avatars-dir", str(root), "--device", "cpu"]
+    added = CliRunner().invoke(avatar_app, [*args, "--models-dir", str(tiny_models)])
+    if added.exit_code == 1 and "no face found" in added.output:
+        pytest.skip("the tiny random S3FD finds no face in this photo")
+    assert added.exit_code == 0, added.output
+    assert "faces: musetalk" in added.output and "warning" not in added.output
+    (meta,) = AvatarStore(root).list()
+    assert meta["face_pipeline"] == "musetalk" and meta["face_pipeline_reason"] is None
+    low, high = meta["bbox_shift_range"]
+    assert f"bbox_shift adjust range [{low} ~ {high}]" in added.output

@@ -491,3 +491,30 @@ def test_avatar_add_with_the_face_models_uses_musetalks_pipeline(tmp_path, tiny_
     assert meta["face_pipeline"] == "musetalk" and meta["face_pipeline_reason"] is None
     low, high = meta["bbox_shift_range"]
     assert f"bbox_shift adjust range [{low} ~ {high}]" in added.output
+
+
+class _MessageHub:  # stands for the mmengine objects in DWPose's published training checkpoint
+    def __init__(self) -> None:
+        self.values = [1.0]
+
+
+def test_pipeline_loads_dwpose_from_a_training_checkpoint(tiny_models, tmp_path) -> None:
+    """DWPose's published file holds optimizer state and mmengine objects beside its
+    state_dict: the pipeline reads its tensors only, and still loads strictly."""
+    import shutil
+
+    import torch
+
+    from avatars.musetalk_faces.pipeline import DWPOSE_WEIGHTS, FacePipeline, PipelineOptions
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models, root)
+    path = root / DWPOSE_WEIGHTS
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    torch.save({"state_dict": state, "message_hub": _MessageHub(), "optimizer": {}}, path)
+    with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global"):
+        torch.load(path, weights_only=True)
+    pipeline, reason = FacePipeline.load(root, "cpu", PipelineOptions(batch=2))
+    assert pipeline is not None, reason
+    assert pipeline.sizes["dwpose"] == "tiny"

@@ -92,13 +92,11 @@ def default_device() -> str:
 def _load_strict(build: Callable[[str], Any], path: Path, device: str) -> tuple[Any, str]:
     """The model `build(size)` with the checkpoint at `path` loaded strictly, for the first of
     SIZES whose shapes match. Raises ValueError when none does."""
-    import torch
+    from avatars.musetalk_faces.checkpoints import read_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a state dict")
+    # tensors only: DWPose's published file is a whole training checkpoint (read_state_dict
+    # builds nothing else it names); the others are bare state dicts
+    state = read_state_dict(path)
     errors = []
     for size in SIZES:
         model = build(size)

@@ -266,3 +266,128 @@ def reference_features(models: RefModels, wav_path: str | Path) -> torch.Tensor:
     audio = librosa_like_load(wav_path)
     feats, length = get_audio_feature(models, audio)
     return models.pe(get_whisper_chunk(models, feats, length))
+
+
+# ---- blend masks from face parsing (musetalk/utils/face_parsing/__init__.py::FaceParsing, ----
+# ---- musetalk/utils/blending.py::get_crop_box, face_seg, get_image_prepare_material) -------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RefFaceParsing:
+    """MuseTalk's FaceParsing around a given BiSeNet module (its weights are the only thing
+    taken from outside): the same preprocessing (PIL bilinear resize to 512, ToTensor's /255,
+    ImageNet normalisation, written out as torchvision does it), the net's first output, numpy's
+    argmax, and the same "jaw" / "neck" / "raw" masks with the same kernels. `maps` keeps every
+    class map it computed (before the mode masks), in call order."""
+
+    def __init__(self, net: Any, left_cheek_width: int = 80, right_cheek_width: int = 80) -> None:
+        self.net = net
+        self.maps: list[np.ndarray] = []
+        cone_height = 21
+        tail_height = 12
+        total_size = cone_height + tail_height
+        kernel = np.zeros((total_size, total_size), dtype=np.uint8)
+        center_x = total_size // 2
+        for row in range(cone_height):
+            if row < cone_height // 2:
+                continue
+            width = int(2 * (row - cone_height // 2) + 1)
+            start = int(center_x - (width // 2))
+            end = int(center_x + (width // 2) + 1)
+            kernel[row, start:end] = 1
+        base_width = int(kernel[cone_height - 1].sum())
+        for row in range(cone_height, total_size):
+            start = max(0, int(center_x - (base_width // 2)))
+            end = min(total_size, int(center_x + (base_width // 2) + 1))
+            kernel[row, start:end] = 1
+        self.kernel = kernel
+        self.cheek_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+        self.cheek_mask = self._create_cheek_mask(left_cheek_width, right_cheek_width)
+
+    @staticmethod
+    def _create_cheek_mask(left_cheek_width: int = 80, right_cheek_width: int = 80) -> np.ndarray:
+        mask = np.zeros((512, 512), dtype=np.uint8)
+        center = 512 // 2
+        cv2.rectangle(mask, (0, 0), (center - left_cheek_width, 512), 255, -1)
+        cv2.rectangle(mask, (center + right_cheek_width, 0), (512, 512), 255, -1)
+        return mask
+
+    @staticmethod
+    def _preprocess(image: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def __call__(
+        self, image: Image.Image, size: tuple[int, int] = (512, 512), mode: str = "raw"
+    ) -> Image.Image:
+        image = image.resize(size, Image.BILINEAR)  # type: ignore[attr-defined]
+        img = torch.unsqueeze(self._preprocess(image), 0)
+        out = self.net(img)[0]
+        parsing = out.squeeze(0).cpu().numpy().argmax(0)
+        self.maps.append(parsing.astype(np.uint8))
+        if mode == "neck":
+            parsing[np.isin(parsing, [1, 11, 12, 13, 14])] = 255
+            parsing[np.where(parsing != 255)] = 0
+        elif mode == "jaw":
+            face_region = (np.isin(parsing, [1]) * 255).astype(np.uint8)
+            original_dilated = cv2.dilate(face_region, self.kernel, iterations=1)
+            eroded = cv2.erode(original_dilated, self.cheek_kernel, iterations=2)
+            face_region = cv2.bitwise_and(eroded, self.cheek_mask)
+            face_region = cv2.bitwise_or(
+                face_region, cv2.bitwise_and(original_dilated, ~self.cheek_mask)
+            )
+            parsing[(face_region == 255) & (~np.isin(parsing, [10]))] = 255
+            parsing[np.isin(parsing, [11, 12, 13])] = 255
+            parsing[np.where(parsing != 255)] = 0
+        else:
+            parsing[np.isin(parsing, [1, 11, 12, 13])] = 255
+            parsing[np.where(parsing != 255)] = 0
+        return Image.fromarray(parsing.astype(np.uint8))
+
+
+def get_crop_box(box: list[int], expand: float) -> tuple[list[int], int]:
+    x, y, x1, y1 = box
+    x_c, y_c = (x + x1) // 2, (y + y1) // 2
+    w, h = x1 - x, y1 - y
+    s = int(max(w, h) // 2 * expand)
+    return [x_c - s, y_c - s, x_c + s, y_c + s], s
+
+
+def face_seg(image: Image.Image, mode: str = "raw", fp: Any = None) -> Image.Image:
+    seg_image = fp(image, mode=mode)
+    return seg_image.resize(image.size)  # PIL's default filter (bicubic), as MuseTalk
+
+
+def get_image_prepare_material(
+    image: np.ndarray,
+    face_box: list[int],
+    upper_boundary_ratio: float = 0.5,
+    expand: float = 1.5,
+    fp: Any = None,
+    mode: str = "raw",
+) -> tuple[np.ndarray, list[int]]:
+    """(blend mask over the crop box, crop box) for a BGR frame, as realtime_inference.py's
+    prepare_material calls it (v1.5: `fp = FaceParsing(90, 90)`, mode "jaw")."""
+    body = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1]))
+    x, y, x1, y1 = face_box
+    crop_box, _ = get_crop_box(face_box, expand)
+    x_s, y_s, _x_e, _y_e = crop_box
+    face_large = body.crop(tuple(crop_box))
+    ori_shape = face_large.size
+    mask_image = face_seg(face_large, mode=mode, fp=fp)
+    mask_small = mask_image.crop((x - x_s, y - y_s, x1 - x_s, y1 - y_s))
+    mask_image = Image.new("L", ori_shape, 0)
+    mask_image.paste(mask_small, (x - x_s, y - y_s, x1 - x_s, y1 - y_s))
+    width, height = mask_image.size
+    top_boundary = int(height * upper_boundary_ratio)
+    modified_mask_image = Image.new("L", ori_shape, 0)
+    modified_mask_image.paste(mask_image.crop((0, top_boundary, width, height)), (0, top_boundary))
+    blur_kernel_size = int(0.1 * ori_shape[0] // 2 * 2) + 1
+    mask_array = cv2.GaussianBlur(
+        np.array(modified_mask_image), (blur_kernel_size, blur_kernel_size), 0
+    )
+    return mask_array, crop_box

@@ -279,10 +279,20 @@ class RefFaceParsing:
     taken from outside): the same preprocessing (PIL bilinear resize to 512, ToTensor's /255,
     ImageNet normalisation, written out as torchvision does it), the net's first output, numpy's
     argmax, and the same "jaw" / "neck" / "raw" masks with the same kernels. `maps` keeps every
-    class map it computed (before the mode masks), in call order."""
+    class map it used (before the mode masks), in call order.
 
-    def __init__(self, net: Any, left_cheek_width: int = 80, right_cheek_width: int = 80) -> None:
+    With `given_maps` (class maps (512, 512), one per call, in order) the net is not run: each
+    call takes the next map instead, so the masks come from exactly those parsing maps."""
+
+    def __init__(
+        self,
+        net: Any,
+        left_cheek_width: int = 80,
+        right_cheek_width: int = 80,
+        given_maps: list[np.ndarray] | None = None,
+    ) -> None:
         self.net = net
+        self.given_maps = None if given_maps is None else list(given_maps)
         self.maps: list[np.ndarray] = []
         cone_height = 21
         tail_height = 12
@@ -325,9 +335,13 @@ class RefFaceParsing:
         self, image: Image.Image, size: tuple[int, int] = (512, 512), mode: str = "raw"
     ) -> Image.Image:
         image = image.resize(size, Image.BILINEAR)  # type: ignore[attr-defined]
-        img = torch.unsqueeze(self._preprocess(image), 0)
-        out = self.net(img)[0]
-        parsing = out.squeeze(0).cpu().numpy().argmax(0)
+        if self.given_maps is not None:
+            parsing = np.asarray(self.given_maps.pop(0)).astype(np.int64)
+            assert parsing.shape == (size[1], size[0])
+        else:
+            img = torch.unsqueeze(self._preprocess(image), 0)
+            out = self.net(img)[0]
+            parsing = out.squeeze(0).cpu().numpy().argmax(0)
         self.maps.append(parsing.astype(np.uint8))
         if mode == "neck":
             parsing[np.isin(parsing, [1, 11, 12, 13, 14])] = 255

@@ -134,6 +134,8 @@ class Settings:
     models_dir: Path | None = None  # None: lipstream.paths default
     avatars_dir: Path | None = None  # None: lipstream.paths default
     device: str = "auto"
+    # several GPUs (server.session.placement): "" = the one `device`; `all` or indices `0,1`
+    devices: str = ""
     backend: str = "auto"  # on a GPU: compiled (tensorrt where it imports); on CPU: torch
     demo_avatar: bool = False
     # sessions
@@ -283,6 +285,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
         _check_fleet(self)
+        _check_devices(self)
         if self.ws_byte_burst < self.ws_max_message_bytes:
             raise SettingsError(
                 f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "
@@ -389,6 +392,13 @@ def _check_fleet(s: Settings) -> None:
             raise SettingsError(
                 f"ice_advertise_address must be an IP address, got {s.ice_advertise_address!r}"
             ) from None
+
+
+def _check_devices(s: Settings) -> None:
+    if s.devices and not re.fullmatch(r"all|\d+(,\d+)*", s.devices):
+        raise SettingsError(f"devices must be `all` or GPU indices like 0,1,2, got {s.devices!r}")
+    if s.devices and s.device != "auto":
+        raise SettingsError("set device or devices, not both (devices names the GPUs)")
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -27,6 +29,7 @@ def serve(
         None, help="Prepared avatars folder (env LIPSTREAM_AVATARS_DIR)"
     ),
     device: str = typer.Option(None, help="auto | cpu | cuda[:N]  (env LIPSTREAM_DEVICE)"),
+    devices: str = typer.Option(None, help="all | 0,1,...: GPUs (env LIPSTREAM_DEVICES)"),
     backend: str = typer.Option(
         None,
         help="auto (default: compiled on a GPU, torch on CPU) | torch | compiled | tensorrt  (env LIPSTREAM_BACKEND)",
@@ -89,7 +92,7 @@ def serve(
         }
         overrides = parse_assignments(set_ or [])
         overrides.update({k: v for k, v in flags.items() if v is not None})
-        settings = Settings.from_env(**overrides)
+        settings = one_device(Settings.from_env(**overrides), devices, _gpu_count)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
     connections = fit_fd_limit(settings.max_connections)
@@ -115,3 +118,36 @@ def serve(
     if error is not None:  # the parts failed to start behind the open port (server.ops.starting)
         typer.echo(f"error: the server failed to start: {error}", err=True)
         raise typer.Exit(1)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def one_device(settings: Any, devices: str | None, gpu_count: Callable[[], int]) -> Any:
+    """The `devices` setting (the flag `devices` over it where given) resolved: empty -> the settings as they are; one GPU -> `device`
+    set to it; several -> SettingsError (one engine and scheduler per GPU behind one front is
+    not wired into the server yet: `server.session.placement` holds the placement)."""
+    import dataclasses
+
+    from server.session.placement import device_list
+    from server.settings import SettingsError
+
+    if devices is not None:
+        settings = dataclasses.replace(settings, devices=devices)
+    if not settings.devices:
+        return settings
+    try:
+        names = device_list(settings.devices, gpu_count())
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    if len(names) > 1:
+        raise SettingsError(
+            f"several devices: not yet supported by this build ({', '.join(names)}); "
+            "run one server per GPU (--device cuda:N) behind a balancer"
+        )
+    return dataclasses.replace(settings, device=names[0], devices="")

@@ -6,6 +6,7 @@ scheduler share a load evenly and both keep up."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -195,3 +196,45 @@ def test_two_modelled_gpus_share_the_sessions_evenly() -> None:
         assert r["errors"] == 0
     busy = [pipes[d].gpu_busy_s for d in devices]
     assert min(busy) > 0.6 * max(busy)  # the work split, not piled on one GPU
+
+
+def test_one_modelled_gpu_failing_leaves_the_other_running() -> None:
+    """Device 0's scheduler stops (its GPU faulted): its sessions are the ones returned to be
+    failed and it takes no more work; new sessions go to device 1, whose sessions (old and
+    new) get every frame."""
+    from bench.modelled_gpu import CALIBRATIONS, ModelledPipeline
+    from engines.pipeline.scheduler import GpuScheduler, SchedulerOptions, SchedulerStopped
+    from engines.preview import PreviewEngine
+
+    devices = ["cuda:0", "cuda:1"]
+    placer = Placer(devices, max_sessions=8)
+    for k in range(4):
+        placer.place(f"f{k}", "modelled", now=0.0)
+    model = CALIBRATIONS["h200-2026-12-01"]()
+    pipes = {d: ModelledPipeline(model) for d in devices}
+    scheds = {
+        d: GpuScheduler(PreviewEngine(), SchedulerOptions(), pipeline=pipes[d]) for d in devices
+    }
+    for s in scheds.values():
+        s.start()
+    try:
+        scheds["cuda:0"].stop()  # the fault
+        lost = placer.fail("cuda:0", "modelled fault")
+        assert lost == sorted(
+            s for s in ("f0", "f1", "f2", "f3") if placer.device_of(s) == "cuda:0"
+        )
+        assert len(lost) == 2
+        with pytest.raises(SchedulerStopped):
+            scheds["cuda:0"].submit(SimpleNamespace(key=lost[0], jobs=[0], deadline=0.0))
+        new = [placer.place(f"g{k}", "modelled", now=0.0) for k in range(2)]
+        assert {p.device for p in new} == {"cuda:1"}
+        assert placer.report(0.0)["cuda:1"]["sessions"] == 4
+        results: dict[str, Any] = {}
+        _run_device(scheds["cuda:1"], 4, results, "cuda:1")
+    finally:
+        for d in devices:
+            scheds[d].stop()
+            pipes[d].close()
+    r = results["cuda:1"]
+    assert r["frames_delivered"] == r["frames_expected"] > 4 * 40
+    assert r["errors"] == 0

@@ -75,11 +75,11 @@ UVICORN_LOG_CONFIG: dict[str, Any] = {
 }
 
 
-def setup(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
-    """Log to `stream` (None: stderr) at `level` through `FieldsFormatter`, as `logging.basicConfig`
-    does: nothing changes where the root logger already has a handler."""
+def setup(level: int | str = logging.INFO, stream: TextIO | None = None, fmt: str = FORMAT) -> None:
+    """Log to `stream` (None: stderr) at `level` through `FieldsFormatter` with `fmt`, as
+    `logging.basicConfig` does: nothing changes where the root logger already has a handler."""
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(FieldsFormatter(FORMAT))
+    handler.setFormatter(FieldsFormatter(fmt))
     logging.basicConfig(level=level, handlers=[handler])
 
 

@@ -136,3 +136,22 @@ def test_stderr_handlers_follow_a_redirected_stderr_inside_the_block(
     finally:
         root.removeHandler(handler)
     assert proxy.getvalue() == "prepared frames=3\n"
+
+
+def test_a_media_process_logs_its_fields_under_its_own_prefix() -> None:
+    """The media processes call `setup` with a format of their own (`media[pid]`): their lines
+    carry the fields too."""
+    code = textwrap.dedent(
+        """
+        import logging
+        from server.media import shard  # noqa: F401  (imports as the media process does)
+        from lipstream import logs
+        logs.setup(fmt="%(levelname)s media[%(process)d] %(name)s: %(message)s")
+        logging.getLogger("server.media.shard").warning("encoder late", extra={"session_id": "se_1"})
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("WARNING media[") and line.endswith("encoder late session_id=se_1"), line

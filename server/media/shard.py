@@ -34,6 +34,7 @@ from typing import Any
 import av
 import numpy as np
 
+from lipstream import logs
 from server.media import encoder_tuning, encoder_watch
 from server.media.link import LocalMedia, MediaEvents
 from server.media.tracks import QueueTrack, video_frame
@@ -293,9 +294,9 @@ async def _serve(fd: int) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
+    logs.setup(  # the server's line format, its fields included, marked with this process
         level=os.environ.get("LIPSTREAM_MEDIA_LOG_LEVEL", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s media[%(process)d] %(name)s: %(message)s",
+        fmt="%(asctime)s %(levelname)s media[%(process)d] %(name)s: %(message)s",
     )
     for name in ("aioice", "aiortc"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,6 +15,17 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _require_bench_extra(flag: str) -> None:
+    """--soak and --ramp drive a server over HTTP with httpx, which only the `bench` extra
+    installs: say so instead of failing on the import."""
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise _fail(
+            f"{flag} needs lipstream's bench extra: pip install 'lipstream[bench]'"
+        ) from None
+
+
 def bench_cmd(
     soak: bool = typer.Option(False, "--soak", help="Soak over real WebRTC (bench.soak)"),
     ramp: bool = typer.Option(
@@ -108,6 +119,7 @@ def bench_cmd(
             raise _fail(str(exc)) from exc
         return
     if ramp:
+        _require_bench_extra("--ramp")
         import httpx
 
         from bench.ramp import run_ramp
@@ -132,6 +144,7 @@ def bench_cmd(
             raise _fail(f"the ramp against {soak_url}: {exc}") from exc
         return
     if soak:  # the server soak (engine etc. from LIPSTREAM_* as for `serve`)
+        _require_bench_extra("--soak")
         from bench.soak import run_soak
 
         if soak_pid is not None and soak_url is None:

@@ -156,6 +156,9 @@ async def _wait_lb(http: httpx.AsyncClient, fleet: Fleet) -> None:
         await asyncio.sleep(0.2)
 
 
+AGENT_INTER_S = 1.1  # a little over haproxy.cfg's `agent-inter 1s`
+
+
 async def _open(fleet: Fleet, avatar_id: str) -> LoopbackClient:
     client = LoopbackClient(fleet.lb)
     try:
@@ -190,6 +193,9 @@ async def _spread(
 ) -> None:
     for _ in range(len(NAMES) * PER_SERVER):
         clients.append(await _open(fleet, avatar_id))
+        # each server's agent is read once a second: the balancer weighs the servers by what
+        # they had free then (a refusal in between is retried; _at_limit tests that alone)
+        await asyncio.sleep(AGENT_INTER_S)
     owners = [owner(c) for c in clients]
     assert sorted(owners) == sorted(NAMES * PER_SERVER), owners
     await asyncio.gather(*(c.wait_frames(10, within=30) for c in clients))

@@ -2,7 +2,7 @@
 faster or slower GPU do to the streaming figures, without a GPU (CPU only, a model, not a
 measurement):
 
-    python -m bench.modelled_gpu OUT.json [--sessions 12,16,20] [--speedup 1.0,0.85]
+    python -m bench.modelled_gpu OUT.json [--sessions=12,16,20] [--speedup=1.0,0.85]
         [--in-flight 2] [--lookahead 0.5] [--seconds 12] [--calibration h200-2026-12-01]
 
 `ModelledPipeline` stands where `engines.pipeline.gpu.GpuPipeline` stands. Its `launch` holds

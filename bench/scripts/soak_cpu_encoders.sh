@@ -19,7 +19,7 @@ run() {  # NAME, then the settings as VAR=VALUE
     local name=$1; shift
     local dir; dir=$(mktemp -d)
     env "$@" LIPSTREAM_MEDIA_LOG_LEVEL=info "$PY" -m lipstream serve --engine preview \
-        --avatars-dir "$dir/avatars" --no-demo-avatar --max-sessions 8 --port "$PORT" \
+        --avatars-dir "$dir/avatars" --no-demo-avatar --max-sessions=8 --port "$PORT" \
         --set media_processes="$MEDIA" >"$OUT/serve_$name.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 1; done

@@ -2,7 +2,7 @@
 # session so it outlives the device command): set up, start `lipstream serve` (compiled
 # backend), wait for /readyz (compile: ~3 min on a fresh machine), then soak N sessions for
 # MIN minutes against it from SOAK_CLIENTS client processes (default 3), sampling the RSS of
-# the server and its media processes (auto: 4 at --max-sessions 24) and its GPU memory -> /tmp/soak.json.
+# the server and its media processes (auto: 4 at --max-sessions=24) and its GPU memory -> /tmp/soak.json.
 # The clients time frames without decoding them (SOAK_DECODE=1: decode them too).
 # N: $SOAK_N, else the bench's max_sessions_realtime from /tmp/bench.json, else 12.
 # SOAK_SPLIT_CPUS=1: the server (and its media processes) on all cores but the last 3, the

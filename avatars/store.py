@@ -57,12 +57,14 @@ import numpy as np
 from avatars import store_io
 from avatars.avatar import FORMAT_VERSION, Avatar, face_pipeline_fields
 from avatars.store_check import (
+    NPY_HEADER_LOCK,
     STATUSES,
     check_avatar,
     damaged_meta,
     files_problem,
     is_temporary,
     meta_problem,
+    read_npy,
     unpack_masks,
 )
 from avatars.store_io import NO_SPACE, fsync_dir, is_no_space, write_json
@@ -337,11 +339,13 @@ class AvatarStore:
             raise AvatarDamagedError(f"avatar {avatar_id!r} is unusable: {problem}")
         n = int(meta["n_frames"])
         try:
-            frames = np.load(folder / "frames.npy", mmap_mode="r" if mmap else None)
-            with np.load(folder / "boxes.npz", allow_pickle=False) as boxes:
-                face_boxes, crop_boxes = boxes["face_boxes"], boxes["crop_boxes"]
-            with np.load(folder / "masks.npz", allow_pickle=False) as packed:
-                masks = unpack_masks(packed["data"], packed["shapes"])
+            frames = read_npy(folder / "frames.npy", mmap=mmap)
+            with NPY_HEADER_LOCK:  # small arrays: the whole read under the lock
+                with np.load(folder / "boxes.npz", allow_pickle=False) as boxes:
+                    face_boxes, crop_boxes = boxes["face_boxes"], boxes["crop_boxes"]
+                with np.load(folder / "masks.npz", allow_pickle=False) as packed:
+                    data, shapes = packed["data"], packed["shapes"]
+            masks = unpack_masks(data, shapes)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise AvatarDamagedError(
                 f"avatar {avatar_id!r} is unusable: its files changed while being read"
@@ -379,7 +383,7 @@ class AvatarStore:
         if not meta.get("latents_key") or not path.exists():
             return None
         try:
-            latents = np.load(path, allow_pickle=False)
+            latents = read_npy(path)
         except (OSError, ValueError, EOFError):
             latents = None
         if latents is None or latents.shape != (n, 8, 32, 32) or latents.dtype != np.float32:

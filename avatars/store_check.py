@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from avatars.avatar import Avatar
+
+# numpy parses every .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
+# SystemError ("AST constructor recursion depth mismatch", python/cpython#106905) when two
+# threads build ASTs at once. Every header this package parses is parsed under this lock.
+NPY_HEADER_LOCK = threading.Lock()
 
 STATUSES = ("pending", "preparing", "ready", "failed")
 DATA_FILES = {
@@ -75,30 +81,56 @@ def meta_problem(meta: Any, format_version: int) -> str | None:
     return None
 
 
+def read_npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """Shape, Fortran order and dtype of the .npy file open at its start; `fh` is left at
+    the first data byte. Raises ValueError (unknown version, bad header) and OSError."""
+    with NPY_HEADER_LOCK:
+        version = npy_format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unknown npy version {version}")
+    return tuple(shape), bool(fortran), dtype
+
+
 def npy_problem(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any]) -> str | None:
     """Whether `path` is a whole .npy file of this shape and dtype (its header and size)."""
     name = path.name
     try:
         with open(path, "rb") as fh:
-            version = npy_format.read_magic(fh)
-            if version == (1, 0):
-                found, fortran, found_dtype = npy_format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                found, fortran, found_dtype = npy_format.read_array_header_2_0(fh)
-            else:
-                return f"{name} has an unknown npy version"
+            found, fortran, found_dtype = read_npy_header(fh)
             start = fh.tell()
             actual = path.stat().st_size
     except FileNotFoundError:
         return f"{name} is missing"
     except (OSError, ValueError, SyntaxError) as exc:
         return f"{name} is corrupt ({type(exc).__name__})"
-    if tuple(found) != shape or found_dtype != dtype or fortran:
-        return f"{name} does not match meta.json (shape {tuple(found)}, expected {shape})"
+    if found != shape or found_dtype != dtype or fortran:
+        return f"{name} does not match meta.json (shape {found}, expected {shape})"
     expected = start + int(np.prod(shape)) * dtype.itemsize
     if actual < expected:
         return f"{name} is truncated ({actual} of {expected} bytes)"
     return None
+
+
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """The C-ordered array in `path` (no pickles), read whole or as a read-only memory map;
+    only the header is parsed under NPY_HEADER_LOCK. Raises ValueError for a bad header or
+    short data, and OSError."""
+    with open(path, "rb") as fh:
+        shape, fortran, dtype = read_npy_header(fh)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{path.name} holds Fortran-ordered or object data")
+        start = fh.tell()
+        count = math.prod(shape)
+        if mmap:
+            return np.memmap(fh, dtype=dtype, mode="r", offset=start, shape=shape)
+        data = np.fromfile(fh, dtype=dtype, count=count)
+    if data.size != count:
+        raise ValueError(f"{path.name} is short ({data.size} of {count} values)")
+    return data.reshape(shape)
 
 
 def npz_problem(path: Path, members: tuple[str, ...]) -> str | None:

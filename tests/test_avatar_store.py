@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from skimage.data import astronaut
 from typer.testing import CliRunner
 
-from avatars import store_io
+from avatars import store_check, store_io
 from avatars.avatar import FORMAT_VERSION, Avatar
 from avatars.store import (
     AvatarNotFoundError,
@@ -242,6 +243,50 @@ def test_concurrent_status_updates(tmp_path: Path) -> None:
     info = store.info(avatar_id)
     assert info["status"] == "preparing" and 0 <= info["progress"] <= 1
     assert not [p for p in (tmp_path / avatar_id).iterdir() if p.name != "meta.json"]
+
+
+def test_npy_headers_parsed_under_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 may fail on when two
+    threads parse at once: every header the store reads is parsed under NPY_HEADER_LOCK."""
+    store = AvatarStore(tmp_path)
+    store.save(make_avatar("av_0000000000000011"))
+    unlocked: list[str] = []
+    real = store_check.npy_format.read_array_header_1_0
+
+    def spy(fh: Any, *args: Any, **kwargs: Any) -> Any:
+        if not store_check.NPY_HEADER_LOCK.locked():
+            unlocked.append(getattr(fh, "name", "member"))
+        return real(fh, *args, **kwargs)
+
+    monkeypatch.setattr(store_check.npy_format, "read_array_header_1_0", spy)
+    for mmap in (True, False):
+        loaded = store.load("av_0000000000000011", mmap=mmap)
+        assert loaded.latents is not None and len(loaded.masks) == 4
+    assert not unlocked
+
+
+def test_concurrent_loads_and_checks(tmp_path: Path) -> None:
+    store = AvatarStore(tmp_path)
+    ids = [f"av_00000000000000{k:02x}" for k in range(3)]
+    for avatar_id in ids:
+        store.save(make_avatar(avatar_id))
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(40):
+                avatar_id = ids[(k + i) % len(ids)]
+                assert store.load(avatar_id, mmap=bool(i % 2)).frames.shape == (4, 48, 64, 3)
+                assert store.describe(avatar_id)["status"] == "ready"
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
 
 
 def test_load_720p_250_frames_fast(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """The FastAPI application: `create_app(settings, engine=None)`.
 
-The lifespan builds the parts in order (engine -> frame worker -> avatar service -> session
+The lifespan builds the parts in order (engines -> frame workers -> avatar service -> session
 manager) behind an open port (`server.ops.starting`: /readyz says `starting` with the warm-up's
 progress meanwhile) and takes them down in reverse: sessions end, preparation stops, the
 worker joins.
 The frame worker is the GPU scheduler where the engine is MuseTalk on a CUDA device (backend
 from the settings), else the synchronous FrameWorker (`server.session.gpu_worker.create_worker`).
+With `devices` naming several GPUs there is one engine and one worker per GPU behind the one
+front (`server.session.devices`: sessions placed by load, a faulted GPU failing only its own).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import client_demo
 from avatars.store import AvatarStore
-from engines.base import Engine
+from engines.base import Engine, EngineError
 from lipstream.paths import avatars_dir, models_dir
 from server.api import audio_ws
 from server.api import avatars as avatars_api
@@ -43,10 +45,10 @@ from server.ops.agent_check import AgentCheck
 from server.ops.conn_guard import ConnectionGuard, ConnectionLimits, GuardedHttpProtocol, bound
 from server.ops.starting import StartingGate, cancel_start, start_in_background, starting_body
 from server.ops.ws_guard import GuardedWebSocketProtocol
-from server.session.gpu_worker import create_worker
+from server.session.devices import Devices, Unit, build_units, warm_engines
 from server.session.limits import decode_limits
 from server.session.manager import SessionManager
-from server.session.worker import Worker
+from server.session.placement import device_list
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,52 @@ def build_engine(settings: Settings) -> tuple[Engine, str]:
         settings.backend,
         download_missing=True,
     )
+
+
+def build_engines(settings: Settings, names: tuple[str, ...]) -> tuple[dict[str, Engine], str]:
+    """One engine per device in `names` (loaded in parallel threads), and why it was chosen."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engines.backends import create_engine
+
+    def one(name: str) -> tuple[Engine, str]:
+        return create_engine(
+            settings.engine, settings.models_dir, name, settings.backend, download_missing=True
+        )
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        built = list(pool.map(one, names))
+    return {n: e for n, (e, _) in zip(names, built, strict=True)}, built[0][1]
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs torch sees (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def engines_for(settings: Settings) -> tuple[dict[str, Engine], str]:
+    """The engines the settings ask for: one per GPU of `devices`, else the one of `device`
+    (keyed by its device). Raises EngineError."""
+    if settings.devices:
+        try:
+            names = device_list(settings.devices, gpu_count())
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        return build_engines(settings, names)
+    engine, reason = build_engine(settings)
+    return {device_name(engine, settings): engine}, reason
+
+
+def device_name(engine: Engine, settings: Settings) -> str:
+    """The name one engine's device goes by in /readyz and /metrics."""
+    device = getattr(engine, "device", None)
+    if device is not None:
+        return str(device)
+    return "cpu" if settings.device == "auto" else settings.device
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -94,8 +142,12 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, reason: str = ""
+    settings: Settings | None = None,
+    engine: Engine | dict[str, Engine] | None = None,
+    reason: str = "",
 ) -> FastAPI:
+    """The app. `engine`: built already (one, or one per device name); None: built from the
+    settings behind the open port."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -133,34 +185,44 @@ def create_app(
     return app
 
 
-async def _start(app: FastAPI, settings: Settings, engine: Engine | None, reason: str) -> None:
+async def _start(
+    app: FastAPI, settings: Settings, engine: Engine | dict[str, Engine] | None, reason: str
+) -> None:
     metrics = ServerMetrics()
     if engine is None:
-        built, reason = await asyncio.to_thread(build_engine, settings)
-        await _start_parts(app, settings, built, reason, metrics)
+        engines, reason = await asyncio.to_thread(engines_for, settings)
+    elif isinstance(engine, dict):
+        engines = dict(engine)
     else:
-        await _start_parts(app, settings, engine, reason, metrics)
+        engines = {device_name(engine, settings): engine}
+    await _start_parts(app, settings, engines, reason, metrics)
 
 
 async def _start_parts(
-    app: FastAPI, settings: Settings, engine: Engine, reason: str, metrics: ServerMetrics
+    app: FastAPI,
+    settings: Settings,
+    engines: dict[str, Engine],
+    reason: str,
+    metrics: ServerMetrics,
 ) -> None:
     install_log_redaction(settings.api_keys)  # uvicorn's loggers are configured by now
-    log.info("engine chosen", extra={"engine": engine.name, "reason": reason})
-    # GPU: builds the pipeline and warms its backend up (compiled: compiles, minutes)
-    worker = await asyncio.to_thread(create_worker, engine, settings, metrics)
-    app.state.worker = worker  # now, so that a shutdown during the rest of the start stops it
-    worker.start()
-    metrics.worker_queued.set_function(worker.queued)
-    warmup = getattr(engine, "warmup", None)
-    if callable(warmup):
-        await worker.acall(warmup)
+    engine = next(iter(engines.values()))
+    log.info(
+        "engine chosen",
+        extra={"engine": engine.name, "reason": reason, "devices": ",".join(engines)},
+    )
+    # GPU: builds each pipeline and warms its backend up (compiled: compiles, minutes)
+    units = await asyncio.to_thread(build_units, engines, settings, metrics)
+    gpu = getattr(units[0].worker, "pipeline", None) is not None  # the GPU scheduler's pipeline
+    devices = Devices(units, settings.max_sessions, settings.admit_late_limit(gpu))
+    app.state.devices = devices  # now, so that a shutdown during the rest of the start stops them
+    metrics.worker_queued.set_function(lambda: sum(u.worker.queued() for u in units))
+    await warm_engines(units)
     store = AvatarStore(avatars_dir(settings.avatars_dir))
     idle_frames = IdleFrames()  # the sessions' pictures read it, the avatar service forgets
     avatars = AvatarService(
         store,
-        engine,
-        worker,
+        devices,
         metrics,
         decode_limits(settings),
         idle_frames,
@@ -171,8 +233,10 @@ async def _start_parts(
     media = media_host(settings)
     await media.start()  # media processes, where configured
     app.state.media = media
-    gpu = getattr(worker, "pipeline", None) is not None  # the GPU scheduler's pipeline
-    sessions = SessionManager(settings, metrics, late_limit=settings.admit_late_limit(gpu))
+    sessions = SessionManager(
+        settings, metrics, late_limit=settings.admit_late_limit(gpu), devices=devices
+    )
+    sessions.unload = _unloader(avatars, devices)
     sessions.start()
     metrics.speech_backlog.set_function(sessions.largest_backlog_s)
     metrics.worker_turnaround.set_function(sessions.turnaround_need_s)
@@ -197,6 +261,19 @@ async def _start_parts(
             **media.info(),
         },
     )
+
+
+def _unloader(avatars: AvatarService, devices: Devices) -> Any:
+    """The session manager's `unload`: the avatar leaves a unit once no session there uses
+    it (re-read under the avatar's lock, so a session placed meanwhile keeps it)."""
+
+    async def unload(avatar_id: str, unit: Unit) -> None:
+        def in_use() -> bool:
+            return avatar_id in devices.placer.residency.resident(unit.device)
+
+        await avatars.release(avatar_id, unit, in_use)
+
+    return unload
 
 
 def _watch_stalls(app: FastAPI, settings: Settings, metrics: ServerMetrics) -> None:
@@ -238,9 +315,9 @@ async def _stop(app: FastAPI) -> None:
     avatars: AvatarService | None = getattr(app.state, "avatars", None)
     if avatars is not None:
         avatars.shutdown()
-    worker: Worker | None = getattr(app.state, "worker", None)
-    if worker is not None:
-        await asyncio.to_thread(worker.stop)
+    devices: Devices | None = getattr(app.state, "devices", None)
+    if devices is not None:
+        await asyncio.to_thread(devices.stop)
 
 
 def register_demo_avatar(avatars: AvatarService) -> str | None:
@@ -273,13 +350,16 @@ def _health_routes(app: FastAPI) -> None:
         state = request.app.state
         if not state.started:  # the port is open, the parts are still starting (or failed)
             return JSONResponse(starting_body(state), status_code=503)
-        ok = bool(state.ready) and not state.draining and state.worker.alive
+        devices: Devices = state.devices
+        ok = bool(state.ready) and not state.draining and devices.alive
         status = "ready" if ok else ("draining" if state.draining else "starting")
         if ok and not state.media.available():
             ok, status = False, "media_down"  # every media process is down (being restarted)
-        failure = getattr(state.worker, "failure", None)
-        if failure is not None:
+        failed = devices.failed
+        if failed and not devices.alive:
             ok, status = False, "engine_failed"  # a GPU error: the process must be restarted
+        elif failed and ok:
+            status = "degraded"  # a GPU failed: its sessions ended, the others serve on
         body: dict[str, Any] = {"status": status}
         if state.ready:
             now = asyncio.get_running_loop().time()
@@ -296,8 +376,10 @@ def _health_routes(app: FastAPI) -> None:
                 admit_max_late=state.sessions.late_limit,
                 **state.media.info(),
             )
-        if failure is not None:
-            body["engine_error"] = str(failure).splitlines()[0][:300]
+            if devices.several:
+                body["devices"] = devices.report(now)
+        if failed and not devices.several:
+            body["engine_error"] = next(iter(failed.values()))
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)

@@ -3,8 +3,10 @@
 Preparation (decode -> faces -> masks -> latents) runs in ONE background thread, one upload at
 a time; its progress (0..1) and stage are kept in memory for GET and written to the store's
 meta.json at most twice a second. Failures become status "failed" with a readable error.
-Engine work (latent encoding, load_avatar, unload_avatar) goes through the frame worker, the
-only thread that touches the engine.
+Engine work (latent encoding, load_avatar, unload_avatar) goes through a unit's frame worker,
+the only thread that touches its engine (`server.session.devices`): latents are made on the
+primary unit; an avatar is made resident on the unit a session runs on when one first needs it
+there (`ready`) and, with several devices, unloaded from a unit no session there uses (`release`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from avatars.musetalk_faces.pipeline import FacePipeline
 from avatars.prepare import prepare_avatar_file
 from avatars.store import AvatarNotFoundError, AvatarStore, AvatarStoreError
 from avatars.store_io import NO_SPACE, is_no_space
-from engines.base import Engine
 from server.media.pictures import IdleFrames
 from server.metrics import ServerMetrics
-from server.session.worker import Worker
+from server.session.devices import Devices, Unit
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ class AvatarService:
     def __init__(
         self,
         store: AvatarStore,
-        engine: Engine,
-        worker: Worker,
+        devices: Devices,
         metrics: ServerMetrics,
         limits: DecodeLimits,
         idle_frames: IdleFrames,
@@ -74,8 +74,7 @@ class AvatarService:
         device: str = "auto",
     ) -> None:
         self.store = store
-        self.engine = engine
-        self.worker = worker
+        self.devices = devices
         self.metrics = metrics
         self.limits = limits  # what an upload is probed and decoded against
         self.idle_frames = idle_frames  # the sessions' cached idle pictures
@@ -87,7 +86,8 @@ class AvatarService:
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-prep")
         self._jobs: dict[str, tuple[Future[None], Path]] = {}
         self._live: dict[str, tuple[float, str]] = {}  # id -> (progress, stage) while preparing
-        self._loaded: dict[str, Avatar] = {}
+        self._loaded: dict[str, Avatar] = {}  # host copies of the avatars resident anywhere
+        self._resident: dict[Unit, set[str]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._deleted: set[str] = set()
         self._failed: dict[str, str] = {}  # id -> error, where "failed" could not be written
@@ -200,7 +200,7 @@ class AvatarService:
             return str(exc)
         except Exception as exc:
             return _failure(avatar_id, exc)
-        key = getattr(self.engine, "latents_key", None)
+        key = getattr(self.devices.primary.engine, "latents_key", None)
         if avatar.latents is not None and key:
             avatar.latents_key = str(key)  # made by this engine's VAE: reuse on load
         return avatar
@@ -274,19 +274,22 @@ class AvatarService:
 
     def _encoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """The engine's latent encoder, run on the worker thread (None if it has none)."""
-        encode = getattr(self.engine, "encode_latents", None)
+        unit = self.devices.primary
+        encode = getattr(unit.engine, "encode_latents", None)
         if encode is None:
             return None
 
         def run(crops: np.ndarray) -> np.ndarray:
-            return np.asarray(self.worker.call(encode, crops).result())
+            return np.asarray(unit.worker.call(encode, crops).result())
 
         return run
 
     # -- engine residency ----------------------------------------------------------------
-    async def ready(self, avatar_id: str) -> Avatar:
-        """The avatar, loaded into the engine. Raises AvatarNotFoundError (unknown, or being
-        deleted) / AvatarNotReady (not ready, failed, or its files damaged: the reason)."""
+    async def ready(self, avatar_id: str, unit: Unit | None = None) -> Avatar:
+        """The avatar, resident on `unit` (default: the primary). Raises AvatarNotFoundError
+        (unknown, or being deleted) / AvatarNotReady (not ready, failed, or its files damaged:
+        the reason)."""
+        unit = unit or self.devices.primary
         self._check_not_deleted(avatar_id)
         meta = self.public(await asyncio.to_thread(self.store.describe, avatar_id))
         self._check_not_deleted(avatar_id)  # its files may have gone while described
@@ -295,14 +298,16 @@ class AvatarService:
             detail = f": {meta.get('error')}" if status == "failed" and meta.get("error") else ""
             raise AvatarNotReady(f"avatar {avatar_id!r} is {status}{detail}")
         loaded = self._loaded.get(avatar_id)
-        if loaded is not None:
+        if loaded is not None and avatar_id in self._resident.get(unit, ()):
             return loaded
         lock = self._load_locks.setdefault(avatar_id, asyncio.Lock())
-        async with lock:  # `delete` takes it too: a load under way ends before an unload
+        async with lock:  # `delete` and `release` take it too: loads and unloads in turn
             self._check_not_deleted(avatar_id)
             loaded = self._loaded.get(avatar_id)
             if loaded is None:
                 loaded = await self._load(avatar_id)
+            if avatar_id not in self._resident.get(unit, ()):
+                await self._make_resident(loaded, unit)
         return loaded
 
     def _check_not_deleted(self, avatar_id: str) -> None:
@@ -310,8 +315,8 @@ class AvatarService:
             raise AvatarNotFoundError(f"no avatar {avatar_id!r} (deleted)")
 
     async def _load(self, avatar_id: str) -> Avatar:
-        """Load from the store (whole, not a memory map of files that may change) and make
-        resident in the engine; called with the avatar's load lock held."""
+        """Load from the store, whole (not a memory map of files that may change); called
+        with the avatar's load lock held."""
         try:
             avatar = await asyncio.to_thread(self.store.load, avatar_id, False)
         except AvatarNotFoundError:
@@ -319,19 +324,40 @@ class AvatarService:
         except AvatarStoreError as exc:
             self._check_not_deleted(avatar_id)  # its folder went away under the load
             raise AvatarNotReady(str(exc)) from None
+        self._loaded[avatar_id] = avatar
+        return avatar
+
+    async def _make_resident(self, avatar: Avatar, unit: Unit) -> None:
+        """Load `avatar` into `unit`'s engine; called with the avatar's load lock held."""
         stored_key = avatar.latents_key
         # through the worker: the GPU scheduler also uploads its paste-back data
         # and runs one warm frame, so the session's first frame pays no set-up
-        await asyncio.wrap_future(self.worker.load_avatar(avatar))
-        if avatar_id in self._deleted:  # deleted while it loaded: leave nothing resident
-            await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
-            self._check_not_deleted(avatar_id)
-        self._loaded[avatar_id] = avatar
-        log.info("avatar loaded into the engine", extra={"avatar_id": avatar_id})
+        await asyncio.wrap_future(unit.worker.load_avatar(avatar))
+        if avatar.id in self._deleted:  # deleted while it loaded: leave nothing resident
+            await asyncio.wrap_future(unit.worker.unload_avatar(avatar.id))
+            self._check_not_deleted(avatar.id)
+        self._resident.setdefault(unit, set()).add(avatar.id)
+        log.info(
+            "avatar loaded into the engine", extra={"avatar_id": avatar.id, "device": unit.device}
+        )
         if avatar.latents is not None and avatar.latents_key and avatar.latents_key != stored_key:
             # the engine made latents for this avatar: keep them for the next start
             await asyncio.to_thread(self._save_latents, avatar)
-        return avatar
+
+    async def release(self, avatar_id: str, unit: Unit, in_use: Callable[[], bool]) -> None:
+        """Unload the avatar from `unit` unless `in_use()` (read under the avatar's lock: a
+        session placed meanwhile keeps it); the host copy goes once no unit holds it."""
+        lock = self._load_locks.get(avatar_id)
+        if lock is None:
+            return
+        async with lock:
+            held = self._resident.get(unit, set())
+            if avatar_id not in held or in_use():
+                return
+            held.discard(avatar_id)
+            if not any(avatar_id in ids for ids in self._resident.values()):
+                self._loaded.pop(avatar_id, None)
+            await _unload(unit, avatar_id)
 
     def _save_latents(self, avatar: Avatar) -> None:
         try:
@@ -375,8 +401,11 @@ class AvatarService:
         if lock is not None:
             async with lock:  # a load under way finishes (and sees the delete) first
                 pass
-        if self._loaded.pop(avatar_id, None) is not None:
-            await asyncio.wrap_future(self.worker.unload_avatar(avatar_id))
+        self._loaded.pop(avatar_id, None)
+        for unit, ids in self._resident.items():
+            if avatar_id in ids:
+                ids.discard(avatar_id)
+                await _unload(unit, avatar_id)
         self.idle_frames.forget(avatar_id)
         self._load_locks.pop(avatar_id, None)
         self._failed.pop(avatar_id, None)
@@ -401,6 +430,20 @@ class AvatarService:
                 counts[status] = counts.get(status, 0) + 1
         for status, n in counts.items():
             self.metrics.avatars.labels(status).set(n)
+
+
+async def _unload(unit: Unit, avatar_id: str) -> None:
+    """Unload from one unit; a failure is logged (a stopped worker holds nothing any more)."""
+    try:
+        await asyncio.wrap_future(unit.worker.unload_avatar(avatar_id))
+    except Exception:
+        log.warning(
+            "could not unload the avatar",
+            exc_info=True,
+            extra={"avatar_id": avatar_id, "device": unit.device},
+        )
+        return
+    log.info("avatar unloaded", extra={"avatar_id": avatar_id, "device": unit.device})
 
 
 def _failure(avatar_id: str, exc: BaseException) -> str:

@@ -39,6 +39,24 @@ class ServerMetrics:
             "Speaking frames of the last 10 s the engine made too late (server.session.overload)",
             registry=r,
         )
+        self.device_sessions = Gauge(
+            "lipstream_device_sessions", "Sessions open now, by device", ["device"], registry=r
+        )
+        self.device_late_fraction = Gauge(
+            "lipstream_device_late_fraction",
+            "Speaking frames of the last 10 s made too late, by device",
+            ["device"],
+            registry=r,
+        )
+        self.device_failed = Gauge(
+            "lipstream_device_failed",
+            "1 where the device faulted (its sessions were ended; it takes no new ones)",
+            ["device"],
+            registry=r,
+        )
+        self.device_avatars = Gauge(
+            "lipstream_device_avatars", "Avatars resident, by device", ["device"], registry=r
+        )
         self.video_drop_fraction = Gauge(
             "lipstream_video_drop_fraction",
             "Video frames of the last 10 s dropped before the encoders (server.session.overload)",

@@ -319,7 +319,7 @@ def test_a_silent_session_costs_no_engine_work(
     served: tuple[ServerThread, Path], avatar_id: str
 ) -> None:
     srv, _ = served
-    worker = srv.app.state.worker
+    worker = srv.app.state.devices.primary.worker
 
     async def idle() -> tuple[int, int, int]:
         client = LoopbackClient(srv.base_url)
@@ -391,7 +391,7 @@ def test_musetalk_first_frame_latency_on_gpu(tmp_path: Path) -> None:
 
     app = create_app(settings, engine=engine, reason=reason)
     with ServerThread(app, start_timeout=400.0) as srv:  # compiled: warm-up compiles
-        assert isinstance(app.state.worker, GpuWorker)
+        assert isinstance(app.state.devices.primary.worker, GpuWorker)
         deadline = time.monotonic() + 300
         while True:
             avatars = httpx.get(f"{srv.base_url}/v1/avatars").json()["avatars"]

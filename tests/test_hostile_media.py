@@ -32,6 +32,7 @@ from server.app import create_app
 from server.avatar_service import AvatarService
 from server.media.pictures import IdleFrames
 from server.metrics import ServerMetrics
+from server.session.devices import Devices, Unit
 from server.session.worker import FrameWorker
 from server.settings import Settings
 
@@ -194,9 +195,8 @@ def test_a_final_status_is_written_after_the_upload_is_removed(
     Every final status written is recorded with whether an upload was still on disk."""
     store = AvatarStore(tmp_path / "avatars")
     engine = PreviewEngine()
-    service = AvatarService(
-        store, engine, FrameWorker(engine), ServerMetrics(), DecodeLimits(), IdleFrames()
-    )
+    devices = Devices([Unit("cpu", engine, FrameWorker(engine))], max_sessions=4)
+    service = AvatarService(store, devices, ServerMetrics(), DecodeLimits(), IdleFrames())
     service.startup()
     written: list[tuple[str, bool]] = []
 

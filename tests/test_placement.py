@@ -120,20 +120,21 @@ def test_device_lists_and_the_setting() -> None:
         Settings(devices="0", device="cuda:1")
 
 
-def test_serve_takes_one_device_and_refuses_several() -> None:
-    from lipstream.commands.serve import one_device
+def test_serve_resolves_one_device_or_several() -> None:
+    from lipstream.commands.serve import resolve_devices
 
     plain = Settings()
-    assert one_device(plain, None, lambda: 0) is plain
-    assert one_device(Settings(), "1", lambda: 2).device == "cuda:1"
-    assert one_device(Settings(devices="all"), None, lambda: 1).device == "cuda:0"
-    with pytest.raises(SettingsError, match="several devices: not yet supported"):
-        one_device(Settings(devices="all"), None, lambda: 2)
+    assert resolve_devices(plain, None, lambda: 0) == (plain, ())
+    one, names = resolve_devices(Settings(), "1", lambda: 2)
+    assert one.device == "cuda:1" and not one.devices and names == ("cuda:1",)
+    assert resolve_devices(Settings(devices="all"), None, lambda: 1)[0].device == "cuda:0"
+    several, names = resolve_devices(Settings(devices="all"), None, lambda: 2)
+    assert names == ("cuda:0", "cuda:1") and several.devices == "all"
     with pytest.raises(SettingsError, match="no CUDA GPU"):
-        one_device(Settings(devices="0"), None, lambda: 0)
+        resolve_devices(Settings(devices="0"), None, lambda: 0)
 
 
-def test_cli_refuses_several_devices_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_refuses_a_device_it_does_not_see(monkeypatch: pytest.MonkeyPatch) -> None:
     import typer
     from typer.testing import CliRunner
 
@@ -143,9 +144,9 @@ def test_cli_refuses_several_devices_clearly(monkeypatch: pytest.MonkeyPatch) ->
     cli.callback()(lambda: None)  # a group, so that `serve` is a sub-command
     serve_cmd.register(cli)
     monkeypatch.setattr(serve_cmd, "_gpu_count", lambda: 2)
-    res = CliRunner().invoke(cli, ["serve", "--devices", "all"])
+    res = CliRunner().invoke(cli, ["serve", "--devices", "0,5"])
     assert res.exit_code == 2
-    assert "several devices:" in res.output and "not yet" in res.output
+    assert "no GPU 5" in res.output and "torch sees 2" in res.output
 
 
 def _run_device(sched: Any, n: int, out: dict[str, Any], key: str) -> None:

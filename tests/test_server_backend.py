@@ -65,7 +65,7 @@ def test_server_starts_with_the_frame_worker_on_cpu(tmp_path: Path) -> None:
     app = create_app(settings, engine=PreviewEngine(), reason="backend test")
     with ServerThread(app) as srv:
         assert httpx.get(srv.base_url + "/readyz").status_code == 200
-        assert type(app.state.worker) is FrameWorker
+        assert type(app.state.devices.primary.worker) is FrameWorker
 
 
 def test_server_refuses_compiled_for_musetalk_on_cpu(

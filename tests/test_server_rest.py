@@ -368,7 +368,7 @@ async def test_deleting_a_session_frees_everything(
     assert session._clock is None
     assert media.video.readyState == "ended" and media.audio.readyState == "ended"
     assert not session.playout.speaking and session.ws is None
-    assert server.app.state.worker.queued(sid) == 0
+    assert server.app.state.devices.primary.worker.queued(sid) == 0
     assert server.app.state.sessions.sessions == {}
     assert "lipstream_sessions_active 0.0" in (await client.get("/metrics")).text
     # the log lines of its life carry its id (and its avatar's) as fields

@@ -171,6 +171,7 @@ class GpuScheduler(WorkQueue):
         return self._pick_due(self.options.max_batch, self.options.lookahead_s)
 
     def _run(self) -> None:
+        bind_device(self.pipeline, self.engine)
         log.info(
             "gpu scheduler started: engine=%s gpu_pipeline=%s",
             self.engine.name,
@@ -296,6 +297,7 @@ class GpuScheduler(WorkQueue):
         return ("frames", [frames[n] for n in range(len(batch))])
 
     def _deliver(self) -> None:
+        bind_device(self.pipeline, self.engine)
         while True:
             got = self._deliveries.get()
             if got is None:
@@ -321,6 +323,19 @@ class GpuScheduler(WorkQueue):
             self._batch_off_gpu()
             for item, frames in zip(batch, per_item, strict=True):
                 _call_done(item, frames, None)
+
+
+def bind_device(*owners: Any) -> None:
+    """Make the first CUDA device among `owners`' `device` attributes the calling thread's
+    current device: with one scheduler per GPU, whatever a thread launches without naming a
+    device (compiled kernels, events) lands on its own GPU. Nothing where none is on CUDA."""
+    for owner in owners:
+        device = getattr(owner, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+            return
 
 
 def device_lost(exc: BaseException) -> bool:

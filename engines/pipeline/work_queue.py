@@ -79,18 +79,23 @@ class WorkQueue:
 
     # -- for subclasses ------------------------------------------------------------------
     def _set_stopping(self) -> None:
-        """Take no more work, drop what is queued and wake the thread."""
+        """Take no more work, drop what is queued, fail the calls not yet run and wake the
+        thread."""
         with self._cond:
             self._stopping = True
             self._queues.clear()
             self._cond.notify_all()
+        self._cancel_calls()
 
     def _cancel_calls(self) -> None:
-        """Cancel the calls the (stopped) thread will not run."""
+        """Fail the calls the (stopping) thread will not run with the stopped error (their
+        awaiting callers see why, not a cancellation)."""
         with self._cond:
-            while self._calls:
-                _, fut = self._calls.popleft()
-                fut.cancel()
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(self.stopped_error(self.stopped_message))
 
     def _next_step(self, pick: Callable[[], list[Any]]) -> list[Any] | None:
         """On the engine thread: wait for work, run the pending calls and return the items

@@ -68,7 +68,7 @@ def serve(
     import uvicorn
 
     from engines.base import EngineError
-    from server.app import build_engine, create_app, uvicorn_options
+    from server.app import create_app, engines_for, uvicorn_options
     from server.ops import malloc_tuning
     from server.ops.conn_guard import fit_fd_limit
     from server.ops.drain import DrainingServer, reserve_s
@@ -92,14 +92,14 @@ def serve(
         }
         overrides = parse_assignments(set_ or [])
         overrides.update({k: v for k, v in flags.items() if v is not None})
-        settings = one_device(Settings.from_env(**overrides), devices, _gpu_count)
+        settings, _ = resolve_devices(Settings.from_env(**overrides), devices, _gpu_count)
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None
     connections = fit_fd_limit(settings.max_connections)
     settings = dataclasses.replace(settings, max_connections=connections)
     malloc_tuning.start(settings.malloc_trim_interval_s)  # before the media processes start
-    try:
-        chosen, reason = build_engine(settings)
+    try:  # one engine per GPU of `devices` (loaded in parallel), else the one
+        chosen, reason = engines_for(settings)
     except EngineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -121,17 +121,17 @@ def serve(
 
 
 def _gpu_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    from server.app import gpu_count
+
+    return gpu_count()
 
 
-def one_device(settings: Any, devices: str | None, gpu_count: Callable[[], int]) -> Any:
-    """The `devices` setting (the flag `devices` over it where given) resolved: empty -> the settings as they are; one GPU -> `device`
-    set to it; several -> SettingsError (one engine and scheduler per GPU behind one front is
-    not wired into the server yet: `server.session.placement` holds the placement)."""
+def resolve_devices(
+    settings: Any, devices: str | None, gpu_count: Callable[[], int]
+) -> tuple[Any, tuple[str, ...]]:
+    """The `devices` setting (the flag `devices` over it where given) resolved: (settings,
+    the GPUs). Empty -> the settings as they are and no list; one GPU -> `device` set to it;
+    several -> the list, one engine and scheduler each. SettingsError where it cannot be."""
     import dataclasses
 
     from server.session.placement import device_list
@@ -140,14 +140,11 @@ def one_device(settings: Any, devices: str | None, gpu_count: Callable[[], int])
     if devices is not None:
         settings = dataclasses.replace(settings, devices=devices)
     if not settings.devices:
-        return settings
+        return settings, ()
     try:
         names = device_list(settings.devices, gpu_count())
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
-    if len(names) > 1:
-        raise SettingsError(
-            f"several devices: not yet supported by this build ({', '.join(names)}); "
-            "run one server per GPU (--device cuda:N) behind a balancer"
-        )
-    return dataclasses.replace(settings, device=names[0], devices="")
+    if len(names) == 1:
+        return dataclasses.replace(settings, device=names[0], devices=""), names
+    return settings, names

@@ -23,6 +23,7 @@ from server.api.sessions import BadRequest, _error, _read_json
 from server.auth import require_api_key
 from server.avatar_service import AvatarNotReady, AvatarService
 from server.media.pictures import AvatarPictures
+from server.session.devices import Unit
 from server.session.manager import SessionLimitError, SessionManager
 
 try:
@@ -81,32 +82,17 @@ async def create_livekit_session(request: Request) -> Response:
         return _error(exc.status, str(exc))
     app = request.app
     manager: SessionManager = app.state.sessions
-    avatars: AvatarService = app.state.avatars
     try:
         async with manager.slot():
+            sid, unit = manager.place(avatar_id)
             try:
-                avatar = await avatars.ready(avatar_id)
-            except AvatarNotFoundError as exc:
-                return _error(404, str(exc))
-            except AvatarNotReady as exc:
-                return _error(409, str(exc))
-            parts = livekit_room.RoomParts(
-                avatar=avatar,
-                pictures=AvatarPictures(avatar, app.state.engine, app.state.idle_frames),
-                worker=app.state.worker,
-                settings=app.state.settings,
-                metrics=app.state.metrics,
-            )
-            try:
-                session, worker = await livekit_room.open_room_session(
-                    parts, url, token, manager.end_soon, JOIN_TIMEOUT_S
-                )
-            except ConnectionError as exc:
-                return _error(502, str(exc))
-            if avatars.deleted(avatar_id):
-                await session.close("avatar_deleted")
-                return _error(404, f"no avatar {avatar_id!r} (deleted)")
+                session, worker = await _join(app, sid, unit, avatar_id, url, token)
+            except BaseException:
+                manager.unplace(sid)
+                raise
             manager.add(session)
+    except BadRequest as exc:
+        return _error(exc.status, str(exc))
     except SessionLimitError as exc:
         return _error(
             503,
@@ -116,9 +102,45 @@ async def create_livekit_session(request: Request) -> Response:
         )
     log.info(
         "livekit session opened",
-        extra={"session_id": session.id, "avatar_id": avatar.id, "room": worker.room_name},
+        extra={"session_id": session.id, "avatar_id": avatar_id, "room": worker.room_name},
     )
     return JSONResponse(
         {"session_id": session.id, "room": worker.room_name, "identity": worker.identity},
         status_code=201,
     )
+
+
+async def _join(
+    app: Any, sid: str, unit: Unit | None, avatar_id: str, url: str, token: str
+) -> tuple[Any, Any]:
+    """The session on `unit`, joined to the room: (session, its room worker). BadRequest 404
+    / 409 (avatar), 502 (the room could not be joined)."""
+    assert livekit_room is not None
+    avatars: AvatarService = app.state.avatars
+    manager: SessionManager = app.state.sessions
+    unit = unit or app.state.devices.primary
+    try:
+        avatar = await avatars.ready(avatar_id, unit)
+    except AvatarNotFoundError as exc:
+        raise BadRequest(404, str(exc)) from None
+    except AvatarNotReady as exc:
+        raise BadRequest(409, str(exc)) from None
+    parts = livekit_room.RoomParts(
+        avatar=avatar,
+        pictures=AvatarPictures(avatar, unit.engine, app.state.idle_frames),
+        worker=unit.worker,
+        settings=app.state.settings,
+        metrics=app.state.metrics,
+        sid=sid,
+    )
+    try:
+        session, worker = await livekit_room.open_room_session(
+            parts, url, token, manager.end_soon, JOIN_TIMEOUT_S
+        )
+    except ConnectionError as exc:
+        raise BadRequest(502, str(exc)) from None
+    session.device = unit.device
+    if avatars.deleted(avatar_id):
+        await session.close("avatar_deleted")
+        raise BadRequest(404, f"no avatar {avatar_id!r} (deleted)")
+    return session, worker

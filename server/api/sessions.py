@@ -17,6 +17,7 @@ from server.media.advertise import advertise
 from server.media.pictures import AvatarPictures
 from server.media.pool import MediaProcessError
 from server.media.webrtc import OfferError, check_offer
+from server.session.devices import Unit
 from server.session.manager import SessionLimitError, SessionManager
 from server.session.session import Session
 
@@ -120,46 +121,17 @@ async def open_session(app: Any, avatar_id: str, sdp: str) -> tuple[Session, str
         raise BadRequest(400, str(exc)) from None
     try:
         async with manager.slot():
+            sid, unit = manager.place(avatar_id)
             try:
-                avatar = await avatars.ready(avatar_id)
-            except AvatarNotFoundError as exc:
-                raise BadRequest(404, str(exc)) from None
-            except AvatarNotReady as exc:
-                raise BadRequest(409, str(exc)) from None
-            session = Session(
-                avatar=avatar,
-                pictures=AvatarPictures(avatar, app.state.engine, app.state.idle_frames),
-                worker=app.state.worker,
-                settings=settings,
-                metrics=app.state.metrics,
-            )
-
-            def on_state(state: str) -> None:
-                if state == "connected":
-                    session.mark_connected()
-                elif state in ("failed", "closed"):
-                    manager.end_soon(session.id, f"peer_{state}")
-
-            try:
-                session.media = app.state.media.link(
-                    session.media_events(on_state), session.pictures.shape
-                )
-                answer, sending = await session.media.negotiate(sdp)
-                answer = advertise(answer, settings.ice_advertise_address)
-            except OfferError as exc:
-                await session.close("bad_offer")
-                raise BadRequest(400, str(exc)) from None
-            except MediaProcessError as exc:
-                await session.close("error")
-                retry = {"Retry-After": str(settings.retry_after_s)}
-                raise BadRequest(503, str(exc), headers=retry) from None
+                session = await _new_session(app, sid, unit, avatar_id)
+                answer, sending = await _negotiate(app, session, sdp)
+                if avatars.deleted(avatar_id):  # the delete began while this one negotiated
+                    await session.close("avatar_deleted")
+                    raise BadRequest(404, f"no avatar {avatar_id!r} (deleted)")
             except BaseException:
-                await session.close("error")
+                manager.unplace(sid)
                 raise
             session.wanted = sending
-            if avatars.deleted(avatar_id):  # the delete began while this one was negotiated
-                await session.close("avatar_deleted")
-                raise BadRequest(404, f"no avatar {avatar_id!r} (deleted)")
             manager.add(session)  # no await since the check: the delete ends it, or it saw it
     except SessionLimitError as exc:
         raise BadRequest(
@@ -170,9 +142,65 @@ async def open_session(app: Any, avatar_id: str, sdp: str) -> tuple[Session, str
         ) from None
     log.info(
         "session opened",
-        extra={"session_id": session.id, "avatar_id": avatar.id, "tracks": sorted(sending)},
+        extra={
+            "session_id": session.id,
+            "avatar_id": avatar_id,
+            "device": unit.device if unit is not None else None,
+            "tracks": sorted(sending),
+        },
     )
     return session, answer
+
+
+async def _new_session(app: Any, sid: str, unit: Unit | None, avatar_id: str) -> Session:
+    """A session on `unit` (None: the server's one worker) with its avatar resident there;
+    BadRequest 404/409 where the avatar is unknown or not ready."""
+    avatars: AvatarService = app.state.avatars
+    unit = unit or app.state.devices.primary
+    try:
+        avatar = await avatars.ready(avatar_id, unit)
+    except AvatarNotFoundError as exc:
+        raise BadRequest(404, str(exc)) from None
+    except AvatarNotReady as exc:
+        raise BadRequest(409, str(exc)) from None
+    session = Session(
+        avatar=avatar,
+        pictures=AvatarPictures(avatar, unit.engine, app.state.idle_frames),
+        worker=unit.worker,
+        settings=app.state.settings,
+        metrics=app.state.metrics,
+        sid=sid,
+    )
+    session.device = unit.device
+    return session
+
+
+async def _negotiate(app: Any, session: Session, sdp: str) -> tuple[str, set[str]]:
+    """The session's peer connection answered: (answer SDP, the tracks it sends). A refusal
+    closes the session and raises BadRequest (400 offer, 503 media processes down)."""
+    settings = app.state.settings
+    manager: SessionManager = app.state.sessions
+
+    def on_state(state: str) -> None:
+        if state == "connected":
+            session.mark_connected()
+        elif state in ("failed", "closed"):
+            manager.end_soon(session.id, f"peer_{state}")
+
+    try:
+        session.media = app.state.media.link(session.media_events(on_state), session.pictures.shape)
+        answer, sending = await session.media.negotiate(sdp)
+        return advertise(answer, settings.ice_advertise_address), set(sending)
+    except OfferError as exc:
+        await session.close("bad_offer")
+        raise BadRequest(400, str(exc)) from None
+    except MediaProcessError as exc:
+        await session.close("error")
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        raise BadRequest(503, str(exc), headers=retry) from None
+    except BaseException:
+        await session.close("error")
+        raise
 
 
 def _session(request: Request, session_id: str) -> Session | None:

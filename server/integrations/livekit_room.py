@@ -112,6 +112,7 @@ class RoomParts:
     worker: Any  # server.session.worker.Worker
     settings: Any  # server.settings.Settings
     metrics: Any  # server.metrics.ServerMetrics
+    sid: str | None = None  # the session's id (placed already), or a new one
 
 
 async def open_room_session(
@@ -129,6 +130,7 @@ async def open_room_session(
         worker=parts.worker,
         settings=parts.settings,
         metrics=parts.metrics,
+        sid=parts.sid,
     )
 
     def dropped() -> None:

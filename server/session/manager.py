@@ -3,8 +3,14 @@
 `SessionManager` holds every open `Session`: the session limit (503 + Retry-After), draining
 and overload (`server.session.overload`) decide whether a new one may open (`slot`); `end`
 closes one for any reason (DELETE, peer close or ICE failure, connect, idle and peer-silence
-timeouts, avatar deleted, shutdown). Every end cancels the session's clock, drops its queued
-work, stops its tracks and closes its peer connection (errors there are logged, never raised).
+timeouts, avatar deleted, device failed, shutdown). Every end cancels the session's clock,
+drops its queued work, stops its tracks and closes its peer connection (errors there are
+logged, never raised).
+
+Where sessions run is `devices` (`server.session.devices`): `place` picks the unit a new session
+goes to; an end gives its place back and, with several devices, has the avatar unloaded from a
+device no session there uses any more (`unload`, the avatar service's). The reaper also ends
+the sessions of a device that faulted.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from server.metrics import ServerMetrics
+from server.session.devices import Devices, Unit
 from server.session.overload import LateFrames
-from server.session.session import Session
+from server.session.placement import NoRoom
+from server.session.session import Session, session_id
 from server.session.turnaround import Turnaround
 from server.settings import Settings
 
@@ -42,8 +50,17 @@ class SessionLimitError(Exception):
 class SessionManager:
     """All sessions of the server; see the module docstring."""
 
-    def __init__(self, settings: Settings, metrics: ServerMetrics, late_limit: float = 0.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServerMetrics,
+        late_limit: float = 0.0,
+        devices: Devices | None = None,
+    ) -> None:
         self.settings = settings
+        self.devices = devices
+        # (avatar id, unit) -> unloads the avatar there unless a session uses it again
+        self.unload: Callable[[str, Unit], Coroutine[Any, Any, None]] | None = None
         # refuse new sessions while more than this fraction of speaking frames come late (0: off)
         self.late_limit = late_limit
         self.late = LateFrames()
@@ -101,13 +118,43 @@ class SessionManager:
             self._opening -= 1
 
     def room(self) -> int:
-        """How many more sessions `slot` would admit now (0 while draining or overloaded)."""
-        if self.draining or self.late.why(asyncio.get_running_loop().time(), self.late_limit):
+        """How many more sessions `slot` would admit now (0 while draining or overloaded;
+        a failed device's share counts as none)."""
+        now = asyncio.get_running_loop().time()
+        if self.draining or self.late.why(now, self.late_limit):
             return 0
-        return max(0, self.settings.max_sessions - len(self.sessions) - self._opening)
+        room = self.settings.max_sessions - len(self.sessions) - self._opening
+        if self.devices is not None and self.devices.failed:
+            loads = self.devices.placer.loads(now)
+            room = min(room, sum(d.limit - d.sessions for d in loads if not d.failed))
+        return max(0, room)
+
+    def place(self, avatar_id: str) -> tuple[str, Unit | None]:
+        """A new session's id and the unit it runs on (call inside `slot`; `unplace` it if
+        the open fails before `add`). Raises SessionLimitError where no device has room."""
+        sid = session_id(self.settings.server_id)
+        if self.devices is None:
+            return sid, None
+        try:
+            return sid, self.devices.place(sid, avatar_id, asyncio.get_running_loop().time())
+        except NoRoom as exc:
+            reason = {"full": "limit", "overloaded": "overloaded"}.get(exc.reason, "engine_failed")
+            self.metrics.sessions_refused.labels(reason).inc()
+            raise SessionLimitError(str(exc), self.settings.retry_after_s, reason) from None
+
+    def unplace(self, session_id: str) -> None:
+        """Give a session's place back (it ended, or never opened)."""
+        if self.devices is None:
+            return
+        freed = self.devices.close(session_id)
+        if freed is not None and self.devices.several and self.unload is not None:
+            unit, avatar_id = freed
+            self.spawn(self.unload(avatar_id, unit), name=f"unload-{avatar_id}")
 
     def add(self, session: Session) -> None:
         session.late_frames = self.late
+        if self.devices is not None and self.devices.several:
+            session.device_late = self.devices.late_window(session.id)
         session.turnaround = self.turnaround
         self.sessions[session.id] = session
         self.metrics.sessions_total.inc()
@@ -134,7 +181,10 @@ class SessionManager:
             return False
         self.metrics.sessions_active.set(len(self.sessions))
         self.metrics.sessions_ended.labels(reason).inc()
-        await session.close(reason)
+        try:
+            await session.close(reason)
+        finally:
+            self.unplace(session_id)
         return True
 
     def end_soon(self, session_id: str, reason: str) -> None:
@@ -200,6 +250,25 @@ class SessionManager:
             await self.end(session.id, reason)
         return ended
 
+    async def end_failed_devices(self) -> dict[str, list[str]]:
+        """End the sessions of every device that faulted since the last look; the per-device
+        gauges updated. Returns device -> the sessions ended."""
+        if self.devices is None:
+            return {}
+        lost = self.devices.check()
+        for device, ids in lost.items():
+            log.error(
+                "device failed, ending its sessions",
+                extra={"device": device, "sessions": len(ids), "why": self.devices.failed[device]},
+            )
+            await asyncio.gather(*(self.end(i, "device_failed") for i in ids))
+        for device, row in self.devices.report(asyncio.get_running_loop().time()).items():
+            self.metrics.device_sessions.labels(device).set(row["sessions"])
+            self.metrics.device_late_fraction.labels(device).set(row["late"] or 0.0)
+            self.metrics.device_failed.labels(device).set(1 if row["failed"] else 0)
+            self.metrics.device_avatars.labels(device).set(len(row["avatars"]))
+        return lost
+
     async def _reap_forever(self) -> None:
         s = self.settings
         period = min(1.0, s.connect_timeout_s / 4, s.idle_timeout_s / 4, s.peer_silence_s / 4)
@@ -209,6 +278,7 @@ class SessionManager:
             self.metrics.engine_late_fraction.set(self.late.fraction(now) or 0.0)
             self.metrics.video_drop_fraction.set(self.late.drop_fraction(now) or 0.0)
             try:
+                await self.end_failed_devices()
                 await self.reap()
             except Exception:
                 log.exception("session reaper failed")

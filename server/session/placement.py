@@ -222,6 +222,13 @@ class Placer:
         placement = self._placed.get(session_id)
         return None if placement is None else placement.device
 
+    def placement_of(self, session_id: str) -> Placement | None:
+        return self._placed.get(session_id)
+
+    def late_window(self, device: str) -> LateFrames:
+        """The device's lateness window (the sessions placed there tick into it)."""
+        return self._devices[device].late
+
     def report(self, now: float) -> dict[str, dict[str, object]]:
         """Per device, for /readyz and /metrics: sessions, limit, late, failed (why), avatars."""
         out: dict[str, dict[str, object]] = {}

@@ -69,8 +69,10 @@ class Session:
         worker: Worker,
         settings: Settings,
         metrics: ServerMetrics,
+        sid: str | None = None,
     ) -> None:
-        self.id = session_id(settings.server_id)
+        self.id = sid or session_id(settings.server_id)
+        self.device: str | None = None  # the device its frames are made on (its unit's)
         self.token = secrets.token_urlsafe(24)
         self.avatar = avatar
         self.pictures = pictures
@@ -111,6 +113,7 @@ class Session:
         self._ws_gone = asyncio.Event()
         self.ws: Any = None  # the attached websocket, if any
         self.late_frames: LateFrames | None = None  # the server's overload window (add)
+        self.device_late: LateFrames | None = None  # its device's, with several (add)
         self.turnaround: Turnaround | None = None  # the worker's recent turnarounds (add)
 
     # -- info ----------------------------------------------------------------------------
@@ -123,6 +126,7 @@ class Session:
         return {
             "session_id": self.id,
             "avatar_id": self.avatar.id,
+            "device": self.device,
             "state": self.state,
             "end_reason": self.end_reason,
             "created": self.created_wall,
@@ -135,6 +139,10 @@ class Session:
             "ws_closed_over_budget": self.ws_budget.closes,
             **self.stats.snapshot(),
         }
+
+    def late_windows(self) -> tuple[LateFrames, ...]:
+        """The lateness windows this session's ticks go into (the server's, its device's)."""
+        return tuple(w for w in (self.late_frames, self.device_late) if w is not None)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -338,8 +346,8 @@ class Session:
         if kind == "video":
             self.stats.frames_dropped += 1
             self.metrics.frames_dropped.inc()
-            if self.late_frames is not None:
-                self.late_frames.dropped(self.loop.time(), self.id)
+            for window in self.late_windows():
+                window.dropped(self.loop.time(), self.id)
         else:
             self.stats.audio_dropped += 1
 
@@ -386,7 +394,7 @@ class Session:
             self.stats.late_starts += 1
         if tick.kind == "hold":
             self.metrics.late_frames.inc()
-        if self.late_frames is not None:
-            self.late_frames.tick(now, tick.kind == "speech", tick.engine_late, self.id)
+        for window in self.late_windows():
+            window.tick(now, tick.kind == "speech", tick.engine_late, self.id)
         for event in tick.events:
             self.emit(event)

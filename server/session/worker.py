@@ -29,6 +29,7 @@ import numpy as np
 
 from avatars.avatar import Avatar
 from engines.base import Engine, FrameJob
+from engines.pipeline.scheduler import device_lost
 from engines.pipeline.work_queue import WorkQueue
 from server.metrics import ServerMetrics
 
@@ -60,6 +61,7 @@ class Worker(Protocol):
     """What sessions and the avatar service need of a frame worker (FrameWorker, GpuWorker)."""
 
     step_ema: float  # recent step time (s), for sessions to plan their lead
+    failure: BaseException | None  # the device error that stopped the worker, if one did
 
     @property
     def max_batch(self) -> int: ...
@@ -122,6 +124,7 @@ class FrameWorker(WorkQueue):
         self.frames = 0
         self.busy_s = 0.0
         self.step_ema = 0.0  # recent engine step time (s), for sessions to plan their lead
+        self.failure: BaseException | None = None  # a device error that stopped the worker
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -174,6 +177,7 @@ class FrameWorker(WorkQueue):
                 feats = self.engine.stream_features(items[-1].audio, jobs)
             except Exception as exc:
                 log.exception("stream_features failed", extra={"session_id": items[0].key})
+                self._check_device(exc)
                 for item in items:
                     self._done(item, None, exc)
                 continue
@@ -206,6 +210,7 @@ class FrameWorker(WorkQueue):
             images = self.engine.render(avatar_id, positions, joined)
         except Exception as exc:
             log.exception("render failed", extra={"avatar_id": avatar_id, "frames": len(positions)})
+            self._check_device(exc)
             for item, _ in members:
                 self._done(item, None, exc)
             return 0
@@ -215,6 +220,15 @@ class FrameWorker(WorkQueue):
             self._done(item, [images[offset + i] for i in range(k)], None)
             offset += k
         return len(positions)
+
+    def _check_device(self, exc: BaseException) -> None:
+        """A device error stops the worker (`alive` turns false): its device cannot be used
+        again in this process. Any other error fails only its own items."""
+        if self.failure is not None or not device_lost(exc):
+            return
+        self.failure = exc
+        log.critical("frame worker stopping: its device failed", extra={"error": str(exc)[:300]})
+        self._set_stopping()
 
     @staticmethod
     def _done(item: WorkItem, frames: list[np.ndarray] | None, exc: BaseException | None) -> None:

@@ -1,0 +1,224 @@
+"""One server, several devices (`server.session.devices`): sessions are spread over the devices,
+an avatar is loaded on a device when a session there first needs it and unloaded when none
+there uses it, a device that faults ends only its own sessions (the others keep their frames,
+new sessions go elsewhere), and /readyz and /metrics report per device.
+
+The server is real (uvicorn on loopback, aiortc peers, speech over the websocket). Its two
+"devices" are two preview engines, each with its own frame worker: CI has no GPU. The fault is
+modelled the same way: the engine of device `gpu:0` raises CUDA's own error text once told to,
+which is what a kernel fault makes a real engine raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from avatars.avatar import Avatar
+from bench.loopback import LoopbackClient, ServerThread, SessionRefused, wait_first_avatar_ready
+from engines.preview import PreviewEngine
+from server.app import create_app
+from server.session.devices import Devices, Unit
+from server.session.worker import FrameWorker
+from server.settings import Settings
+
+CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+class RecordingPreview(PreviewEngine):
+    """The preview engine, recording loads and unloads, and faulting on request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+        self.fault = threading.Event()
+
+    def load_avatar(self, avatar: Avatar) -> None:
+        self.loads.append(avatar.id)
+        super().load_avatar(avatar)
+
+    def unload_avatar(self, avatar_id: str) -> None:
+        self.unloads.append(avatar_id)
+        super().unload_avatar(avatar_id)
+
+    def render(
+        self, avatar_id: str, loop_positions: Sequence[int], features: np.ndarray
+    ) -> np.ndarray:
+        if self.fault.is_set():
+            raise RuntimeError(CUDA_FAULT)
+        return super().render(avatar_id, loop_positions, features)
+
+
+def speech(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2")
+
+
+async def session_info(base_url: str, sid: str) -> dict[str, Any] | None:
+    async with httpx.AsyncClient(base_url=base_url) as c:
+        r = await c.get(f"/v1/sessions/{sid}")
+    return r.json() if r.status_code == 200 else None
+
+
+async def wait_ended(base_url: str, sid: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while await session_info(base_url, sid) is not None:
+        assert time.monotonic() < deadline, f"session {sid} was not ended"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_devices_share_sessions_and_a_fault_ends_only_its_own(tmp_path: Path) -> None:
+    engines = {"gpu:0": RecordingPreview(), "gpu:1": RecordingPreview()}
+    settings = Settings(
+        engine="preview",
+        avatars_dir=tmp_path / "avatars",
+        demo_avatar=True,
+        max_sessions=4,
+        connect_timeout_s=120.0,
+    )
+    srv = ServerThread(create_app(settings, engine=dict(engines), reason="test")).start()
+    clients: list[LoopbackClient] = []
+    try:
+        avatar = wait_first_avatar_ready(srv.base_url)
+        for _ in range(2):
+            client = LoopbackClient(srv.base_url)
+            clients.append(client)
+            await client.open(avatar)
+            await client.connect_audio()
+            await client.wait_frames(5)
+        by_device: dict[str, LoopbackClient] = {}
+        for client in clients:
+            info = await session_info(srv.base_url, client.session["session_id"])
+            assert info is not None
+            by_device[info["device"]] = client
+        assert sorted(by_device) == ["gpu:0", "gpu:1"]  # one each: the device with most room
+        assert engines["gpu:0"].loads == [avatar] and engines["gpu:1"].loads == [avatar]
+
+        faulted, healthy = by_device["gpu:0"], by_device["gpu:1"]
+        await healthy.send_pcm(speech(1.5))
+        engines["gpu:0"].fault.set()
+        with contextlib.suppress(ConnectionClosed):  # it may end while its speech goes out
+            await faulted.send_pcm(speech(1.0))
+        await wait_ended(srv.base_url, faulted.session["session_id"])
+        frames = len(healthy.received.video)
+        await healthy.wait_frames(frames + 25)  # a second more of frames: it goes on
+        assert await session_info(srv.base_url, healthy.session["session_id"]) is not None
+
+        async with httpx.AsyncClient(base_url=srv.base_url) as c:
+            ready = await c.get("/readyz")
+            metrics = (await c.get("/metrics")).text
+        body = ready.json()
+        assert ready.status_code == 200 and body["status"] == "degraded"
+        assert CUDA_FAULT in body["devices"]["gpu:0"]["failed"]
+        assert body["devices"]["gpu:1"]["failed"] is None
+        assert body["devices"]["gpu:1"]["sessions"] == 1
+        assert 'lipstream_device_failed{device="gpu:0"} 1.0' in metrics
+        assert 'lipstream_device_failed{device="gpu:1"} 0.0' in metrics
+        assert 'lipstream_sessions_ended_total{reason="device_failed"} 1.0' in metrics
+
+        late = LoopbackClient(srv.base_url)  # a new session: only the healthy device is left
+        clients.append(late)
+        await late.open(avatar)
+        await late.wait_frames(5)
+        info = await session_info(srv.base_url, late.session["session_id"])
+        assert info is not None and info["device"] == "gpu:1"
+        assert engines["gpu:1"].loads == [avatar]  # resident there already: no second load
+
+        for client in (healthy, late):
+            await client.close()
+        deadline = time.monotonic() + 10
+        while engines["gpu:1"].unloads != [avatar]:  # unused on gpu:1 now: unloaded
+            assert time.monotonic() < deadline, engines["gpu:1"].unloads
+            await asyncio.sleep(0.05)
+    finally:
+        for client in clients:
+            await client.close(delete=False)
+        srv.stop()
+
+
+async def test_every_device_failed_refuses_new_sessions_and_says_so(tmp_path: Path) -> None:
+    engines = {"gpu:0": RecordingPreview(), "gpu:1": RecordingPreview()}
+    settings = Settings(
+        engine="preview", avatars_dir=tmp_path / "avatars", demo_avatar=True, max_sessions=4
+    )
+    srv = ServerThread(create_app(settings, engine=dict(engines), reason="test")).start()
+    clients = [LoopbackClient(srv.base_url), LoopbackClient(srv.base_url)]
+    try:
+        avatar = wait_first_avatar_ready(srv.base_url)
+        for client in clients:  # one on each device
+            await client.open(avatar)
+            await client.connect_audio()
+            await client.wait_frames(3)
+        for engine in engines.values():
+            engine.fault.set()
+        for client in clients:
+            with contextlib.suppress(ConnectionClosed):  # it may end while its speech goes out
+                await client.send_pcm(speech(1.0))
+        async with httpx.AsyncClient(base_url=srv.base_url) as c:
+            deadline = time.monotonic() + 10
+            while (ready := await c.get("/readyz")).json()["status"] != "engine_failed":
+                assert time.monotonic() < deadline, ready.json()
+                await asyncio.sleep(0.1)
+        assert ready.status_code == 503
+        assert set(ready.json()["devices"]) == {"gpu:0", "gpu:1"}
+        refused = LoopbackClient(srv.base_url)
+        clients.append(refused)
+        with pytest.raises(SessionRefused) as err:
+            await refused.open(avatar)
+        assert err.value.status == 503 and err.value.reason == "engine_failed"
+        assert "every device failed" in err.value.detail
+    finally:
+        for client in clients:
+            await client.close(delete=False)
+        srv.stop()
+
+
+async def test_an_unload_waits_for_a_session_placed_meanwhile(
+    tmp_path: Path, preview_avatar: Avatar
+) -> None:
+    """`release` re-reads whether the avatar is in use under the avatar's lock: a session
+    placed on the device between the end and the unload keeps it resident; the host copy
+    goes once no device holds the avatar."""
+    from avatars.decode import DecodeLimits
+    from avatars.store import AvatarStore
+    from server.avatar_service import AvatarService
+    from server.media.pictures import IdleFrames
+    from server.metrics import ServerMetrics
+
+    store = AvatarStore(tmp_path / "avatars")
+    store.save(preview_avatar)
+    engines = [RecordingPreview(), RecordingPreview()]
+    units = [Unit(f"gpu:{k}", e, FrameWorker(e)) for k, e in enumerate(engines)]
+    for unit in units:
+        unit.worker.start()
+    try:
+        devices = Devices(units, max_sessions=4)
+        service = AvatarService(store, devices, ServerMetrics(), DecodeLimits(), IdleFrames())
+        avatar_id = preview_avatar.id
+        for unit in units:
+            await service.ready(avatar_id, unit)
+        assert [e.loads for e in engines] == [[avatar_id], [avatar_id]]
+        await service.release(avatar_id, units[0], lambda: True)  # placed again meanwhile
+        assert engines[0].unloads == []
+        await service.release(avatar_id, units[0], lambda: False)
+        assert engines[0].unloads == [avatar_id] and engines[1].unloads == []
+        assert avatar_id in service._loaded  # gpu:1 still holds it
+        await service.ready(avatar_id, units[0])  # needed there again: loaded again
+        assert engines[0].loads == [avatar_id, avatar_id]
+        for unit in units:
+            await service.release(avatar_id, unit, lambda: False)
+        assert avatar_id not in service._loaded
+    finally:
+        for unit in units:
+            unit.worker.stop()

@@ -18,11 +18,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from avatars.store import AvatarNotFoundError
-from server.api.sessions import BadRequest, _error, _read_json
+from server.api.sessions import BadRequest, _error, _read_json, session_parts
 from server.auth import require_api_key
-from server.avatar_service import AvatarNotReady, AvatarService
-from server.media.pictures import AvatarPictures
+from server.avatar_service import AvatarService
 from server.session.devices import Unit
 from server.session.manager import SessionLimitError, SessionManager
 
@@ -118,21 +116,8 @@ async def _join(
     assert livekit_room is not None
     avatars: AvatarService = app.state.avatars
     manager: SessionManager = app.state.sessions
-    unit = unit or app.state.devices.primary
-    try:
-        avatar = await avatars.ready(avatar_id, unit)
-    except AvatarNotFoundError as exc:
-        raise BadRequest(404, str(exc)) from None
-    except AvatarNotReady as exc:
-        raise BadRequest(409, str(exc)) from None
-    parts = livekit_room.RoomParts(
-        avatar=avatar,
-        pictures=AvatarPictures(avatar, unit.engine, app.state.idle_frames),
-        worker=unit.worker,
-        settings=app.state.settings,
-        metrics=app.state.metrics,
-        sid=sid,
-    )
+    unit, fields = await session_parts(app, sid, unit, avatar_id)
+    parts = livekit_room.RoomParts(**fields)
     try:
         session, worker = await livekit_room.open_room_session(
             parts, url, token, manager.end_soon, JOIN_TIMEOUT_S

@@ -152,9 +152,12 @@ async def open_session(app: Any, avatar_id: str, sdp: str) -> tuple[Session, str
     return session, answer
 
 
-async def _new_session(app: Any, sid: str, unit: Unit | None, avatar_id: str) -> Session:
-    """A session on `unit` (None: the server's one worker) with its avatar resident there;
-    BadRequest 404/409 where the avatar is unknown or not ready."""
+async def session_parts(
+    app: Any, sid: str, unit: Unit | None, avatar_id: str
+) -> tuple[Unit, dict[str, Any]]:
+    """What a session on `unit` (None: the primary) is built from, its avatar made resident
+    there: (unit, the Session's keyword arguments). BadRequest 404/409 where the avatar is
+    unknown or not ready. WebRTC and LiveKit sessions are both built from these."""
     avatars: AvatarService = app.state.avatars
     unit = unit or app.state.devices.primary
     try:
@@ -163,14 +166,19 @@ async def _new_session(app: Any, sid: str, unit: Unit | None, avatar_id: str) ->
         raise BadRequest(404, str(exc)) from None
     except AvatarNotReady as exc:
         raise BadRequest(409, str(exc)) from None
-    session = Session(
-        avatar=avatar,
-        pictures=AvatarPictures(avatar, unit.engine, app.state.idle_frames),
-        worker=unit.worker,
-        settings=app.state.settings,
-        metrics=app.state.metrics,
-        sid=sid,
-    )
+    return unit, {
+        "avatar": avatar,
+        "pictures": AvatarPictures(avatar, unit.engine, app.state.idle_frames),
+        "worker": unit.worker,
+        "settings": app.state.settings,
+        "metrics": app.state.metrics,
+        "sid": sid,
+    }
+
+
+async def _new_session(app: Any, sid: str, unit: Unit | None, avatar_id: str) -> Session:
+    unit, parts = await session_parts(app, sid, unit, avatar_id)
+    session = Session(**parts)
     session.device = unit.device
     return session
 

@@ -138,7 +138,38 @@ class ConnectionGuard:
         self.log.warning(kind, message, {"client": client, **fields, "open": len(self.open)})
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
+class SendStall:
+    """Mixed in before a uvicorn protocol: a connection whose client stops reading (asyncio
+    pauses writing once the transport's buffer is full) and is still paused after
+    `send_timeout_s` is dropped, with a rate-limited warning (`stall_reason`)."""
+
+    guard: ClassVar[ConnectionGuard]
+    stall_reason: ClassVar[str] = "send_timeout"
+    stall_message: ClassVar[str] = "client not reading: connection dropped"
+    _stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._stall is None:
+            loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+            self._stall = loop.call_later(self.guard.limits.send_timeout_s, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._cancel_stall()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _send_stalled(self) -> None:
+        self._stall = None
+        self.guard.warn(self.stall_reason, self.stall_message, self)  # type: ignore[arg-type]
+        self.transport.abort()  # type: ignore[attr-defined]
+
+
+class GuardedHttpProtocol(SendStall, HttpToolsProtocol):
     """uvicorn's httptools protocol with the guard's timers and connection cap."""
 
     guard: ClassVar[ConnectionGuard]
@@ -305,26 +336,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self.flow.resume_reading()
         self._arm(LINGER_S, self.transport.close)
-
-    # -- sending -------------------------------------------------------------------------
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._stall is None:
-            self._stall = self.loop.call_later(self.guard.limits.send_timeout_s, self._send_stalled)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._cancel_stall()
-
-    def _cancel_stall(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _send_stalled(self) -> None:
-        self._stall = None
-        self.guard.warn("send_timeout", "client not reading: connection dropped", self)
-        self.transport.abort()
 
 
 def bound(cls: type[asyncio.Protocol], guard: ConnectionGuard) -> type[asyncio.Protocol]:

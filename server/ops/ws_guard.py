@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
-if TYPE_CHECKING:
-    from server.ops.conn_guard import ConnectionGuard
+from server.ops.conn_guard import ConnectionGuard, SendStall
 
 PING_BURST = 10
 SLICE = 4096
 POLICY_VIOLATION = 1008
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+class GuardedWebSocketProtocol(SendStall, WebSocketsSansIOProtocol):
     guard: ClassVar[ConnectionGuard]
+    stall_reason: ClassVar[str] = "ws_send_timeout"
+    stall_message: ClassVar[str] = "websocket client not reading: dropped"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,22 +108,3 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
                 "ws_send_buffer", "websocket client not reading: dropped", self, buffered=size
             )
             self.transport.abort()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._stall is None:
-            self._stall = self.loop.call_later(self.guard.limits.send_timeout_s, self._send_stalled)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._cancel_stall()
-
-    def _cancel_stall(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _send_stalled(self) -> None:
-        self._stall = None
-        self.guard.warn("ws_send_timeout", "websocket client not reading: dropped", self)
-        self.transport.abort()

@@ -222,3 +222,62 @@ async def test_an_unload_waits_for_a_session_placed_meanwhile(
     finally:
         for unit in units:
             unit.worker.stop()
+
+
+# -- two real GPUs (skipped unless torch sees two) -----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.allow_leaks("CUDA's device files live as long as the process")
+def test_two_gpus_each_make_their_own_sessions_frames(tmp_path: Path) -> None:
+    """MuseTalk (tiny random weights, eager torch backend) on cuda:0 and cuda:1 behind one
+    server: two sessions land one on each GPU, each GPU's scheduler makes its own session's
+    lip-synced frames, and /readyz lists both devices."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    from engines.backends import create_engine
+    from engines.musetalk.weights import make_random
+
+    models = tmp_path / "models"
+    make_random(models, size="tiny", seed=0)
+    engines = {
+        f"cuda:{i}": create_engine("musetalk", models, f"cuda:{i}", "torch")[0] for i in range(2)
+    }
+    settings = Settings(
+        engine="musetalk",
+        backend="torch",
+        avatars_dir=tmp_path / "avatars",
+        demo_avatar=True,
+        max_sessions=4,
+        connect_timeout_s=120.0,
+    )
+
+    async def drive(base_url: str, avatar: str) -> list[dict[str, Any]]:
+        clients = [LoopbackClient(base_url), LoopbackClient(base_url)]
+        try:
+            for client in clients:
+                await client.open(avatar)
+                await client.connect_audio()
+                await client.wait_frames(10, within=120)
+            for client in clients:
+                await client.send_pcm(speech(2.0))
+                await client.send_json({"type": "end"})
+            for client in clients:
+                await client.wait_event("playback_finished", within=60)
+            infos = [await session_info(base_url, c.session["session_id"]) for c in clients]
+            return [i for i in infos if i is not None]
+        finally:
+            for client in clients:
+                await client.close()
+
+    app = create_app(settings, engine=engines, reason="test")
+    with ServerThread(app, start_timeout=400.0) as srv:
+        avatar = wait_first_avatar_ready(srv.base_url, within=300)
+        infos = asyncio.run(drive(srv.base_url, avatar))
+        ready = httpx.get(f"{srv.base_url}/readyz").json()
+    assert sorted(i["device"] for i in infos) == ["cuda:0", "cuda:1"]
+    assert all(i["speech_frames"] >= 40 and i["frames_dropped"] == 0 for i in infos), infos
+    assert set(ready["devices"]) == {"cuda:0", "cuda:1"}
+    assert all(row["failed"] is None for row in ready["devices"].values())
+    frames = {d: u.worker.frames for d, u in app.state.devices.units.items()}
+    assert all(n > 0 for n in frames.values()), frames

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.base import Engine
+from engines.pipeline.scheduler import bind_device
 from server.metrics import ServerMetrics
 from server.session.gpu_worker import create_worker
 from server.session.overload import LateFrames
@@ -142,12 +143,17 @@ def build_units(
 ) -> list[Unit]:
     """A started worker for each engine (see the module docstring for the warm-up order)."""
     items = list(engines.items())
+
+    def worker_for(engine: Engine) -> Worker:
+        bind_device(engine)  # this thread's CUDA work (compiles, graph captures) on its GPU
+        return create_worker(engine, settings, metrics)
+
     t0 = time.perf_counter()
-    first = Unit(items[0][0], items[0][1], create_worker(items[0][1], settings, metrics))
+    first = Unit(items[0][0], items[0][1], worker_for(items[0][1]))
     units = [first]
     if len(items) > 1:
         with ThreadPoolExecutor(max_workers=len(items) - 1) as pool:
-            workers = list(pool.map(lambda kv: create_worker(kv[1], settings, metrics), items[1:]))
+            workers = list(pool.map(lambda kv: worker_for(kv[1]), items[1:]))
         units += [Unit(d, e, w) for (d, e), w in zip(items[1:], workers, strict=True)]
         log.info(
             "devices ready",

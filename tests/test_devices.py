@@ -235,8 +235,15 @@ def test_two_gpus_each_make_their_own_sessions_frames(tmp_path: Path) -> None:
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
+    import os
+    import shutil
+
     from engines.backends import create_engine
     from engines.musetalk.weights import make_random
+
+    made = os.environ.get("LIPSTREAM_TEST_AVATARS_DIR")  # a prepared store (see gpu_tests.sh)
+    if made:
+        shutil.copytree(made, tmp_path / "avatars")
 
     models = tmp_path / "models"
     make_random(models, size="tiny", seed=0)
@@ -247,7 +254,7 @@ def test_two_gpus_each_make_their_own_sessions_frames(tmp_path: Path) -> None:
         engine="musetalk",
         backend="torch",
         avatars_dir=tmp_path / "avatars",
-        demo_avatar=True,
+        demo_avatar=not made,
         max_sessions=4,
         connect_timeout_s=120.0,
     )

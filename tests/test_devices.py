@@ -184,6 +184,58 @@ async def test_every_device_failed_refuses_new_sessions_and_says_so(tmp_path: Pa
         srv.stop()
 
 
+def test_a_fault_noticed_at_placement_still_ends_its_sessions_once() -> None:
+    """A new session's placement that first notices a device's fault marks it failed (it is
+    not chosen), and the device's sessions still come back, once, from the reaper's check."""
+    engines = [RecordingPreview(), RecordingPreview()]
+    units = [Unit(f"gpu:{k}", e, FrameWorker(e)) for k, e in enumerate(engines)]
+    for unit in units:
+        unit.worker.start()
+    try:
+        devices = Devices(units, max_sessions=8)
+        placed = {sid: devices.place(sid, "av", now=0.0).device for sid in ("a", "b", "c", "d")}
+        on0 = sorted(s for s, d in placed.items() if d == "gpu:0")
+        units[0].worker.stop()  # as a fault stops it
+        assert devices.place("e", "av", now=0.0).device == "gpu:1"
+        assert devices.check() == {"gpu:0": on0}
+        assert devices.check() == {}
+        assert devices.failed == {"gpu:0": "its frame worker stopped"} and devices.alive
+    finally:
+        for unit in units:
+            unit.worker.stop()
+
+
+async def test_a_device_failing_while_a_session_opens_is_a_503_to_retry(
+    tmp_path: Path, preview_avatar: Avatar
+) -> None:
+    """The device chosen for a session faults before the avatar is resident there: the open
+    is refused with 503 `engine_failed` and Retry-After (not an internal error)."""
+    from types import SimpleNamespace
+
+    from avatars.decode import DecodeLimits
+    from avatars.store import AvatarStore
+    from server.api.sessions import BadRequest, session_parts
+    from server.avatar_service import AvatarService
+    from server.media.pictures import IdleFrames
+    from server.metrics import ServerMetrics
+
+    store = AvatarStore(tmp_path / "avatars")
+    store.save(preview_avatar)
+    engine = RecordingPreview()
+    unit = Unit("gpu:0", engine, FrameWorker(engine))  # never started, then stopped: faulted
+    unit.worker.stop()
+    devices = Devices([unit], max_sessions=2)
+    avatars = AvatarService(store, devices, ServerMetrics(), DecodeLimits(), IdleFrames())
+    app = SimpleNamespace(
+        state=SimpleNamespace(avatars=avatars, devices=devices, settings=Settings())
+    )
+    with pytest.raises(BadRequest) as err:
+        await session_parts(app, "se_x", unit, preview_avatar.id)
+    assert err.value.status == 503 and err.value.extra == {"reason": "engine_failed"}
+    assert err.value.headers == {"Retry-After": str(Settings().retry_after_s)}
+    assert "gpu:0 failed" in str(err.value) and engine.loads == []
+
+
 async def test_an_unload_waits_for_a_session_placed_meanwhile(
     tmp_path: Path, preview_avatar: Avatar
 ) -> None:

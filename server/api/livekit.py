@@ -90,7 +90,7 @@ async def create_livekit_session(request: Request) -> Response:
                 raise
             manager.add(session)
     except BadRequest as exc:
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), headers=exc.headers, extra=exc.extra)
     except SessionLimitError as exc:
         return _error(
             503,

@@ -20,6 +20,7 @@ from server.media.webrtc import OfferError, check_offer
 from server.session.devices import Unit
 from server.session.manager import SessionLimitError, SessionManager
 from server.session.session import Session
+from server.session.worker import WorkerStopped
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,14 @@ async def session_parts(
         raise BadRequest(404, str(exc)) from None
     except AvatarNotReady as exc:
         raise BadRequest(409, str(exc)) from None
+    except WorkerStopped:  # its device faulted since it was chosen
+        retry = {"Retry-After": str(app.state.settings.retry_after_s)}
+        raise BadRequest(
+            503,
+            f"the device {unit.device} failed while the session opened; try again",
+            headers=retry,
+            extra={"reason": "engine_failed"},
+        ) from None
     return unit, {
         "avatar": avatar,
         "pictures": AvatarPictures(avatar, unit.engine, app.state.idle_frames),

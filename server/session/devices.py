@@ -64,6 +64,7 @@ class Devices:
             raise ValueError(f"units name a device twice: {[u.device for u in units]}")
         self.placer = Placer(list(self.units), max_sessions, max_late)
         self._failed: dict[str, str] = {}
+        self._lost: dict[str, list[str]] = {}  # failed devices' sessions not yet ended
 
     @property
     def several(self) -> bool:
@@ -90,7 +91,7 @@ class Devices:
 
     def place(self, session_id: str, avatar_id: str, now: float) -> Unit:
         """The unit a new session goes to; `placement.NoRoom` where none has room."""
-        self.check()
+        self._mark_failures()  # a device that faulted since the reaper looked is not chosen
         return self.units[self.placer.place(session_id, avatar_id, now).device]
 
     def close(self, session_id: str) -> tuple[Unit, str] | None:
@@ -107,14 +108,18 @@ class Devices:
         return None if device is None else self.placer.late_window(device)
 
     def check(self) -> dict[str, list[str]]:
-        """Units whose worker stopped since the last check: device -> its sessions, to end."""
-        lost: dict[str, list[str]] = {}
+        """Units whose worker stopped since the last check: device -> its sessions, to end
+        (each device's sessions are returned once, whoever noticed the fault first)."""
+        self._mark_failures()
+        lost, self._lost = self._lost, {}
+        return lost
+
+    def _mark_failures(self) -> None:
         for unit in self.units.values():
             if unit.device in self._failed or unit.usable:
                 continue
             why = self._failed[unit.device] = _why(unit)
-            lost[unit.device] = self.placer.fail(unit.device, why)
-        return lost
+            self._lost[unit.device] = self.placer.fail(unit.device, why)
 
     def report(self, now: float) -> dict[str, dict[str, Any]]:
         """Per device, for /readyz: engine, sessions, limit, late fraction, failed, avatars."""

@@ -146,6 +146,15 @@ def test_progress_counts_steps_and_cancels_at_the_next_one() -> None:
     p.step_done("an unannounced one")  # counted, the total follows
     snap = p.snapshot()
     assert snap is not None and snap["done"] == snap["total"] == 4
+    p.begin(2, "the next GPU")  # the one before finished: a new count
+    p.step_done("e")
+    p.begin(3, "a GPU warming up beside it")  # under way: one count for both
+    snap = p.snapshot()
+    assert snap is not None and (snap["what"], snap["done"], snap["total"]) == (
+        "the next GPU",
+        1,
+        5,
+    )
     p.cancel()
     with pytest.raises(WarmUpCancelled):
         p.step_done("d")

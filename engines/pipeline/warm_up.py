@@ -1,7 +1,8 @@
 """How far the engine's warm-up has come (the compiled backend's takes minutes on a cold start).
 
 One `WarmUpProgress` per process (`progress`): the GPU pipeline announces its steps (the
-compiled whisper encoder, then each batch bucket) and marks each done; the server shows the
+compiled whisper encoder, then each batch bucket) and marks each done (the pipelines of several
+GPUs warming up at once add up to one count); the server shows the
 snapshot in `/readyz` while it is starting, and each step is logged with its count. `cancel()`
 (the server shutting down during the warm-up) makes the next step raise `WarmUpCancelled`, so
 a shutdown waits for one bucket's compile at most, not for all of them. Thread-safe; no torch.
@@ -36,8 +37,11 @@ class WarmUpProgress:
             raise ValueError(f"total must be >= 0, got {total}")
         with self._lock:
             self._check()
-            self._what, self._done, self._total = what, 0, total
-            self._started = time.monotonic()
+            if self._started is not None and self._done < self._total:
+                self._total += total  # another under way (one per GPU): one count for all
+            else:
+                self._what, self._done, self._total = what, 0, total
+                self._started = time.monotonic()
         log.info("warm-up started: %s, %d steps", what, total)
 
     def step_done(self, label: str, seconds: float | None = None) -> None:

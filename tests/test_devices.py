@@ -111,6 +111,11 @@ async def test_two_devices_share_sessions_and_a_fault_ends_only_its_own(tmp_path
         with contextlib.suppress(ConnectionClosed):  # it may end while its speech goes out
             await faulted.send_pcm(speech(1.0))
         await wait_ended(srv.base_url, faulted.session["session_id"])
+        await asyncio.sleep(0.3)  # its last events arrive
+        said = [e for _, e in faulted.received.events if e.get("code") == "engine"]
+        assert 1 <= len(said) <= 2, said  # told, at most once a second, until it ended
+        ended = [e for _, e in faulted.received.events if e.get("type") == "session_ended"]
+        assert [e["reason"] for e in ended] == ["device_failed"]
         frames = len(healthy.received.video)
         await healthy.wait_frames(frames + 25)  # a second more of frames: it goes on
         assert await session_info(srv.base_url, healthy.session["session_id"]) is not None

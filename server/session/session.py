@@ -101,6 +101,7 @@ class Session:
             settings.ws_byte_burst,
         )
         self._events_dropped = RepeatedWarning()
+        self._frames_failed = RepeatedWarning()
         self.peer_watch = PeerWatch()
         self.wanted: set[str] = {"video"}
         self._started: set[str] = set()
@@ -293,7 +294,6 @@ class Session:
             try:
                 self.worker.submit(item)
             except WorkerStopped:
-                log.warning("frame worker stopped, frames not made", extra={"session_id": self.id})
                 self._made(item, None, WorkerStopped("the frame worker is stopped"))
 
     def _work_done(
@@ -316,12 +316,16 @@ class Session:
             return
         now = self.loop.time()
         if frames is None:
-            # keep the utterance going (audio on time, mouth still) and tell the client
-            log.warning(
-                "frames failed, showing idle frames",
-                extra={"session_id": self.id, "error": repr(exc)},
-            )
-            self.emit({"type": "error", "code": "engine", "message": "frame generation failed"})
+            # keep the utterance going (audio on time, mouth still) and tell the client; said
+            # once a second at most (a stopped worker fails every item until the session ends)
+            count = self._frames_failed.hit(now)
+            if count:
+                log.warning(
+                    "frames failed, showing idle frames",
+                    extra={"session_id": self.id, "error": repr(exc), "items": count},
+                )
+                msg = "frame generation failed"
+                self.emit({"type": "error", "code": "engine", "message": msg})
             frames = [self.pictures.idle(j.loop_position) for j in item.jobs]
         elif self.turnaround is not None:
             self.turnaround.add(now, now - item.submitted, item.deadline - item.submitted)

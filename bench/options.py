@@ -39,6 +39,7 @@ VARIANT_FLAGS: dict[str, tuple[str, bool]] = {
     "melgraph": ("log_mel_in_graph", True),  # the log-mel in the encoder's graph (the default)
     "eagermel": ("log_mel_in_graph", False),  # the log-mel as eager ops
 }
+ENCODER_STEP_BATCHES = (1, 2, 4, 8)  # `-encsteps`: the encoder's batch sizes
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class BenchOptions:
 
 
 def variant_fields(name: str) -> tuple[str, dict[str, Any]]:
-    """A variant name `<backend>[-nofold][-eagerenc][-enc<batch>][-stocknorm|-nhwcnorm]
+    """A variant name `<backend>[-nofold][-eagerenc][-enc<batch>|-encsteps][-stocknorm|-nhwcnorm]
     [-melgraph|-eagermel]` -> (backend, the PipelineOptions fields its flags set); no flag
     keeps the server's default. An unknown flag is a ValueError naming the known ones."""
     backend, *flags = name.split("-")
@@ -92,11 +93,13 @@ def variant_fields(name: str) -> tuple[str, dict[str, Any]]:
     for flag in flags:
         if flag.startswith("enc") and flag[3:].isdigit():
             fields["encoder_batch"] = int(flag[3:])
+        elif flag == "encsteps":  # a graph per encoder batch, each step's calls by their times
+            fields["encoder_batches"] = ENCODER_STEP_BATCHES
         elif flag in VARIANT_FLAGS:
             key, value = VARIANT_FLAGS[flag]
             fields[key] = value
         else:
-            known = ", ".join([*VARIANT_FLAGS, "enc<batch>"])
+            known = ", ".join([*VARIANT_FLAGS, "enc<batch>", "encsteps"])
             raise ValueError(f"unknown bench variant {flag!r} in {name!r}: flags are {known}")
     return backend, fields
 

@@ -24,6 +24,12 @@ def test_flags_combine() -> None:
     assert variant_options("compiled-enc1", (4,)).encoder_batch == 1
     with pytest.raises(ValueError, match="encoder_batch"):
         variant_options("compiled-enc0", (4,))
+    assert variant_options("compiled-encsteps", (4,)).encoder_batches == (1, 2, 4, 8)
+    assert variant_options("compiled", (4,)).encoder_batches == ()
+    with pytest.raises(ValueError, match="encoder_batches needs the compiled backend"):
+        variant_options("torch-encsteps", (4,))
+    with pytest.raises(ValueError, match="encoder_batches needs the compiled backend"):
+        variant_options("compiled-eagerenc-encsteps", (4,))
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,42 @@ def test_compiled_encoder_with_the_log_mel_in_its_graph(gpu_engine) -> None:  # 
         CompiledEncoder(graphed.encoder, 2, 80, 3000, log_mel=graphed.log_mel)
 
 
+@pytest.mark.gpu
+@cuda
+@caches
+def test_compiled_encoder_with_a_graph_per_batch(gpu_engine) -> None:  # type: ignore[no-untyped-def]
+    """`encoder_batches`: a CUDA graph per batch size, each timed at warm-up; the featurizer
+    splits a step's windows over them by those times; the features match the eager
+    featurizer's and repeat bit for bit."""
+    import functools
+
+    from engines.pipeline.compiled import CompiledEncoder
+    from engines.pipeline.encoder_calls import plan_calls
+    from engines.pipeline.features import GpuFeaturizer
+
+    eng, _ = gpu_engine
+    audio = _speech(ready_horizon(30))
+    jobs = [FrameJob(i, ready_horizon(i), i) for i in (0, 3, 5, 11, 17, 23, 30)]
+    want = GpuFeaturizer(eng.features, encoder_batch=2).stream_many([(audio, jobs)]).float()
+    graphed = GpuFeaturizer(eng.features)
+    enc = CompiledEncoder(
+        graphed.encoder,
+        (1, 2, 4),
+        int(graphed.mel_filters.shape[1]),
+        2 * graphed.window_steps,
+        log_mel=graphed.log_mel,
+        samples=graphed.window_samples,
+    )
+    enc.warm_up()
+    assert set(enc.costs) == {1, 2, 4} and all(ms > 0 for ms in enc.costs.values())
+    graphed.run_windows = enc
+    graphed.plan = functools.partial(plan_calls, costs=enc.costs)
+    got = graphed.stream_many([(audio, jobs)]).float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert torch.equal(got, graphed.stream_many([(audio, jobs)]).float())
+
+
 def test_one_bucket_over_one_compiles_static() -> None:
     """A dynamic batch axis only pays where several buckets > 1 share the compile; a lone
     one (an offline bench's `--buckets 48`) compiles static, which is quicker. Checked on

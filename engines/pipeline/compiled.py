@@ -313,10 +313,12 @@ class CompiledStep:
 
 class CompiledEncoder:
     """The whisper encoder of the streaming featurizer, mel (B, n_mels, frames) -> stacked
-    hidden states (B, steps, 5, d), torch.compile'd for its one fixed batch (the featurizer
-    always pads to it) and captured as one CUDA graph. Other shapes run the compiled
-    function without the graph. The returned tensor is the graph's output buffer: read it
-    (on the same stream) before the next call.
+    hidden states (B, steps, 5, d), torch.compile'd and captured as one CUDA graph per batch
+    size in `batch` (one int: the fixed batch the featurizer pads to; several: the featurizer
+    splits each step's windows over them, `engines.pipeline.encoder_calls`, by the times per
+    call `warm_up` measures into `costs`). Other shapes run the compiled function without a
+    graph. The returned tensor is a graph's output buffer: read it (on the same stream) before
+    the next call of that batch.
 
     With `log_mel` (the featurizer's, wave (B, samples) float32 -> mel) and `samples`, the
     graph takes the zero-padded windows themselves and computes the log-mel inside it: the
@@ -326,7 +328,7 @@ class CompiledEncoder:
     def __init__(
         self,
         encoder: nn.Module,
-        batch: int,
+        batch: int | Sequence[int],
         n_mels: int,
         frames: int,
         log_mel: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -339,7 +341,13 @@ class CompiledEncoder:
         param = next(encoder.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.takes_wave = log_mel is not None
-        self.shape = (batch, samples) if self.takes_wave else (batch, n_mels, frames)
+        self.batches = (batch,) if isinstance(batch, int) else tuple(sorted(set(batch)))
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"encoder batches must be >= 1, got {batch!r}")
+        self.shapes = {
+            b: (b, samples) if self.takes_wave else (b, n_mels, frames) for b in self.batches
+        }
+        self.shape = self.shapes[self.batches[-1]]
         self.input_dtype = torch.float32 if self.takes_wave else self.dtype
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -349,39 +357,64 @@ class CompiledEncoder:
         use_inductor_cache()
         self._fn: Any = torch.compile(run, dynamic=False)
         self._eager = run
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._mel: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
+        # batch -> (graph, its input buffer, its output buffer)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.capture_stream = torch.cuda.Stream(self.device)  # its own: see warm_and_capture
+        self.costs: dict[int, float] = {}  # batch -> ms per replay (several batches only)
         self.warmup_s = 0.0
 
     @torch.inference_mode()
     def warm_up(self) -> float:
         t0 = time.perf_counter()
-        mel = torch.zeros(self.shape, dtype=self.input_dtype, device=self.device)
-        try:
-            self._graph, self._out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
-        except Exception as exc:  # inductor failure: keep the eager encoder, still graphed
-            log.warning("whisper encoder compile failed (%s); using it eagerly", exc)
-            self._fn = self._eager
-            self._graph, self._out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
-        self._mel = mel
-        self._graph.replay()
+        for b in self.batches:
+            mel = torch.zeros(self.shapes[b], dtype=self.input_dtype, device=self.device)
+            try:
+                graph, out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
+            except Exception as exc:  # inductor failure: keep the eager encoder, still graphed
+                log.warning("whisper encoder compile failed (%s); using it eagerly", exc)
+                self._fn = self._eager
+                graph, out = warm_and_capture(self._fn, mel, stream=self.capture_stream)
+            self._graphs[b] = (graph, mel, out)
+            graph.replay()
         torch.cuda.synchronize(self.device)
+        if len(self.batches) > 1:
+            self.costs = self._time_replays()
         self.warmup_s = time.perf_counter() - t0
         log.info(
-            "compiled whisper encoder ready: batch=%d log_mel_inside=%s seconds=%.1f",
-            self.shape[0],
+            "compiled whisper encoder ready: batches=%s log_mel_inside=%s ms_per_call=%s "
+            "seconds=%.1f",
+            ",".join(map(str, self.batches)),
             self.takes_wave,
+            {b: round(ms, 3) for b, ms in self.costs.items()},
             self.warmup_s,
         )
         return self.warmup_s
 
+    def _time_replays(self, replays: int = 20) -> dict[int, float]:
+        """Each graph's replay time (ms, the median of `replays` timed one by one)."""
+        stream = torch.cuda.current_stream(self.device)
+        costs = {}
+        for b, (graph, _, _) in self._graphs.items():
+            times = []
+            for _ in range(replays):
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record(stream)
+                graph.replay()
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            costs[b] = sorted(times)[len(times) // 2]
+        return costs
+
     @torch.inference_mode()
     def __call__(self, mel: torch.Tensor) -> torch.Tensor:
-        if self._graph is None or self._mel is None or tuple(mel.shape) != self.shape:
+        got = self._graphs.get(int(mel.shape[0]))
+        if got is None or tuple(mel.shape) != self.shapes[int(mel.shape[0])]:
             return self._fn(mel.to(self.input_dtype))
-        self._mel.copy_(mel)
-        self._graph.replay()
-        assert self._out is not None
-        return self._out
+        graph, static_in, out = got
+        static_in.copy_(mel)
+        graph.replay()
+        return out

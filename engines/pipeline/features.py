@@ -3,14 +3,16 @@ of all sessions in one batch.
 
 Follows `engines.musetalk.audio_features.AudioFeaturizer.stream` exactly (the same segment
 keys and step rows), with the log-mel computed on the GPU. Encoder batches are padded to a
-fixed size, so a pass's result does not depend on which other passes shared its batch. Only
-the segments' real samples cross to the device; the zero-padded 30 s windows are built there.
+fixed size, so a pass's result does not depend on which other passes shared its batch; or, with
+`plan` set (`engines.pipeline.encoder_calls`), each step's windows go out as the calls of the
+least measured time. Only the segments' real samples cross to the device; the zero-padded 30 s
+windows are built there.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,8 @@ class GpuFeaturizer:
         self.mel_filters = torch.from_numpy(np.asarray(ext.mel_filters, np.float32)).to(self.device)
         self.window = torch.hann_window(self.n_fft, device=self.device)
         self.encoder_batch = encoder_batch
+        # n windows -> the batch sizes of its encoder calls (None: n padded to encoder_batch)
+        self.plan: Callable[[int], Sequence[int]] | None = None
         # mel (B, 80, frames) -> (B, steps, 5, d); the tensorrt backend swaps in its engine
         self.run_encoder: Any = lambda mel: torch.stack(
             self.encoder(mel, output_hidden_states=True).hidden_states, dim=2
@@ -128,8 +132,6 @@ class GpuFeaturizer:
     def encode(self, segments: Sequence[np.ndarray]) -> torch.Tensor:
         """(len(segments), window_steps, 5, d) hidden states; segments zero-padded to the window."""
         n = len(segments)
-        b = self.encoder_batch
-        rows = -(-n // b) * b
         out = torch.empty(
             (n, self.window_steps, self.af.N_HIDDEN, self.d_model),
             dtype=self.dtype,
@@ -137,12 +139,21 @@ class GpuFeaturizer:
         )
         if n == 0:
             return out
-        wave = self.window_wave(segments, rows)
-        for start in range(0, rows, b):
-            hidden = self.run_windows(wave[start : start + b])
-            stop = min(start + b, n)
+        sizes = self.call_sizes(n)
+        wave = self.window_wave(segments, sum(sizes))
+        start = 0
+        for size in sizes:  # largest first: the padding rows fall in the last call
+            hidden = self.run_windows(wave[start : start + size])
+            stop = min(start + size, n)
             out[start:stop] = hidden[: stop - start]
+            start += size
         return out
+
+    def call_sizes(self, n: int) -> Sequence[int]:
+        """The batch of each encoder call for `n` windows (their sum: the rows, padding too)."""
+        if self.plan is not None:
+            return self.plan(n)
+        return [self.encoder_batch] * -(-n // self.encoder_batch)
 
     @torch.no_grad()
     def stream_many(self, parts: Sequence[tuple[np.ndarray, Sequence[FrameJob]]]) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from engines.base import EngineError, FrameJob, check_buckets
 from engines.pipeline import paste
 from engines.pipeline.compiled import CompiledEncoder, CompiledOptions, CompiledStep, MuseTalkStep
+from engines.pipeline.encoder_calls import plan_calls
 from engines.pipeline.features import ENCODER_BATCH, GpuFeaturizer
 from engines.pipeline.launch import LAUNCH_PHASES, Row
 
@@ -61,6 +62,10 @@ class PipelineOptions:
     # whisper passes per encoder call, padded: results never depend on which other passes
     # shared the call
     encoder_batch: int = ENCODER_BATCH
+    # compiled: a CUDA graph per batch size here (e.g. (1, 2, 4, 8)), each step's windows
+    # split over them by the times measured at warm-up (engines.pipeline.encoder_calls);
+    # empty: every call at encoder_batch
+    encoder_batches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "compiled", "tensorrt"):
@@ -72,6 +77,15 @@ class PipelineOptions:
             raise ValueError(f"output must be i420 or rgb, got {self.output!r}")
         if not 1 <= self.encoder_batch <= 64:
             raise ValueError(f"encoder_batch must be in [1, 64], got {self.encoder_batch}")
+        if self.encoder_batches and (
+            self.backend != "compiled"
+            or not self.compile_encoder
+            or not all(1 <= b <= 64 for b in self.encoder_batches)
+        ):
+            raise ValueError(
+                "encoder_batches needs the compiled backend with its compiled encoder and "
+                f"batch sizes in [1, 64], got {self.encoder_batches} ({self.backend})"
+            )
         if self.host_slots < 2:
             raise ValueError("host_slots must be >= 2 for overlap")
 
@@ -176,7 +190,7 @@ class GpuPipeline:
             f = self.features
             self.encoder = CompiledEncoder(
                 f.encoder,
-                f.encoder_batch,
+                o.encoder_batches or f.encoder_batch,
                 int(f.mel_filters.shape[1]),
                 2 * f.window_steps,
                 log_mel=f.log_mel if o.log_mel_in_graph else None,
@@ -202,6 +216,8 @@ class GpuPipeline:
         if self.encoder is not None:
             t0 = time.perf_counter()
             self.encoder.warm_up()
+            if self.encoder.costs:  # several batch sizes: each step's calls by their times
+                self.features.plan = functools.partial(plan_calls, costs=self.encoder.costs)
             progress.step_done("whisper encoder", time.perf_counter() - t0)
         jobs = [FrameJob(0, ready_horizon(0), 0)]
         self.features.stream_many([(np.zeros(ready_horizon(0), np.float32), jobs)])

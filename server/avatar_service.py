@@ -433,7 +433,10 @@ class AvatarService:
 
 
 async def _unload(unit: Unit, avatar_id: str) -> None:
-    """Unload from one unit; a failure is logged (a stopped worker holds nothing any more)."""
+    """Unload from one unit; a failure is logged. A stopped worker (its device failed, or the
+    server is stopping) holds nothing any more: nothing to do."""
+    if not unit.usable:
+        return
     try:
         await asyncio.wrap_future(unit.worker.unload_avatar(avatar_id))
     except Exception:

@@ -150,6 +150,9 @@ class Settings:
     # behind 1:1 NAT (a container with its UDP ports published): the address the answer's host
     # candidates name instead of the local one ("": as found; server.media.advertise)
     ice_advertise_address: str = ""
+    # "LOW-HIGH": the UDP ports the host candidates bind to ("": the kernel's ephemeral range;
+    # server.media.ice_ports)
+    ice_port_range: str = ""
     # a fleet behind a load balancer (docs/operations.md "A fleet"): this server's name, in its
     # session ids (se_<server_id>-...) so the balancer routes by it; a TCP port answering
     # HAProxy's agent-check with the free capacity (server.ops.agent_check; 0: off)
@@ -286,6 +289,7 @@ class Settings:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
         _check_fleet(self)
         _check_devices(self)
+        port_range(self.ice_port_range)
         if self.ws_byte_burst < self.ws_max_message_bytes:
             raise SettingsError(
                 f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "
@@ -392,6 +396,20 @@ def _check_fleet(s: Settings) -> None:
             raise SettingsError(
                 f"ice_advertise_address must be an IP address, got {s.ice_advertise_address!r}"
             ) from None
+
+
+def port_range(spec: str) -> tuple[int, int] | None:
+    """`ice_port_range` as (low, high), None where unset; SettingsError unless LOW-HIGH with
+    1024 <= LOW <= HIGH <= 65535."""
+    if not spec:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", spec)
+    low, high = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if not 1024 <= low <= high <= 65535:
+        raise SettingsError(
+            f"ice_port_range must be LOW-HIGH within 1024-65535, e.g. 40000-40099, got {spec!r}"
+        )
+    return low, high
 
 
 def _check_devices(s: Settings) -> None:

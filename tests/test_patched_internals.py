@@ -8,6 +8,8 @@ Who relies on what:
   sender calls to make its encoder) and wraps the encoders it returns.
 - `server.media.encoder_tuning` replaces the `av` module global of `aiortc.codecs.vpx` and
   `aiortc.codecs.h264`, through which those modules open their codec contexts.
+- `server.media.ice_ports` replaces the `asyncio` module global of `aioice.ice`, through whose
+  running loop `Connection.get_component_candidates` binds its host candidates' sockets.
 - `server.media.webrtc` cancels RTCPeerConnection's private `__connect` task and, when
   `close()` fails, finishes its bookkeeping (`__isClosed`, `__update*State`).
 - `server.ops.conn_guard` and `server.ops.ws_guard` subclass uvicorn's httptools and
@@ -58,6 +60,20 @@ def test_aiortc_sender_makes_its_encoder_through_the_module_global() -> None:
     )
     assert "get_encoder(" in inspect.getsource(sender.RTCRtpSender), _moved(
         "aiortc", "RTCRtpSender's call of get_encoder", user
+    )
+
+
+def test_aioice_binds_host_candidates_through_its_asyncio_global() -> None:
+    import aioice.ice as ice
+
+    user = "server.media.ice_ports"
+    assert hasattr(ice, "asyncio"), _moved("aioice", "aioice.ice's asyncio import", user)
+    source = inspect.getsource(ice.Connection.get_component_candidates)
+    assert "asyncio.get_running_loop()" in source, _moved(
+        "aioice", "how get_component_candidates finds its loop", user
+    )
+    assert "create_datagram_endpoint(" in source and "local_addr=(address, 0)" in source, _moved(
+        "aioice", "how get_component_candidates binds its host sockets", user
     )
 
 

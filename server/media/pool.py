@@ -220,6 +220,7 @@ class ShardMedia(MediaLink):
                     "shape": list(self.picture_shape),
                     "ice": list(s.ice_servers),
                     "ice_auth": [s.ice_username, s.ice_credential],
+                    "ice_ports": s.ice_port_range,
                     "queue": s.track_queue_frames,
                     "steady_bitrate": s.steady_bitrate,
                     "encoders": s.encoder_tuning().as_dict(),

@@ -82,6 +82,7 @@ class Peer:
             ice_servers=tuple(msg.get("ice", ())),
             ice_username=(msg.get("ice_auth") or [None, None])[0],
             ice_credential=(msg.get("ice_auth") or [None, None])[1],
+            ice_port_range=str(msg.get("ice_ports") or ""),
             track_queue_frames=int(msg["queue"]),
             steady_bitrate=bool(msg.get("steady_bitrate", True)),
             **EncoderTuning.from_dict(msg.get("encoders", {})).as_settings(),

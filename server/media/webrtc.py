@@ -23,8 +23,8 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from server.media import encoder_watch
-from server.settings import Settings
+from server.media import encoder_watch, ice_ports
+from server.settings import Settings, port_range
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def make_peer(settings: Settings) -> RTCPeerConnection:
     ]
     # encodes timed; the bitrate policy or not; the codecs' threads, speed, denoiser, preset
     encoder_watch.install(settings.steady_bitrate, settings.encoder_tuning())
+    ice_ports.apply(port_range(settings.ice_port_range))  # host candidates' UDP ports
     return RTCPeerConnection(configuration=RTCConfiguration(iceServers=servers))
 
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,24 @@ class RecordingPreview(PreviewEngine):
         if self.fault.is_set():
             raise RuntimeError(CUDA_FAULT)
         return super().render(avatar_id, loop_positions, features)
+
+
+@pytest.fixture
+def two_units() -> Iterator[list[Unit]]:
+    """Two started units "gpu:0" and "gpu:1", each a RecordingPreview and its FrameWorker."""
+    units = [
+        Unit(f"gpu:{k}", e, FrameWorker(e))
+        for k, e in enumerate([RecordingPreview(), RecordingPreview()])
+    ]
+    for unit in units:
+        unit.worker.start()
+    yield units
+    for unit in units:
+        unit.worker.stop()
+
+
+def engines_of(units: list[Unit]) -> list[RecordingPreview]:
+    return [u.engine for u in units]  # type: ignore[misc]
 
 
 def speech(seconds: float) -> np.ndarray:
@@ -189,25 +207,19 @@ async def test_every_device_failed_refuses_new_sessions_and_says_so(tmp_path: Pa
         srv.stop()
 
 
-def test_a_fault_noticed_at_placement_still_ends_its_sessions_once() -> None:
+def test_a_fault_noticed_at_placement_still_ends_its_sessions_once(
+    two_units: list[Unit],
+) -> None:
     """A new session's placement that first notices a device's fault marks it failed (it is
     not chosen), and the device's sessions still come back, once, from the reaper's check."""
-    engines = [RecordingPreview(), RecordingPreview()]
-    units = [Unit(f"gpu:{k}", e, FrameWorker(e)) for k, e in enumerate(engines)]
-    for unit in units:
-        unit.worker.start()
-    try:
-        devices = Devices(units, max_sessions=8)
-        placed = {sid: devices.place(sid, "av", now=0.0).device for sid in ("a", "b", "c", "d")}
-        on0 = sorted(s for s, d in placed.items() if d == "gpu:0")
-        units[0].worker.stop()  # as a fault stops it
-        assert devices.place("e", "av", now=0.0).device == "gpu:1"
-        assert devices.check() == {"gpu:0": on0}
-        assert devices.check() == {}
-        assert devices.failed == {"gpu:0": "its frame worker stopped"} and devices.alive
-    finally:
-        for unit in units:
-            unit.worker.stop()
+    devices = Devices(two_units, max_sessions=8)
+    placed = {sid: devices.place(sid, "av", now=0.0).device for sid in ("a", "b", "c", "d")}
+    on0 = sorted(s for s, d in placed.items() if d == "gpu:0")
+    two_units[0].worker.stop()  # as a fault stops it
+    assert devices.place("e", "av", now=0.0).device == "gpu:1"
+    assert devices.check() == {"gpu:0": on0}
+    assert devices.check() == {}
+    assert devices.failed == {"gpu:0": "its frame worker stopped"} and devices.alive
 
 
 async def test_a_device_failing_while_a_session_opens_is_a_503_to_retry(
@@ -242,7 +254,7 @@ async def test_a_device_failing_while_a_session_opens_is_a_503_to_retry(
 
 
 async def test_an_unload_waits_for_a_session_placed_meanwhile(
-    tmp_path: Path, preview_avatar: Avatar
+    tmp_path: Path, preview_avatar: Avatar, two_units: list[Unit]
 ) -> None:
     """`release` re-reads whether the avatar is in use under the avatar's lock: a session
     placed on the device between the end and the unload keeps it resident; the host copy
@@ -255,30 +267,23 @@ async def test_an_unload_waits_for_a_session_placed_meanwhile(
 
     store = AvatarStore(tmp_path / "avatars")
     store.save(preview_avatar)
-    engines = [RecordingPreview(), RecordingPreview()]
-    units = [Unit(f"gpu:{k}", e, FrameWorker(e)) for k, e in enumerate(engines)]
+    units, engines = two_units, engines_of(two_units)
+    devices = Devices(units, max_sessions=4)
+    service = AvatarService(store, devices, ServerMetrics(), DecodeLimits(), IdleFrames())
+    avatar_id = preview_avatar.id
     for unit in units:
-        unit.worker.start()
-    try:
-        devices = Devices(units, max_sessions=4)
-        service = AvatarService(store, devices, ServerMetrics(), DecodeLimits(), IdleFrames())
-        avatar_id = preview_avatar.id
-        for unit in units:
-            await service.ready(avatar_id, unit)
-        assert [e.loads for e in engines] == [[avatar_id], [avatar_id]]
-        await service.release(avatar_id, units[0], lambda: True)  # placed again meanwhile
-        assert engines[0].unloads == []
-        await service.release(avatar_id, units[0], lambda: False)
-        assert engines[0].unloads == [avatar_id] and engines[1].unloads == []
-        assert avatar_id in service._loaded  # gpu:1 still holds it
-        await service.ready(avatar_id, units[0])  # needed there again: loaded again
-        assert engines[0].loads == [avatar_id, avatar_id]
-        for unit in units:
-            await service.release(avatar_id, unit, lambda: False)
-        assert avatar_id not in service._loaded
-    finally:
-        for unit in units:
-            unit.worker.stop()
+        await service.ready(avatar_id, unit)
+    assert [e.loads for e in engines] == [[avatar_id], [avatar_id]]
+    await service.release(avatar_id, units[0], lambda: True)  # placed again meanwhile
+    assert engines[0].unloads == []
+    await service.release(avatar_id, units[0], lambda: False)
+    assert engines[0].unloads == [avatar_id] and engines[1].unloads == []
+    assert avatar_id in service._loaded  # gpu:1 still holds it
+    await service.ready(avatar_id, units[0])  # needed there again: loaded again
+    assert engines[0].loads == [avatar_id, avatar_id]
+    for unit in units:
+        await service.release(avatar_id, unit, lambda: False)
+    assert avatar_id not in service._loaded
 
 
 # -- two real GPUs (skipped unless torch sees two) -----------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -312,3 +313,26 @@ def test_launch_phases_reach_the_metrics(engine, preview_avatar) -> None:  # typ
             "lipstream_worker_launch_phase_seconds_total", {"phase": phase}
         )
         assert got == pytest.approx(0.001 * (k + 1) * launches)
+
+
+def test_bind_device_sets_only_an_indexed_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's threads make their own GPU current; `cuda` without an index (the engine's
+    default) and CPU devices leave the thread as it is (torch refuses an index-less device)."""
+    import torch
+
+    from engines.pipeline.scheduler import bind_device
+
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    owners = [
+        SimpleNamespace(device=torch.device("cpu")),
+        SimpleNamespace(device=torch.device("cuda")),
+        SimpleNamespace(device="cuda"),
+        SimpleNamespace(),
+    ]
+    for owner in owners:
+        bind_device(owner)
+    assert calls == []
+    bind_device(SimpleNamespace(), SimpleNamespace(device=torch.device("cuda:1")))
+    bind_device(SimpleNamespace(device="cuda:0"))
+    assert calls == [torch.device("cuda:1"), torch.device("cuda:0")]

@@ -328,13 +328,16 @@ class GpuScheduler(WorkQueue):
 def bind_device(*owners: Any) -> None:
     """Make the first CUDA device among `owners`' `device` attributes the calling thread's
     current device: with one scheduler per GPU, whatever a thread launches without naming a
-    device (compiled kernels, events) lands on its own GPU. Nothing where none is on CUDA."""
+    device (compiled kernels, events) lands on its own GPU. Nothing where none is on CUDA, or
+    where the device names no index (`cuda`: the current device already)."""
     for owner in owners:
         device = getattr(owner, "device", None)
-        if getattr(device, "type", None) == "cuda":
-            import torch
+        name = device if isinstance(device, str) else str(device)
+        if getattr(device, "type", None) == "cuda" or name.startswith("cuda"):
+            if name.startswith("cuda:"):
+                import torch
 
-            torch.cuda.set_device(device)
+                torch.cuda.set_device(torch.device(name))
             return
 
 

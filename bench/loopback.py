@@ -23,10 +23,16 @@ import av
 import httpx
 import numpy as np
 import uvicorn
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from fastapi import FastAPI
 
+from lipstream.integrations.session_client import (
+    SessionError,
+    audio_ws_url,
+    mono_pcm,
+    offer_session,
+)
 from server.app import uvicorn_options
 from server.media.webrtc import close_peer
 
@@ -124,30 +130,7 @@ def wait_first_avatar_ready(base_url: str, within: float = 60.0) -> str:
     raise TimeoutError("the demo avatar did not become ready")
 
 
-class SessionRefused(RuntimeError):
-    """`POST /v1/sessions` did not open a session: its status, the body's `detail` and
-    `reason` (e.g. "overloaded", "limit", "draining" on a 503; None where the body has none)
-    and the Retry-After header."""
-
-    def __init__(
-        self, status: int, text: str, detail: str, reason: str | None, retry_after: str | None
-    ) -> None:
-        super().__init__(f"POST /v1/sessions: {status} {text}")
-        self.status = status
-        self.detail = detail
-        self.reason = reason
-        self.retry_after = retry_after
-
-    @classmethod
-    def from_response(cls, r: httpx.Response) -> SessionRefused:
-        detail, reason = r.text, None
-        with contextlib.suppress(ValueError):
-            body = r.json()
-            if isinstance(body, dict):
-                detail = str(body.get("detail", detail))
-                if isinstance(body.get("reason"), str):
-                    reason = body["reason"]
-        return cls(r.status_code, r.text, detail, reason, r.headers.get("retry-after"))
+SessionRefused = SessionError  # `POST /v1/sessions` refused: status, detail, reason, Retry-After
 
 
 @dataclass
@@ -194,35 +177,15 @@ class LoopbackClient:
     async def open(self, avatar_id: str, audio: bool = True) -> dict[str, Any]:
         """POST the offer, apply the answer; returns the session JSON. Raises SessionRefused
         (a RuntimeError) where the server answers with an error."""
-        self.pc.addTransceiver("video", direction="recvonly")
-        if audio:
-            self.pc.addTransceiver("audio", direction="recvonly")
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            self._spawn(self._consume(track))
-
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        r = await self.http.post(
-            "/v1/sessions",
-            json={"avatar_id": avatar_id, "sdp": self.pc.localDescription.sdp, "type": "offer"},
+        self.session = await offer_session(
+            self.http, self.pc, avatar_id, lambda track: self._spawn(self._consume(track)), audio
         )
-        if r.status_code >= 300:
-            raise SessionRefused.from_response(r)
-        self.session = r.json()
-        await self.pc.setRemoteDescription(RTCSessionDescription(self.session["sdp"], "answer"))
         return self.session
 
     async def connect_audio(self) -> None:
         import websockets
 
-        url = (
-            self.base_url.replace("http://", "ws://")
-            + self.session["audio_ws"]
-            + "?token="
-            + self.session["token"]
-        )
-        self.ws = await websockets.connect(url, max_size=None)
+        self.ws = await websockets.connect(audio_ws_url(self.base_url, self.session), max_size=None)
         self._spawn(self._read_events())
 
     async def send_pcm(
@@ -296,10 +259,7 @@ class LoopbackClient:
                 if self.video_sink is not None:
                     self.video_sink(now, int(frame.pts or 0), frame)
             elif isinstance(frame, av.AudioFrame):
-                samples = frame.to_ndarray().reshape(-1)
-                channels = len(frame.layout.channels)
-                mono = samples.reshape(-1, channels)[:, 0] if channels > 1 else samples
-                self.received.audio.append((now, int(frame.pts or 0), mono.astype(np.int16)))
+                self.received.audio.append((now, int(frame.pts or 0), mono_pcm(frame)))
 
     async def _read_events(self) -> None:
         with contextlib.suppress(Exception):

@@ -30,7 +30,68 @@ EventCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class SessionError(RuntimeError):
-    """The server refused to open the session (its status and body in the message)."""
+    """`POST /v1/sessions` did not open a session: its status, the body's `detail` and
+    `reason` (e.g. "overloaded", "limit", "draining" on a 503; None where the body has none)
+    and the Retry-After header; all of it in the message."""
+
+    def __init__(
+        self, status: int, text: str, detail: str, reason: str | None, retry_after: str | None
+    ) -> None:
+        super().__init__(f"POST /v1/sessions: {status} {text}")
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> SessionError:
+        detail, reason = r.text, None
+        with contextlib.suppress(ValueError):
+            body = r.json()
+            if isinstance(body, dict):
+                detail = str(body.get("detail", detail))
+                if isinstance(body.get("reason"), str):
+                    reason = body["reason"]
+        return cls(r.status_code, r.text, detail, reason, r.headers.get("retry-after"))
+
+
+async def offer_session(
+    http: httpx.AsyncClient,
+    pc: RTCPeerConnection,
+    avatar_id: str,
+    on_track: Callable[[MediaStreamTrack], None],
+    audio: bool = True,
+) -> dict[str, Any]:
+    """Receive-only transceivers (video, and audio unless told), the offer POSTed, the answer
+    applied: the session JSON. `on_track` gets each remote track. SessionError on a refusal."""
+    pc.addTransceiver("video", direction="recvonly")
+    if audio:
+        pc.addTransceiver("audio", direction="recvonly")
+    pc.on("track", on_track)
+    await pc.setLocalDescription(await pc.createOffer())
+    r = await http.post(
+        "/v1/sessions",
+        json={"avatar_id": avatar_id, "sdp": pc.localDescription.sdp, "type": "offer"},
+    )
+    if r.status_code >= 300:
+        raise SessionError.from_response(r)
+    session: dict[str, Any] = r.json()
+    await pc.setRemoteDescription(RTCSessionDescription(session["sdp"], "answer"))
+    return session
+
+
+def audio_ws_url(base_url: str, session: dict[str, Any]) -> str:
+    """The session's audio websocket URL, its token included."""
+    ws_base = base_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://")
+    return f"{ws_base}{session['audio_ws']}?token={session['token']}"
+
+
+def mono_pcm(frame: av.AudioFrame) -> np.ndarray:
+    """An audio frame's first channel as int16 samples."""
+    samples = frame.to_ndarray().reshape(-1)
+    channels = len(frame.layout.channels)
+    mono = samples.reshape(-1, channels)[:, 0] if channels > 1 else samples
+    return np.asarray(mono, dtype=np.int16)
 
 
 class SessionClient:
@@ -62,22 +123,9 @@ class SessionClient:
 
     async def open(self, avatar_id: str) -> dict[str, Any]:
         """Offer, answer, and the audio websocket; returns the session JSON."""
-        self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
-
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            self._spawn(self._consume(track))
-
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        r = await self.http.post(
-            "/v1/sessions",
-            json={"avatar_id": avatar_id, "sdp": self.pc.localDescription.sdp, "type": "offer"},
+        self.session = await offer_session(
+            self.http, self.pc, avatar_id, lambda track: self._spawn(self._consume(track))
         )
-        if r.status_code >= 300:
-            raise SessionError(f"POST /v1/sessions: {r.status_code} {r.text}")
-        self.session = r.json()
-        await self.pc.setRemoteDescription(RTCSessionDescription(self.session["sdp"], "answer"))
         await self._connect_ws()
         log.info("lipstream session opened", extra={"session_id": self.session_id})
         return self.session
@@ -85,9 +133,7 @@ class SessionClient:
     async def _connect_ws(self) -> None:
         import websockets
 
-        ws_base = self.base_url.replace("https://", "wss://").replace("http://", "ws://")
-        url = f"{ws_base}{self.session['audio_ws']}?token={self.session['token']}"
-        self.ws = await websockets.connect(url, max_size=None)
+        self.ws = await websockets.connect(audio_ws_url(self.base_url, self.session), max_size=None)
         self._spawn(self._read_events())
 
     async def send_pcm(self, pcm16: bytes) -> None:
@@ -132,10 +178,7 @@ class SessionClient:
             if isinstance(frame, av.VideoFrame) and self._on_video is not None:
                 await self._on_video(frame)
             elif isinstance(frame, av.AudioFrame) and self._on_audio is not None:
-                samples = frame.to_ndarray().reshape(-1)
-                channels = len(frame.layout.channels)
-                mono = samples.reshape(-1, channels)[:, 0] if channels > 1 else samples
-                await self._on_audio(mono.astype(np.int16), int(frame.sample_rate))
+                await self._on_audio(mono_pcm(frame), int(frame.sample_rate))
 
     async def _read_events(self) -> None:
         with contextlib.suppress(Exception):

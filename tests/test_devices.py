@@ -96,6 +96,26 @@ async def wait_ended(base_url: str, sid: str, within: float = 10.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def one_on_each(
+    base_url: str, avatar: str, clients: list[LoopbackClient]
+) -> dict[str, LoopbackClient]:
+    """Two sessions with audio sockets, streaming; {device: its client} (one on each: the
+    device with most room). The clients are added to `clients` (for the clean-up)."""
+    for _ in range(2):
+        client = LoopbackClient(base_url)
+        clients.append(client)
+        await client.open(avatar)
+        await client.connect_audio()
+        await client.wait_frames(5)
+    by_device: dict[str, LoopbackClient] = {}
+    for client in clients[-2:]:
+        info = await session_info(base_url, client.session["session_id"])
+        assert info is not None
+        by_device[info["device"]] = client
+    assert sorted(by_device) == ["gpu:0", "gpu:1"]
+    return by_device
+
+
 async def test_two_devices_share_sessions_and_a_fault_ends_only_its_own(tmp_path: Path) -> None:
     engines = {"gpu:0": RecordingPreview(), "gpu:1": RecordingPreview()}
     settings = Settings(
@@ -109,18 +129,7 @@ async def test_two_devices_share_sessions_and_a_fault_ends_only_its_own(tmp_path
     clients: list[LoopbackClient] = []
     try:
         avatar = wait_first_avatar_ready(srv.base_url)
-        for _ in range(2):
-            client = LoopbackClient(srv.base_url)
-            clients.append(client)
-            await client.open(avatar)
-            await client.connect_audio()
-            await client.wait_frames(5)
-        by_device: dict[str, LoopbackClient] = {}
-        for client in clients:
-            info = await session_info(srv.base_url, client.session["session_id"])
-            assert info is not None
-            by_device[info["device"]] = client
-        assert sorted(by_device) == ["gpu:0", "gpu:1"]  # one each: the device with most room
+        by_device = await one_on_each(srv.base_url, avatar, clients)
         assert engines["gpu:0"].loads == [avatar] and engines["gpu:1"].loads == [avatar]
 
         faulted, healthy = by_device["gpu:0"], by_device["gpu:1"]
@@ -164,6 +173,40 @@ async def test_two_devices_share_sessions_and_a_fault_ends_only_its_own(tmp_path
         while engines["gpu:1"].unloads != [avatar]:  # unused on gpu:1 now: unloaded
             assert time.monotonic() < deadline, engines["gpu:1"].unloads
             await asyncio.sleep(0.05)
+    finally:
+        for client in clients:
+            await client.close(delete=False)
+        srv.stop()
+
+
+async def test_a_session_that_finds_its_worker_stopped_ends_at_once(tmp_path: Path) -> None:
+    """Without the reaper's look at the devices, the faulted device's session still ends
+    (`device_failed`) as soon as it finds its worker stopped; the other one goes on."""
+    engines = {"gpu:0": RecordingPreview(), "gpu:1": RecordingPreview()}
+    settings = Settings(
+        engine="preview", avatars_dir=tmp_path / "avatars", demo_avatar=True, max_sessions=4
+    )
+    srv = ServerThread(create_app(settings, engine=dict(engines), reason="test")).start()
+    clients: list[LoopbackClient] = []
+    try:
+        avatar = wait_first_avatar_ready(srv.base_url)
+        manager = srv.app.state.sessions
+
+        async def no_look() -> dict[str, list[str]]:
+            return {}
+
+        manager.end_failed_devices = no_look  # the reaper no longer ends faulted devices' sessions
+        by_device = await one_on_each(srv.base_url, avatar, clients)
+        engines["gpu:0"].fault.set()
+        for _ in range(2):  # the first utterance meets the fault, the next a stopped worker
+            with contextlib.suppress(ConnectionClosed):
+                await by_device["gpu:0"].send_pcm(speech(0.6))
+        await wait_ended(srv.base_url, by_device["gpu:0"].session["session_id"], within=5)
+        ended = [
+            e for _, e in by_device["gpu:0"].received.events if e.get("type") == "session_ended"
+        ]
+        assert [e["reason"] for e in ended] == ["device_failed"]
+        assert await session_info(srv.base_url, by_device["gpu:1"].session["session_id"])
     finally:
         for client in clients:
             await client.close(delete=False)

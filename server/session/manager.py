@@ -10,7 +10,8 @@ logged, never raised).
 Where sessions run is `devices` (`server.session.devices`): `place` picks the unit a new session
 goes to; an end gives its place back and, with several devices, has the avatar unloaded from a
 device no session there uses any more (`unload`, the avatar service's). The reaper also ends
-the sessions of a device that faulted.
+the sessions of a device that faulted (a session that finds its worker stopped first ends at
+once).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class SessionManager:
 
     def add(self, session: Session) -> None:
         session.late_frames = self.late
+        session.on_worker_stopped = lambda: self.end_soon(session.id, "device_failed")
         if self.devices is not None and self.devices.several:
             session.device_late = self.devices.late_window(session.id)
         session.turnaround = self.turnaround

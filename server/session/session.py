@@ -116,6 +116,8 @@ class Session:
         self.late_frames: LateFrames | None = None  # the server's overload window (add)
         self.device_late: LateFrames | None = None  # its device's, with several (add)
         self.turnaround: Turnaround | None = None  # the worker's recent turnarounds (add)
+        # called once when its worker turns out stopped (its device failed; the manager's, add)
+        self.on_worker_stopped: Callable[[], None] | None = None
 
     # -- info ----------------------------------------------------------------------------
     @property
@@ -295,6 +297,9 @@ class Session:
                 self.worker.submit(item)
             except WorkerStopped:
                 self._made(item, None, WorkerStopped("the frame worker is stopped"))
+                stopped, self.on_worker_stopped = self.on_worker_stopped, None
+                if stopped is not None:
+                    stopped()
 
     def _work_done(
         self, item: WorkItem, frames: list[np.ndarray] | None, exc: BaseException | None

@@ -119,11 +119,14 @@ class ServerThread:
         self.stop()
 
 
-def wait_first_avatar_ready(base_url: str, within: float = 60.0) -> str:
-    """Poll `GET /v1/avatars` until the first avatar (e.g. the demo one) is ready; its id."""
+def wait_first_avatar_ready(
+    base_url: str, within: float = 60.0, headers: dict[str, str] | None = None
+) -> str:
+    """Poll `GET /v1/avatars` (with `headers`, e.g. the key) until the first avatar (e.g. the
+    demo one) is ready; its id."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        avatars = httpx.get(f"{base_url}/v1/avatars").json()["avatars"]
+        avatars = httpx.get(f"{base_url}/v1/avatars", headers=headers).json()["avatars"]
         if avatars and avatars[0]["status"] == "ready":
             return str(avatars[0]["id"])
         time.sleep(0.05)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -169,6 +170,15 @@ def create_app(
         UploadSlots, limit=settings.max_uploads_in_flight, retry_after_s=settings.retry_after_s
     )
     app.add_middleware(StartingGate)
+    if settings.cors_origins:  # outermost: preflights are answered even while starting
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "PATCH", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Location", "Link", "Retry-After", "Accept-Post", "Allow"],
+            max_age=600,
+        )
     app.include_router(avatars_api.router)
     app.include_router(sessions_api.router)
     app.include_router(livekit_api.router)  # 501 where the livekit packages are missing

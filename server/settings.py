@@ -153,6 +153,9 @@ class Settings:
     # "LOW-HIGH": the UDP ports the host candidates bind to ("": the kernel's ephemeral range;
     # server.media.ice_ports)
     ice_port_range: str = ""
+    # browser pages on other origins allowed to call /v1 and /whep (CORS): e.g.
+    # ("https://app.example.com",), or ("*",) for any; none by default (same origin only)
+    cors_origins: tuple[str, ...] = ()
     # a fleet behind a load balancer (docs/operations.md "A fleet"): this server's name, in its
     # session ids (se_<server_id>-...) so the balancer routes by it; a TCP port answering
     # HAProxy's agent-check with the free capacity (server.ops.agent_check; 0: off)
@@ -290,6 +293,7 @@ class Settings:
         _check_fleet(self)
         _check_devices(self)
         port_range(self.ice_port_range)
+        _check_origins(self.cors_origins)
         if self.ws_byte_burst < self.ws_max_message_bytes:
             raise SettingsError(
                 f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "
@@ -368,8 +372,9 @@ class Settings:
         for name in ("models_dir", "avatars_dir", "client_dir"):
             if values.get(name) is not None:
                 values[name] = Path(values[name]).expanduser()
-        if isinstance(values.get("ice_servers"), list):
-            values["ice_servers"] = tuple(values["ice_servers"])
+        for name in ("ice_servers", "cors_origins"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
@@ -410,6 +415,15 @@ def port_range(spec: str) -> tuple[int, int] | None:
             f"ice_port_range must be LOW-HIGH within 1024-65535, e.g. 40000-40099, got {spec!r}"
         )
     return low, high
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+            raise SettingsError(
+                "cors_origins must be `*` or origins like https://app.example.com (scheme, "
+                f"host, optional port; no path), got {origin!r}"
+            )
 
 
 def _check_devices(s: Settings) -> None:

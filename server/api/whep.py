@@ -10,7 +10,8 @@
 - `PATCH` on the session: 405 with `Allow` (aiortc gathers every candidate before answering:
   no trickle ICE, no ICE restart), as the RFC allows.
 - `OPTIONS` on either: 204 with `Allow` (and `Accept-Post: application/sdp` on the endpoint);
-  no key needed (a CORS preflight carries none).
+  no key needed. A CORS preflight from an origin in `cors_origins` is answered by the app's
+  CORS middleware before it gets here.
 - The bearer API key as for `/v1`. Errors are `application/problem+json` (RFC 9457:
   type, title, status, detail); a body that is not `application/sdp` is a 415. Every limit of
   POST /v1/sessions applies (it is the same code: `server.api.sessions.open_session`).

@@ -246,7 +246,7 @@ async def _start_parts(
     sessions = SessionManager(
         settings, metrics, late_limit=settings.admit_late_limit(gpu), devices=devices
     )
-    sessions.unload = _unloader(avatars, devices)
+    sessions.unload = _unloader(avatars, devices, settings.idle_avatars)
     sessions.start()
     metrics.speech_backlog.set_function(sessions.largest_backlog_s)
     metrics.worker_turnaround.set_function(sessions.turnaround_need_s)
@@ -273,15 +273,18 @@ async def _start_parts(
     )
 
 
-def _unloader(avatars: AvatarService, devices: Devices) -> Any:
-    """The session manager's `unload`: the avatar leaves a unit once no session there uses
-    it (re-read under the avatar's lock, so a session placed meanwhile keeps it)."""
+def _unloader(avatars: AvatarService, devices: Devices, idle_avatars: int) -> Any:
+    """The session manager's `unload`, once no session on a unit uses an avatar: with several
+    devices the avatar leaves that unit; with one, the least recently used unused avatars
+    beyond `idle_avatars` leave it. Whether one is in use is re-read under its lock, so a
+    session placed meanwhile keeps it."""
+    keep = 0 if devices.several else idle_avatars
 
     async def unload(avatar_id: str, unit: Unit) -> None:
-        def in_use() -> bool:
-            return avatar_id in devices.placer.residency.resident(unit.device)
+        def in_use() -> set[str]:
+            return set(devices.placer.residency.resident(unit.device))
 
-        await avatars.release(avatar_id, unit, in_use)
+        await avatars.trim(unit, keep, in_use)
 
     return unload
 

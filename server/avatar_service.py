@@ -6,7 +6,8 @@ meta.json at most twice a second. Failures become status "failed" with a readabl
 Engine work (latent encoding, load_avatar, unload_avatar) goes through a unit's frame worker,
 the only thread that touches its engine (`server.session.devices`): latents are made on the
 primary unit; an avatar is made resident on the unit a session runs on when one first needs it
-there (`ready`) and, with several devices, unloaded from a unit no session there uses (`release`).
+there (`ready`) and unloaded from a unit once no session there uses it: at once with several
+devices, beyond the `idle_avatars` most recently used with one (`trim`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class AvatarService:
         self._live: dict[str, tuple[float, str]] = {}  # id -> (progress, stage) while preparing
         self._loaded: dict[str, Avatar] = {}  # host copies of the avatars resident anywhere
         self._resident: dict[Unit, set[str]] = {}
+        self._used: dict[tuple[Unit, str], float] = {}  # when a session last asked for it there
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._deleted: set[str] = set()
         self._failed: dict[str, str] = {}  # id -> error, where "failed" could not be written
@@ -298,6 +300,7 @@ class AvatarService:
             detail = f": {meta.get('error')}" if status == "failed" and meta.get("error") else ""
             raise AvatarNotReady(f"avatar {avatar_id!r} is {status}{detail}")
         loaded = self._loaded.get(avatar_id)
+        self._used[(unit, avatar_id)] = time.monotonic()
         if loaded is not None and avatar_id in self._resident.get(unit, ()):
             return loaded
         lock = self._load_locks.setdefault(avatar_id, asyncio.Lock())
@@ -344,20 +347,40 @@ class AvatarService:
             # the engine made latents for this avatar: keep them for the next start
             await asyncio.to_thread(self._save_latents, avatar)
 
-    async def release(self, avatar_id: str, unit: Unit, in_use: Callable[[], bool]) -> None:
+    async def release(self, avatar_id: str, unit: Unit, in_use: Callable[[], bool]) -> bool:
         """Unload the avatar from `unit` unless `in_use()` (read under the avatar's lock: a
-        session placed meanwhile keeps it); the host copy goes once no unit holds it."""
+        session placed meanwhile keeps it); the host copy goes once no unit holds it. Whether
+        it was unloaded."""
         lock = self._load_locks.get(avatar_id)
         if lock is None:
-            return
+            return False
         async with lock:
             held = self._resident.get(unit, set())
             if avatar_id not in held or in_use():
-                return
+                return False
             held.discard(avatar_id)
+            self._used.pop((unit, avatar_id), None)
             if not any(avatar_id in ids for ids in self._resident.values()):
                 self._loaded.pop(avatar_id, None)
             await _unload(unit, avatar_id)
+            return True
+
+    async def trim(self, unit: Unit, keep: int, in_use: Callable[[], set[str]]) -> tuple[str, ...]:
+        """Unload from `unit` the avatars no session there uses (`in_use()`: those some do),
+        the least recently used first, until at most `keep` such stay; the ones unloaded."""
+        idle = sorted(
+            (a for a in self._resident.get(unit, set()) if a not in in_use()),
+            key=lambda a: self._used.get((unit, a), 0.0),
+        )
+        gone: tuple[str, ...] = ()
+        for avatar_id in idle[: max(0, len(idle) - keep)]:
+
+            def still_used(a: str = avatar_id) -> bool:
+                return a in in_use()
+
+            if await self.release(avatar_id, unit, still_used):
+                gone += (avatar_id,)
+        return gone
 
     def _save_latents(self, avatar: Avatar) -> None:
         try:
@@ -403,6 +426,7 @@ class AvatarService:
                 pass
         self._loaded.pop(avatar_id, None)
         for unit, ids in self._resident.items():
+            self._used.pop((unit, avatar_id), None)
             if avatar_id in ids:
                 ids.discard(avatar_id)
                 await _unload(unit, avatar_id)

@@ -140,6 +140,9 @@ class Settings:
     demo_avatar: bool = False
     # sessions
     max_sessions: int = 8
+    # avatars kept resident on the GPU with no session using them, the most recently used
+    # (one device; with several an avatar leaves a GPU as soon as no session there uses it)
+    idle_avatars: int = 8
     retry_after_s: int = 5
     idle_timeout_s: float = 300.0  # no audio or control message for this long -> session ends
     connect_timeout_s: float = 30.0  # peer not connected within this long -> session ends
@@ -294,6 +297,8 @@ class Settings:
         _check_devices(self)
         port_range(self.ice_port_range)
         _check_origins(self.cors_origins)
+        if self.idle_avatars < 0:
+            raise SettingsError(f"idle_avatars must be >= 0, got {self.idle_avatars}")
         if self.ws_byte_burst < self.ws_max_message_bytes:
             raise SettingsError(
                 f"ws_byte_burst ({self.ws_byte_burst}) must be at least ws_max_message_bytes "

@@ -393,3 +393,66 @@ def test_two_gpus_each_make_their_own_sessions_frames(tmp_path: Path) -> None:
     assert all(row["failed"] is None for row in ready["devices"].values())
     frames = {d: u.worker.frames for d, u in app.state.devices.units.items()}
     assert all(n > 0 for n in frames.values()), frames
+
+
+async def test_one_device_keeps_the_most_recently_used_idle_avatars(
+    tmp_path: Path, preview_avatar: Avatar, two_units: list[Unit]
+) -> None:
+    """`trim`: the avatars no session uses beyond `keep` leave the device, least recently used
+    first; one in use stays whatever its age."""
+    import dataclasses
+
+    from avatars.decode import DecodeLimits
+    from avatars.store import AvatarStore
+    from server.avatar_service import AvatarService
+    from server.media.pictures import IdleFrames
+    from server.metrics import ServerMetrics
+
+    store = AvatarStore(tmp_path / "avatars")
+    ids = [f"av_00000000000000a{k}" for k in range(4)]
+    for avatar_id in ids:
+        store.save(dataclasses.replace(preview_avatar, id=avatar_id))
+    unit, engine = two_units[0], engines_of(two_units)[0]
+    service = AvatarService(
+        store, Devices([unit], max_sessions=4), ServerMetrics(), DecodeLimits(), IdleFrames()
+    )
+    for avatar_id in ids:
+        await service.ready(avatar_id, unit)
+    await service.ready(ids[0], unit)  # a0 used again: from oldest, a1 a2 a3 a0
+    in_use = {ids[1]}  # a session still has a1
+    assert await service.trim(unit, 1, lambda: in_use) == (ids[2], ids[3])  # a0 kept
+    assert engine.unloads == [ids[2], ids[3]]
+    assert await service.trim(unit, 1, lambda: in_use) == ()
+    in_use.clear()
+    assert await service.trim(unit, 0, lambda: in_use) == (ids[1], ids[0])
+    assert not service._loaded  # no device holds any: the host copies went too
+
+
+@pytest.mark.parametrize("idle_avatars", [0, 8])
+async def test_a_lone_device_unloads_an_unused_avatar_beyond_idle_avatars(
+    tmp_path: Path, idle_avatars: int
+) -> None:
+    engine = RecordingPreview()
+    settings = Settings(
+        engine="preview",
+        avatars_dir=tmp_path / "avatars",
+        demo_avatar=True,
+        idle_avatars=idle_avatars,
+    )
+    srv = ServerThread(create_app(settings, engine=engine, reason="test")).start()
+    client = LoopbackClient(srv.base_url)
+    try:
+        avatar = wait_first_avatar_ready(srv.base_url)
+        await client.open(avatar)
+        await client.wait_frames(3)
+        await client.close()  # DELETE: its session ends
+        want = [avatar] if idle_avatars == 0 else []
+        deadline = time.monotonic() + 5
+        while engine.unloads != want:
+            assert time.monotonic() < deadline, engine.unloads
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # nothing more comes
+        assert engine.unloads == want and engine.loads == [avatar]
+    finally:
+        await client.close(delete=False)
+        srv.stop()

@@ -8,8 +8,8 @@ drops its queued work, stops its tracks and closes its peer connection (errors t
 logged, never raised).
 
 Where sessions run is `devices` (`server.session.devices`): `place` picks the unit a new session
-goes to; an end gives its place back and, with several devices, has the avatar unloaded from a
-device no session there uses any more (`unload`, the avatar service's). The reaper also ends
+goes to; an end gives its place back and, where no session on that device uses the avatar any
+more, hands it to `unload` (the app's: the avatar service's `trim`). The reaper also ends
 the sessions of a device that faulted (a session that finds its worker stopped first ends at
 once).
 """
@@ -148,7 +148,7 @@ class SessionManager:
         if self.devices is None:
             return
         freed = self.devices.close(session_id)
-        if freed is not None and self.devices.several and self.unload is not None:
+        if freed is not None and self.unload is not None:
             unit, avatar_id = freed
             self.spawn(self.unload(avatar_id, unit), name=f"unload-{avatar_id}")
 

@@ -18,7 +18,7 @@ if [ "${SOAK_SPLIT_CPUS:-0}" = 1 ] && [ "$NCPU" -ge 8 ]; then
 fi
 echo "soak: N=$N minutes=$MIN server cpus=${SRV[*]:-all} client cpus=${CLI[*]:-all} $(date +%T)"
 setsid nohup env TORCH_LOGS="${TORCH_LOGS:-recompiles}" LIPSTREAM_MEDIA_LOG_LEVEL="${LIPSTREAM_MEDIA_LOG_LEVEL:-info}" "${SRV[@]}" python3 -m lipstream serve --engine musetalk --backend compiled --device cuda \
-    --max-sessions 24 --port 8000 >/tmp/serve.log 2>&1 </dev/null &
+    --max-sessions=24 --port=8000 >/tmp/serve.log 2>&1 </dev/null &
 for _ in $(seq 1 900); do curl -sf http://127.0.0.1:8000/readyz >/dev/null && break; sleep 1; done
 echo "ready: $(curl -s http://127.0.0.1:8000/readyz) $(date +%T)"
 PID=$(pgrep -f "lipstream serve" | head -1)

@@ -1,5 +1,5 @@
 # GPU soak then admission ramp in ONE device call (repo root, GPU machine): soak_run.sh starts
-# `lipstream serve` (compiled backend, --max-sessions 24), waits for /readyz (~4 min on a fresh
+# `lipstream serve` (compiled backend, --max-sessions=24), waits for /readyz (~4 min on a fresh
 # machine) and soaks SOAK_N (default 16) sessions for SOAK_MIN minutes (default 1.5); the same
 # server then gets ramp.sh (one more speaking session every RAMP_EVERY s, default 3). JSONs and
 # the server's log to $OUT.

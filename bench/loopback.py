@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import uvicorn
 from aiortc import RTCPeerConnection
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 from fastapi import FastAPI
 
 from lipstream.integrations.session_client import (
@@ -32,6 +32,7 @@ from lipstream.integrations.session_client import (
     audio_ws_url,
     mono_pcm,
     offer_session,
+    track_frames,
 )
 from server.app import uvicorn_options
 from server.media.webrtc import close_peer
@@ -251,11 +252,7 @@ class LoopbackClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in track_frames(track):
             now = time.monotonic()
             if isinstance(frame, av.VideoFrame):
                 self.received.video.append((now, int(frame.pts or 0)))

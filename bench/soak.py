@@ -43,10 +43,11 @@ import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
-from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamTrack
 
 from bench.loopback import LoopbackClient
 from engines.pipeline.scheduler import LAUNCH_PHASES
+from lipstream.integrations.session_client import track_frames
 from server.metrics import FIRST_PARTS
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,7 @@ class SoakClient(LoopbackClient):
             await asyncio.sleep(0.05)
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in track_frames(track):
             if isinstance(frame, av.VideoFrame):
                 self.video.add(time.monotonic(), int(frame.pts or 0))
             else:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import av
@@ -84,6 +84,15 @@ def audio_ws_url(base_url: str, session: dict[str, Any]) -> str:
     """The session's audio websocket URL, its token included."""
     ws_base = base_url.rstrip("/").replace("https://", "wss://").replace("http://", "ws://")
     return f"{ws_base}{session['audio_ws']}?token={session['token']}"
+
+
+async def track_frames(track: MediaStreamTrack) -> AsyncIterator[Any]:
+    """A remote track's frames (av.VideoFrame or av.AudioFrame) until it ends."""
+    while True:
+        try:
+            yield await track.recv()
+        except MediaStreamError:
+            return
 
 
 def mono_pcm(frame: av.AudioFrame) -> np.ndarray:
@@ -170,11 +179,7 @@ class SessionClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        async for frame in track_frames(track):
             if isinstance(frame, av.VideoFrame) and self._on_video is not None:
                 await self._on_video(frame)
             elif isinstance(frame, av.AudioFrame) and self._on_audio is not None:

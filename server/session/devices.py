@@ -63,7 +63,6 @@ class Devices:
         if len(self.units) != len(units):
             raise ValueError(f"units name a device twice: {[u.device for u in units]}")
         self.placer = Placer(list(self.units), max_sessions, max_late)
-        self._failed: dict[str, str] = {}
         self._lost: dict[str, list[str]] = {}  # failed devices' sessions not yet ended
 
     @property
@@ -83,7 +82,7 @@ class Devices:
     @property
     def failed(self) -> dict[str, str]:
         """Devices that faulted (or whose worker stopped), and why: the error's first line."""
-        out = dict(self._failed)
+        out = self.placer.failures()
         for unit in self.units.values():
             if unit.device not in out and not unit.usable:
                 out[unit.device] = _why(unit)
@@ -115,19 +114,17 @@ class Devices:
         return lost
 
     def _mark_failures(self) -> None:
+        marked = self.placer.failures()
         for unit in self.units.values():
-            if unit.device in self._failed or unit.usable:
-                continue
-            why = self._failed[unit.device] = _why(unit)
-            self._lost[unit.device] = self.placer.fail(unit.device, why)
+            if unit.device not in marked and not unit.usable:
+                self._lost[unit.device] = self.placer.fail(unit.device, _why(unit))
 
     def report(self, now: float) -> dict[str, dict[str, Any]]:
         """Per device, for /readyz: engine, sessions, limit, late fraction, failed, avatars."""
-        out = self.placer.report(now)
+        out, failed = self.placer.report(now), self.failed
         for device, row in out.items():
-            unit = self.units[device]
-            row["engine"] = unit.engine.name
-            row["failed"] = self._failed.get(device) or (None if unit.usable else _why(unit))
+            row["engine"] = self.units[device].engine.name
+            row["failed"] = failed.get(device)
         return out
 
     def stop(self) -> None:

@@ -225,6 +225,10 @@ class Placer:
     def placement_of(self, session_id: str) -> Placement | None:
         return self._placed.get(session_id)
 
+    def failures(self) -> dict[str, str]:
+        """The devices `fail` marked, and why."""
+        return {d.name: d.failed for d in self._devices.values() if d.failed is not None}
+
     def late_window(self, device: str) -> LateFrames:
         """The device's lateness window (the sessions placed there tick into it)."""
         return self._devices[device].late

@@ -51,20 +51,27 @@ def serve(root: Path, **overrides: object) -> ServerThread:
     return ServerThread(create_app(settings, engine=PreviewEngine(), reason="test")).start()
 
 
-def wait_status(base: str, avatar_id: str, within: float = 60.0) -> tuple[dict, list[float]]:
+def wait_status(
+    base: str, avatar_id: str, within: float = 60.0, headers: dict[str, str] | None = None
+) -> tuple[dict, list[float]]:
     progress = []
     deadline = time.monotonic() + within
     while True:
-        info = httpx.get(f"{base}/v1/avatars/{avatar_id}").json()
+        info = httpx.get(f"{base}/v1/avatars/{avatar_id}", headers=headers).json()
         progress.append(info["progress"])
         if info["status"] in ("ready", "failed") or time.monotonic() > deadline:
             return info, progress
         time.sleep(0.02)
 
 
-def register(base: str, data: bytes, name: str = "astronaut") -> dict:
+def register(
+    base: str, data: bytes, name: str = "astronaut", headers: dict[str, str] | None = None
+) -> dict:
     r = httpx.post(
-        f"{base}/v1/avatars", files={"file": ("x.png", data, "image/png")}, data={"name": name}
+        f"{base}/v1/avatars",
+        files={"file": ("x.png", data, "image/png")},
+        data={"name": name},
+        headers=headers,
     )
     assert r.status_code == 202, r.text
     return dict(r.json())

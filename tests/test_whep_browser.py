@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server_rest import astronaut_png
+from test_server_rest import astronaut_png, register, wait_status
 
 from bench.loopback import ServerThread
 from engines.preview import PreviewEngine
@@ -64,21 +64,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def avatar(server: ServerThread) -> str:
-    r = httpx.post(
-        f"{server.base_url}/v1/avatars",
-        files={"file": ("x.png", astronaut_png(), "image/png")},
-        headers=AUTH,
-    )
-    assert r.status_code == 202, r.text
-    avatar_id = str(r.json()["id"])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{server.base_url}/v1/avatars/{avatar_id}", headers=AUTH).json()
-        if state["status"] == "ready":
-            return avatar_id
-        assert state["status"] != "failed", state
-        time.sleep(0.05)
-    raise AssertionError("the avatar was not prepared in 30 s")
+    avatar_id = str(register(server.base_url, astronaut_png(), headers=AUTH)["id"])
+    final, _ = wait_status(server.base_url, avatar_id, within=30, headers=AUTH)
+    assert final["status"] == "ready", final
+    return avatar_id
 
 
 def test_chromium_whep_client_plays_the_avatar(

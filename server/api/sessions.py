@@ -205,8 +205,9 @@ async def _negotiate(app: Any, session: Session, sdp: str) -> tuple[str, set[str
             manager.end_soon(session.id, f"peer_{state}")
 
     try:
-        session.media = app.state.media.link(session.media_events(on_state), session.pictures.shape)
-        answer, sending = await session.media.negotiate(sdp)
+        link = app.state.media.link(session.media_events(on_state), session.pictures.shape)
+        session.media = link
+        answer, sending = await link.negotiate(sdp)
         return advertise(answer, settings.ice_advertise_address), set(sending)
     except OfferError as exc:
         await session.close("bad_offer")

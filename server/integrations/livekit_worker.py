@@ -65,9 +65,6 @@ class RoomLink(MediaLink):
         self._closed = False
         self.on_close: Callable[[], Any] | None = None  # awaited once, by close
 
-    async def negotiate(self, sdp: str) -> tuple[str, set[str]]:
-        raise NotImplementedError("a LiveKit session has no SDP: the room carries its media")
-
     def send(self, k: int, picture: np.ndarray, pcm: np.ndarray | None) -> None:
         if self._closed:
             return

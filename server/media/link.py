@@ -1,4 +1,4 @@
-"""A session's WebRTC side, behind one small interface (`MediaLink`).
+"""A session's WebRTC side, behind one small interface (`PeerLink`, a `MediaLink`).
 
 The session's clock hands each tick's picture (I420) and audio to its link; the link owns the
 peer connection and its two tracks, and reports back through `MediaEvents`: a track started
@@ -37,11 +37,8 @@ class MediaEvents:
 
 
 class MediaLink(abc.ABC):
-    """One session's peer connection, wherever it runs."""
-
-    @abc.abstractmethod
-    async def negotiate(self, sdp: str) -> tuple[str, set[str]]:
-        """Apply the (checked) offer; returns (answer SDP, kinds sent). Raises OfferError."""
+    """Where one session's media goes, wherever it runs (a WebRTC peer: `PeerLink`; a LiveKit
+    room: `server.integrations.livekit_worker.RoomLink`)."""
 
     @abc.abstractmethod
     def send(self, k: int, picture: np.ndarray, pcm: np.ndarray | None) -> None:
@@ -61,7 +58,15 @@ class MediaLink(abc.ABC):
         """Stop the tracks and close the peer connection; never raises."""
 
 
-class LocalMedia(MediaLink):
+class PeerLink(MediaLink):
+    """One session's WebRTC peer connection, negotiated from the client's offer."""
+
+    @abc.abstractmethod
+    async def negotiate(self, sdp: str) -> tuple[str, set[str]]:
+        """Apply the (checked) offer; returns (answer SDP, kinds sent). Raises OfferError."""
+
+
+class LocalMedia(PeerLink):
     """The peer connection in this process (also what a media process runs per session, with
     its own `video` track reading pictures from shared memory)."""
 
@@ -119,7 +124,7 @@ class MediaHost(abc.ABC):
     """Makes links for new sessions (in this process, or in media processes)."""
 
     @abc.abstractmethod
-    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> MediaLink:
+    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> PeerLink:
         """A link for a session whose I420 pictures have `picture_shape` (rows, columns)."""
 
     @abc.abstractmethod
@@ -143,7 +148,7 @@ class LocalHost(MediaHost):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> MediaLink:
+    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> PeerLink:
         return LocalMedia(self.settings, events)
 
     async def start(self) -> None:

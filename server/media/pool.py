@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from server.media.link import MediaEvents, MediaHost, MediaLink
+from server.media.link import MediaEvents, MediaHost, PeerLink
 from server.media.pictures import to_i420
 from server.media.webrtc import OfferError
 from server.media.wire import FrameRing, WireError, pack, read_message
@@ -181,7 +181,7 @@ def _spawn(fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-class ShardMedia(MediaLink):
+class ShardMedia(PeerLink):
     """A session's peer connection in a media process."""
 
     def __init__(
@@ -285,7 +285,7 @@ class MediaPool(MediaHost):
         await asyncio.gather(*self._restarts, return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self.shards), return_exceptions=True)
 
-    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> MediaLink:
+    def link(self, events: MediaEvents, picture_shape: tuple[int, int]) -> PeerLink:
         live = [s for s in self.shards if s.alive]
         for s in self.shards:
             if not s.alive:
